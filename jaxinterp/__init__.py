@@ -1,0 +1,3 @@
+"""jaxinterp: sparse dictionaries for mechanistic interpretability, in JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,374 @@
+"""Typed, frozen run configuration: one dataclass per concern, loaded from YAML.
+
+Every field has a docstring (the string literal under it) and is checked in `__post_init__`; unknown
+keys and bad values raise `ConfigError` with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key, the value, and what is allowed."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(value: Any, key: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, f"got {value!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Toy superposition: `n_features` unit-norm directions in `d_in` dimensions."""
+
+    n_features: int = 512
+    """Number of true feature directions."""
+    d_in: int = 64
+    """Dimension of the activations."""
+    p_active: float = 0.01
+    """Probability that each feature is active on a sample."""
+    magnitude: Literal["uniform", "exponential", "constant"] = "uniform"
+    """Distribution of an active feature's magnitude: uniform on [0, 2*mean], exponential, or constant."""
+    magnitude_mean: float = 1.0
+    """Mean magnitude of an active feature."""
+    group_size: int = 1
+    """Features are split into consecutive groups of this size (1: no groups)."""
+    group_correlation: float = 0.0
+    """Probability that a feature copies its group's shared on/off draw instead of its own."""
+    noise_std: float = 0.0
+    """Standard deviation of isotropic Gaussian noise added to every sample."""
+    seed: int = 0
+    """Seed of the true directions (the sample stream uses `train.seed`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_features > 0, "data.synthetic.n_features", f"must be > 0, got {self.n_features}")
+        _check(self.d_in > 0, "data.synthetic.d_in", f"must be > 0, got {self.d_in}")
+        _check(0 < self.p_active <= 1, "data.synthetic.p_active", f"must be in (0, 1], got {self.p_active}")
+        _choice(self.magnitude, "data.synthetic.magnitude", ("uniform", "exponential", "constant"))
+        _check(self.magnitude_mean > 0, "data.synthetic.magnitude_mean", "must be > 0")
+        _check(self.group_size >= 1, "data.synthetic.group_size", "must be >= 1")
+        _check(0 <= self.group_correlation <= 1, "data.synthetic.group_correlation", "must be in [0, 1]")
+        _check(self.noise_std >= 0, "data.synthetic.noise_std", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training activations come from."""
+
+    source: Literal["npy", "synthetic"] = "synthetic"
+    """`npy`: an activation matrix [tokens, d_in] on disk (`path`); `synthetic`: toy superposition."""
+    path: str | None = None
+    """The `.npy` file of activations (source `npy`)."""
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    """Dtype stored in the `.npy` file; `auto` reads the header (bfloat16 files need `bfloat16`)."""
+    true_directions: str | None = None
+    """Optional `.npy` [n_features, d_in] of ground-truth directions, to report mmcs for `npy` data."""
+    shuffle: bool = True
+    """Shuffle rows of an `npy` source (seeded by `train.seed`; reshuffled each epoch)."""
+    eval_fraction: float = 0.02
+    """Fraction of an `npy` file's rows held out for the final evaluation (the last rows)."""
+    site: str | None = None
+    """Intercept site the activations were read at (for example `blocks.6.resid_post`)."""
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    """Parameters of the synthetic source."""
+
+    def __post_init__(self) -> None:
+        _choice(self.source, "data.source", ("npy", "synthetic"))
+        _choice(self.dtype, "data.dtype", ("auto", "float16", "bfloat16", "float32"))
+        if self.source == "npy":
+            _check(self.path is not None, "data.path", "required when data.source is 'npy'")
+        _check(0 <= self.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DictionaryConfig:
+    """The sparse dictionary's architecture and its sparsity objective."""
+
+    activation: Activation = "topk"
+    """One of relu (with L1), topk, batchtopk, jumprelu, gated."""
+    d_in: int | None = None
+    """Input width; taken from the data when unset."""
+    d_sae: int | None = None
+    """Number of features; `d_in * expansion` when unset."""
+    expansion: int = 8
+    """Features per input dimension, used when `d_sae` is unset."""
+    k: int = 32
+    """Active features per token (topk, batchtopk)."""
+    l1_coefficient: float = 5.0
+    """Weight of the L1 penalty (relu, gated), applied to activations times decoder row norms."""
+    l0_coefficient: float = 1e-3
+    """Weight of the L0 penalty (jumprelu)."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the rectangle kernel of the threshold's pseudo-derivative (jumprelu)."""
+    jumprelu_init_threshold: float = 0.05
+    """Initial threshold (jumprelu), in units of normalised pre-activations."""
+    threshold_ema_decay: float = 0.99
+    """EMA decay of the inference threshold kept by batchtopk."""
+    aux_k: int | None = None
+    """Dead features used by the aux-k loss (topk, batchtopk); `d_in // 2` when unset."""
+    aux_k_coefficient: float = 1 / 32
+    """Weight of the aux-k loss."""
+    dead_tokens: int = 1_000_000
+    """A feature that has not fired for this many tokens is dead."""
+    normalize_activations: bool = True
+    """Scale inputs so that E||x||^2 = d_in (stored with the dictionary, folded in on export)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """How `b_dec` is initialised from the first batch."""
+    unit_norm_decoder: bool = True
+    """Keep decoder rows at unit norm (project gradients, renormalise after each step)."""
+
+    def __post_init__(self) -> None:
+        _choice(self.activation, "dictionary.activation", ACTIVATIONS)
+        _check(self.d_in is None or self.d_in > 0, "dictionary.d_in", "must be > 0")
+        _check(self.d_sae is None or self.d_sae > 0, "dictionary.d_sae", f"must be > 0, got {self.d_sae}")
+        _check(self.expansion > 0, "dictionary.expansion", "must be > 0")
+        _check(self.k > 0, "dictionary.k", f"must be > 0, got {self.k}")
+        if self.d_sae is not None:
+            _check(self.k <= self.d_sae, "dictionary.k", f"k={self.k} exceeds d_sae={self.d_sae}; lower k or raise d_sae")
+        _check(self.l1_coefficient >= 0, "dictionary.l1_coefficient", "must be >= 0")
+        _check(self.l0_coefficient >= 0, "dictionary.l0_coefficient", "must be >= 0")
+        _check(self.jumprelu_bandwidth > 0, "dictionary.jumprelu_bandwidth", "must be > 0")
+        _check(0 < self.threshold_ema_decay < 1, "dictionary.threshold_ema_decay", "must be in (0, 1)")
+        _check(self.aux_k is None or self.aux_k > 0, "dictionary.aux_k", "must be > 0")
+        _check(self.aux_k_coefficient >= 0, "dictionary.aux_k_coefficient", "must be >= 0")
+        _check(self.dead_tokens > 0, "dictionary.dead_tokens", "must be > 0")
+        _choice(self.b_dec_init, "dictionary.b_dec_init", ("geometric_median", "mean", "zeros"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the length of the run."""
+
+    tokens: int = 2_000_000
+    """Training tokens (activation rows); steps = tokens // batch_size."""
+    batch_size: int = 4096
+    """Rows per step (global, over all devices)."""
+    lr: float = 4e-4
+    """Peak Adam learning rate."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "linear"
+    """After warm-up: constant; cosine decay to 0; or constant then linear decay to 0 over the last 20%."""
+    lr_warmup_steps: int = 100
+    """Linear learning-rate warm-up steps."""
+    lr_decay_fraction: float = 0.2
+    """Fraction of steps that the linear schedule spends decaying to zero."""
+    sparsity_warmup_steps: int = 0
+    """Linear warm-up of the sparsity coefficient (relu, gated, jumprelu)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    adam_b1: float = 0.9
+    """Adam beta1."""
+    adam_b2: float = 0.999
+    """Adam beta2."""
+    seed: int = 0
+    """Seed of parameter init, data order and synthetic samples."""
+    resample_every: int = 0
+    """Resample dead features every this many steps (relu only; 0: never)."""
+    init_batches: int = 8
+    """Batches used to estimate the input norm and b_dec before training."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the encoder/decoder matmuls (parameters and optimizer state stay float32)."""
+
+    def __post_init__(self) -> None:
+        _check(self.tokens > 0, "train.tokens", f"must be > 0, got {self.tokens}")
+        _check(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.tokens >= self.batch_size, "train.tokens", f"{self.tokens} is less than one batch ({self.batch_size})")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _choice(self.lr_schedule, "train.lr_schedule", ("constant", "cosine", "linear"))
+        _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
+        _check(0 <= self.lr_decay_fraction <= 1, "train.lr_decay_fraction", "must be in [0, 1]")
+        _check(self.sparsity_warmup_steps >= 0, "train.sparsity_warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(self.resample_every >= 0, "train.resample_every", "must be >= 0")
+        _check(self.init_batches >= 1, "train.init_batches", "must be >= 1")
+        _choice(self.compute_dtype, "train.compute_dtype", ("float32", "bfloat16"))
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: `data` x `model` devices. -1 on one axis takes the remaining devices."""
+
+    data: int = -1
+    """Devices over which the batch is split."""
+    model: int = 1
+    """Devices over which the d_sae axis is split."""
+
+    def __post_init__(self) -> None:
+        _check(self.data == -1 or self.data > 0, "mesh.data", f"must be -1 or > 0, got {self.data}")
+        _check(self.model == -1 or self.model > 0, "mesh.model", f"must be -1 or > 0, got {self.model}")
+        _check(not (self.data == -1 and self.model == -1), "mesh", "only one of mesh.data, mesh.model may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """Where the run writes its metrics, checkpoints and exports."""
+
+    dir: str = "runs/default"
+    """Run directory: metrics.jsonl, checkpoints/, export/."""
+    log_every: int = 50
+    """Steps between metric lines."""
+    checkpoint_every: int = 500
+    """Steps between Orbax checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk."""
+    eval_tokens: int = 65536
+    """Tokens in the final evaluation."""
+    export_saelens: bool = True
+    """Write `export/saelens/` (cfg.json, sae_weights.safetensors) at the end."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _check(self.log_every > 0, "output.log_every", "must be > 0")
+        _check(self.checkpoint_every > 0, "output.checkpoint_every", "must be > 0")
+        _check(self.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
+        _check(self.eval_tokens > 0, "output.eval_tokens", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole training run."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    dictionary: DictionaryConfig = dataclasses.field(default_factory=DictionaryConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        d = self.dictionary
+        if d.aux_k is not None and d.d_sae is not None:
+            _check(d.aux_k <= d.d_sae, "dictionary.aux_k", f"aux_k={d.aux_k} exceeds d_sae={d.d_sae}")
+        if self.data.source == "synthetic" and d.d_in is not None:
+            _check(
+                d.d_in == self.data.synthetic.d_in,
+                "dictionary.d_in",
+                f"{d.d_in} differs from data.synthetic.d_in={self.data.synthetic.d_in}; drop one of them",
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts (YAML) with strict keys.
+
+
+def _resolve_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        _choice(value, key, allowed)
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str):
+            try:
+                value = int(float(value))
+            except ValueError:
+                pass
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in raw:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{prefix}{k}: unknown key{hint}")
+    kwargs = {k: _coerce(v, _resolve_type(cls, k), prefix + k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _parse_scalar(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return text if value is None and text not in ("null", "~", "") else value
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, for example train.lr=1e-3")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+    node[parts[-1]] = _parse_scalar(text.strip())
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw or {})
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate, and return a frozen `Config`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data, dictionary, train, ...)")
+    for o in overrides:
+        apply_override(raw, o)
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

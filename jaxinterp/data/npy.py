@@ -1,0 +1,94 @@
+"""Activations on disk: a `.npy` matrix [tokens, d_in] read through a memory map with grain.
+
+The train split is the first `1 - eval_fraction` of the rows, the eval split the rest. Rows are
+shuffled (a new order each epoch), batched, and read with one sorted fancy-index per batch. The
+iterator's state (grain's `next_index`) is saved with each checkpoint, so a resumed run reads the
+same batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import ml_dtypes
+import numpy as np
+
+from jaxinterp.config import DataConfig
+
+_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+
+class DataError(ValueError):
+    """Unreadable or mismatched activation data; the message names the file and the fix."""
+
+
+def open_activations(path: str, dtype: str = "auto") -> np.ndarray:
+    """Memory-map an activation file [tokens, d_in], checking its shape and dtype."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.path {str(p)!r} not found; point data.path at an existing .npy activation file")
+    try:
+        arr = np.load(p, mmap_mode="r")
+    except Exception as e:  # numpy raises several types for corrupt headers
+        raise DataError(f"data.path {str(p)!r} is not a readable .npy file ({e}); re-create it with numpy.save") from None
+    if arr.ndim != 2:
+        raise DataError(f"data.path {str(p)!r} has shape {arr.shape}; expected a matrix [tokens, d_in]")
+    if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:
+        if dtype not in ("bfloat16", "auto"):
+            raise DataError(f"data.path {str(p)!r} holds 2-byte raw values; set data.dtype: bfloat16")
+        arr = arr.view(ml_dtypes.bfloat16)
+    elif dtype != "auto" and arr.dtype != np.dtype(_DTYPES[dtype]):
+        raise DataError(f"data.path {str(p)!r} has dtype {arr.dtype}, but data.dtype is {dtype}; set data.dtype: auto")
+    if arr.dtype not in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)):
+        raise DataError(f"data.path {str(p)!r} has dtype {arr.dtype}; expected float16, bfloat16 or float32")
+    return arr
+
+
+class NpySource:
+    """Shuffled, batched, resumable rows of an activation file."""
+
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int):
+        assert cfg.path is not None
+        self._arr = open_activations(cfg.path, cfg.dtype)
+        n = self._arr.shape[0]
+        self.d_in = int(self._arr.shape[1])
+        self.n_train = n - int(n * cfg.eval_fraction)
+        if self.n_train < batch_size:
+            raise DataError(
+                f"data.path {cfg.path!r} has {self.n_train} training rows, fewer than train.batch_size={batch_size}; "
+                "lower the batch size or provide more activations"
+            )
+        self.true_directions = np.load(cfg.true_directions) if cfg.true_directions else None
+        if self.true_directions is not None and self.true_directions.shape[-1] != self.d_in:
+            raise DataError(
+                f"data.true_directions has width {self.true_directions.shape[-1]}, the activations {self.d_in}"
+            )
+        ds = grain.MapDataset.range(self.n_train)
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(None).batch(batch_size).map(self._read)
+        self._it = iter(ds)
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self._arr[np.sort(idx)], dtype=np.float32)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return dict(self._it.get_state())
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+    def eval_batches(self, n_tokens: int, batch_size: int):
+        start, stop = self.n_train, self._arr.shape[0]
+        if stop == start:  # no held-out rows: evaluate on the head of the file
+            start, stop = 0, self.n_train
+        stop = min(stop, start + n_tokens)
+        for s in range(start, stop, batch_size):
+            yield np.asarray(self._arr[s : min(s + batch_size, stop)], dtype=np.float32)

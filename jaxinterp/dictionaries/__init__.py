@@ -1,0 +1,33 @@
+"""Sparse dictionaries as pure functions over parameter dicts."""
+
+from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
+from jaxinterp.dictionaries.ops import kth_largest, topk
+from jaxinterp.dictionaries.sae import (
+    DictionarySpec,
+    ForwardOutput,
+    LossTerms,
+    LossWeights,
+    Params,
+    decode,
+    encode,
+    forward,
+    init,
+    normalise_decoder,
+    project_decoder_grad,
+    reconstruct,
+    split_params,
+)
+from jaxinterp.dictionaries.sparse import (
+    scatter_dense,
+    topk_decode,
+    topk_decode_reference,
+    topk_encode,
+    topk_encode_reference,
+)
+
+__all__ = [
+    "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
+    "decode", "encode", "forward", "init", "normalise_decoder", "project_decoder_grad",
+    "reconstruct", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",
+    "scatter_dense", "topk_decode", "topk_decode_reference", "topk_encode", "topk_encode_reference",
+]

@@ -1,0 +1,87 @@
+"""Top-k and batch top-k that stay correct and cheap when d_sae is sharded.
+
+Axes: `B` batch, `F` d_sae, `K` top-k.
+
+When the abstract mesh in scope (`jax.set_mesh`) splits `F` over the `model` axis, a plain
+`lax.top_k` would gather the whole [B, F] matrix onto every device. Instead each shard takes its
+local top-k, the K * n_model candidates are all-gathered, and a second top-k merges them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+
+def _mesh_axis_size(name: str) -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or name not in mesh.axis_names:
+        return 1
+    return mesh.shape[name]
+
+
+def topk(x_bf: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k over the last axis: (values [B, K], indices [B, K]).
+
+    Under a mesh, each device selects within its own block (rows split over `data`, columns over
+    `model`) and the `model` shards' candidates are merged, so the selection runs on every device
+    at once; left to itself, XLA's partitioner gathers the operand first (on a 2-device CPU mesh
+    that makes top-k 2.5x slower than the explicit local selection).
+    """
+    n_model, n_data = _mesh_axis_size(MODEL), _mesh_axis_size(DATA)
+    if n_model * n_data == 1 or x_bf.ndim != 2:
+        return lax.top_k(x_bf, k)
+    data = DATA if n_data > 1 and x_bf.shape[0] % n_data == 0 else None
+    model = MODEL if n_model > 1 and x_bf.shape[1] % n_model == 0 and x_bf.shape[1] // n_model >= 1 else None
+    if data is None and model is None:
+        return lax.top_k(x_bf, k)
+
+    def local(x_local):
+        if model is None:
+            return tuple(lax.top_k(x_local, k))
+        f_local = x_local.shape[-1]
+        vals, idx = lax.top_k(x_local, min(k, f_local))
+        idx = idx + lax.axis_index(MODEL) * f_local
+        vals = lax.all_gather(vals, MODEL, axis=1, tiled=True)
+        idx = lax.all_gather(idx, MODEL, axis=1, tiled=True)
+        top_vals, pos = lax.top_k(vals, k)
+        return top_vals, jnp.take_along_axis(idx, pos, axis=1)
+
+    return jax.shard_map(local, in_specs=P(data, model), out_specs=(P(data, None), P(data, None)))(x_bf)
+
+
+def kth_largest(x_bf: jax.Array, m: int) -> jax.Array:
+    """The m-th largest entry of the whole [B, F] matrix (a scalar), for batch top-k.
+
+    Exact: each device keeps its local top-m candidates of its flattened block, then the
+    candidates of all devices are merged.
+    """
+    n_model, n_data = _mesh_axis_size(MODEL), _mesh_axis_size(DATA)
+    if n_model * n_data == 1 or x_bf.shape[0] % n_data or x_bf.shape[1] % n_model:
+        return _kth_largest_local(x_bf, m)
+
+    def local(x_local):
+        flat = x_local.reshape(-1)
+        cand = lax.top_k(flat, min(m, flat.shape[0]))[0]
+        cand = lax.all_gather(cand, (DATA, MODEL), axis=0, tiled=True)
+        return lax.top_k(cand, m)[0][m - 1]
+
+    return jax.shard_map(local, in_specs=P(DATA, MODEL), out_specs=P())(x_bf)
+
+
+def _kth_largest_local(x_bf: jax.Array, m: int) -> jax.Array:
+    # A row contributes at most `per_row` of the top-m entries only if it has that many; taking
+    # each row's top `per_row` first shrinks the candidates from B*F to B*per_row. Exact whenever
+    # no row holds more than `per_row` of the top m, which the fallback below checks.
+    b, f = x_bf.shape
+    per_row = min(f, max(1, 4 * -(-m // b)))
+    if per_row >= f:
+        return lax.top_k(x_bf.reshape(-1), m)[0][m - 1]
+    row_top = lax.top_k(x_bf, per_row)[0]
+    kth = lax.top_k(row_top.reshape(-1), m)[0][m - 1]
+    exact = jnp.all(row_top[:, -1] < kth)
+    return lax.cond(exact, lambda: kth, lambda: lax.top_k(x_bf.reshape(-1), m)[0][m - 1])

@@ -1,0 +1,110 @@
+"""The device mesh and the one table that maps logical axis names onto it.
+
+Parameters carry logical axes (`PARAM_AXES`); `LOGICAL_RULES` maps each logical axis to a mesh axis
+(`data`, `model`) or to None (replicated). Optimizer state and any pytree that mirrors the
+parameters get the same shardings by matching the parameter name in their tree path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxinterp.config import ConfigError, MeshConfig
+
+LOGICAL_RULES: dict[str, str | None] = {
+    "batch": "data",
+    "d_sae": "model",
+    "d_model": None,
+    "layer": None,
+}
+
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "W_enc": ("d_model", "d_sae"),
+    "W_dec": ("d_sae", "d_model"),
+    "b_enc": ("d_sae",),
+    "b_gate": ("d_sae",),
+    "b_mag": ("d_sae",),
+    "r_mag": ("d_sae",),
+    "threshold": ("d_sae",),
+    "b_dec": ("d_model",),
+    "norm_scale": (),
+    "tokens_since_fired": ("d_sae",),
+}
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A (`data`, `model`) mesh over `devices` (default: all), -1 taking the rest."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    data, model = cfg.data, cfg.model
+    if data == -1:
+        data = n // model
+    if model == -1:
+        model = n // data
+    if data < 1 or model < 1 or data * model > n:
+        raise ConfigError(
+            f"mesh: data={cfg.data} x model={cfg.model} does not fit the {n} devices present; "
+            "set mesh.data: -1 to use them all"
+        )
+    grid = np.array(devices[: data * model]).reshape(data, model)
+    return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def logical_spec(axes: tuple[str | None, ...]) -> P:
+    return P(*(LOGICAL_RULES.get(a) if a else None for a in axes))
+
+
+def _fits(mesh: Mesh, shape: tuple[int, ...], spec: P) -> bool:
+    for dim, ax in zip(shape, spec):
+        if ax is not None and dim % mesh.shape[ax]:
+            return False
+    return True
+
+
+def named(mesh: Mesh, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
+    """Sharding of an array with logical `axes`; replicated where a dimension does not divide."""
+    spec = logical_spec(axes)
+    if len(spec) != len(shape) or not _fits(mesh, shape, spec):
+        spec = P()
+    return NamedSharding(mesh, spec)
+
+
+def _param_name(path) -> str | None:
+    for entry in reversed(path):
+        key = getattr(entry, "key", None)
+        if isinstance(key, str) and key in PARAM_AXES:
+            return key
+        name = getattr(entry, "name", None)
+        if isinstance(name, str) and name in PARAM_AXES:
+            return name
+    return None
+
+
+def tree_shardings(mesh: Mesh, tree):
+    """Shardings for every leaf of a pytree of arrays (or ShapeDtypeStructs) by parameter name."""
+
+    def leaf(path, x):
+        name = _param_name(path)
+        shape = tuple(getattr(x, "shape", ()))
+        if name is None:
+            return NamedSharding(mesh, P())
+        return named(mesh, PARAM_AXES[name], shape)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+    return named(mesh, ("batch", "d_model"), (batch_size, 1))
+
+
+def describe(mesh: Mesh) -> str:
+    return f"mesh data={mesh.shape['data']} x model={mesh.shape['model']} on {mesh.devices.flat[0].platform}"
+
+
+def n_devices(mesh: Mesh) -> int:
+    return math.prod(mesh.shape.values())

@@ -1,0 +1,248 @@
+"""Building the train state and the sharded train step.
+
+Axes: `B` batch, `D` d_in, `F` d_sae.
+
+`build_step` returns the jitted step with its declared input/output shardings and the donated state,
+compiled once per (spec, config, mesh): the batch is split over `data`, the d_sae axis of the
+parameters and their Adam moments over `model` (see `sharding.LOGICAL_RULES`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxinterp import dictionaries as dl
+from jaxinterp.config import Config
+from jaxinterp.train import sharding
+from jaxinterp.train.schedules import lr_schedule, sparsity_warmup
+from jaxinterp.train.state import TrainState
+
+INT_MAX = jnp.iinfo(jnp.int32).max
+
+
+def make_spec(cfg: Config, d_in: int) -> dl.DictionarySpec:
+    d = cfg.dictionary
+    if d.d_in is not None and d.d_in != d_in:
+        raise ValueError(f"dictionary.d_in={d.d_in} but the data has width {d_in}; drop dictionary.d_in")
+    d_sae = d.d_sae if d.d_sae is not None else d_in * d.expansion
+    if d.activation in ("topk", "batchtopk") and d.k > d_sae:
+        raise ValueError(f"dictionary.k: k={d.k} exceeds d_sae={d_sae}; lower k or raise d_sae")
+    aux_k = 0
+    if d.activation in ("topk", "batchtopk") and d.aux_k_coefficient > 0:
+        aux_k = min(d.aux_k if d.aux_k is not None else max(d_in // 2, 1), d_sae)
+    return dl.DictionarySpec(
+        activation=d.activation,
+        d_in=d_in,
+        d_sae=d_sae,
+        k=d.k,
+        aux_k=aux_k,
+        jumprelu_bandwidth=d.jumprelu_bandwidth,
+        compute_dtype=cfg.train.compute_dtype,
+    )
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    t = cfg.train
+    adam = optax.adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adam) if t.grad_clip > 0 else adam
+
+
+def loss_weights(cfg: Config, step) -> dl.LossWeights:
+    d = cfg.dictionary
+    warm = sparsity_warmup(cfg.train, step)
+    if d.activation in ("relu", "gated"):
+        return dl.LossWeights(sparsity=d.l1_coefficient * warm, aux=1.0)
+    if d.activation == "jumprelu":
+        return dl.LossWeights(sparsity=d.l0_coefficient * warm, aux=0.0)
+    return dl.LossWeights(sparsity=0.0, aux=d.aux_k_coefficient)
+
+
+# ---------------------------------------------------------------------------------------------
+# data-dependent initialisation
+
+
+def geometric_median(x_bd: jax.Array, iters: int = 50) -> jax.Array:
+    """Weiszfeld's iterations, started at the mean."""
+
+    def body(_, m):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(x_bd - m, axis=-1), 1e-6)
+        return (w[:, None] * x_bd).sum(0) / w.sum()
+
+    return jax.lax.fori_loop(0, iters, body, x_bd.mean(0))
+
+
+def init_state(cfg: Config, spec: dl.DictionarySpec, init_batches: list[jax.Array]) -> TrainState:
+    """Fresh state: random params, input scale and b_dec estimated from `init_batches`."""
+    d = cfg.dictionary
+    params = dl.init(jax.random.key(cfg.train.seed), spec, threshold=d.jumprelu_init_threshold)
+    x = jnp.concatenate([jnp.asarray(b, jnp.float32) for b in init_batches])
+    scale = jnp.ones((), jnp.float32)
+    if d.normalize_activations:
+        scale = jnp.sqrt(spec.d_in / jnp.maximum(jnp.mean(jnp.sum(x**2, -1)), 1e-12))
+    xn = x * scale
+    if d.b_dec_init == "geometric_median":
+        params["b_dec"] = geometric_median(xn[: cfg.train.batch_size])
+    elif d.b_dec_init == "mean":
+        params["b_dec"] = xn[: cfg.train.batch_size].mean(0)
+    params["norm_scale"] = scale.astype(jnp.float32)
+    trainable, buffers = dl.split_params(spec, params)
+    opt_state = make_optimizer(cfg).init(trainable)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=trainable,
+        buffers=buffers,
+        opt_state=opt_state,
+        tokens_since_fired=jnp.zeros((spec.d_sae,), jnp.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+
+
+class StepFns(NamedTuple):
+    step: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+    """Jitted (state, batch) -> (state, metrics); the state is donated."""
+    state_sharding: Any
+    """Pytree of NamedShardings of the state."""
+    batch_sharding: NamedSharding
+    """Sharding of a [B, D] batch."""
+    mesh: Mesh
+
+
+def _fired(spec: dl.DictionarySpec, out: dl.ForwardOutput) -> tuple[jax.Array, jax.Array]:
+    """(features that fired in the batch [F] bool, mean active features per row)."""
+    if out.top_idx is not None:
+        on = out.top_vals > 0
+        fired = jnp.zeros((spec.d_sae,), jnp.bool_).at[out.top_idx.reshape(-1)].max(on.reshape(-1))
+        return fired, jnp.mean(jnp.sum(on, -1))
+    on = out.feature_acts > 0
+    return jnp.any(on, axis=0), jnp.mean(jnp.sum(on, -1))
+
+
+def train_step(
+    cfg: Config, spec: dl.DictionarySpec, tx: optax.GradientTransformation, state: TrainState, x_bd: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step (pure; `build_step` jits it)."""
+    d = cfg.dictionary
+    weights = loss_weights(cfg, state.step)
+    dead = state.tokens_since_fired >= d.dead_tokens
+
+    def loss_fn(trainable):
+        out = dl.forward(spec, trainable | state.buffers, x_bd, weights, dead_mask=dead, training=True)
+        return out.losses.total, out
+
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if d.unit_norm_decoder:
+        grads = dl.project_decoder_grad(grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if d.unit_norm_decoder:
+        params = dl.normalise_decoder(params)
+    if spec.activation == "jumprelu":
+        params = params | {"threshold": jnp.maximum(params["threshold"], 0.0)}
+
+    buffers = state.buffers
+    if out.batch_threshold is not None:
+        ema = d.threshold_ema_decay
+        old = buffers["threshold"]
+        new = jnp.where(state.step == 0, out.batch_threshold, ema * old + (1 - ema) * out.batch_threshold)
+        buffers = buffers | {"threshold": new.astype(old.dtype)}
+
+    fired, l0 = _fired(spec, out)
+    batch = x_bd.shape[0]
+    since = jnp.where(fired, 0, jnp.minimum(state.tokens_since_fired, INT_MAX - batch) + batch)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        buffers=buffers,
+        opt_state=opt_state,
+        tokens_since_fired=since.astype(jnp.int32),
+    )
+    xn = x_bd.astype(jnp.float32) * state.buffers["norm_scale"]
+    variance = jnp.mean(jnp.sum((xn - xn.mean(0)) ** 2, -1))
+    metrics = {
+        "loss": out.losses.total,
+        "mse": out.losses.mse,
+        "sparsity_loss": out.losses.sparsity,
+        "aux_loss": out.losses.aux,
+        "fvu": out.losses.mse / jnp.maximum(variance, 1e-12),
+        "l0": l0,
+        "dead_fraction": jnp.mean(dead),
+        "grad_norm": optax.global_norm(grads),
+        "lr": lr_schedule(cfg.train)(state.step),
+    }
+    return new_state, metrics
+
+
+def build_step(
+    cfg: Config, spec: dl.DictionarySpec, mesh: Mesh, abstract_state: TrainState, *, max_traces: int | None = None
+) -> StepFns:
+    """Jit `train_step` over `mesh` with declared shardings; `max_traces` makes retracing an error."""
+    tx = make_optimizer(cfg)
+    state_sh = sharding.tree_shardings(mesh, abstract_state)
+    batch_sh = sharding.batch_sharding(mesh, cfg.train.batch_size)
+
+    def step(state, x_bd):
+        return train_step(cfg, spec, tx, state, x_bd)
+
+    if max_traces is not None:
+        step = chex.assert_max_traces(step, n=max_traces)
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+    def run(state, x_bd):
+        with jax.set_mesh(mesh):
+            return jitted(state, x_bd)
+
+    return StepFns(step=run, state_sharding=state_sh, batch_sharding=batch_sh, mesh=mesh)
+
+
+def place_state(state: TrainState, fns: StepFns) -> TrainState:
+    return jax.device_put(state, fns.state_sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# resampling dead features (relu + L1)
+
+
+def resample_dead(cfg: Config, spec: dl.DictionarySpec, state: TrainState, x_bd: jax.Array, key: jax.Array) -> TrainState:
+    """Anthropic's resampling (Towards Monosemanticity, 2023): each dead feature gets the direction
+    of an input drawn with probability proportional to its squared reconstruction error; encoder
+    columns are scaled to 0.2x the mean alive encoder norm, b_enc and Adam moments are reset."""
+    d = state.dictionary
+    dead = state.tokens_since_fired >= cfg.dictionary.dead_tokens
+    xn = x_bd.astype(jnp.float32) * d["norm_scale"]
+    recon = dl.forward(spec, d, x_bd, training=False).recon * d["norm_scale"]
+    err = jnp.sum((xn - recon) ** 2, -1)
+    picks = jax.random.categorical(key, jnp.log(jnp.maximum(err, 1e-12)), shape=(spec.d_sae,))
+    dirs = xn[picks] - d["b_dec"]
+    dirs = dirs / jnp.maximum(jnp.linalg.norm(dirs, axis=-1, keepdims=True), 1e-12)
+    enc_norms = jnp.linalg.norm(d["W_enc"], axis=0)
+    alive_norm = jnp.sum(jnp.where(dead, 0.0, enc_norms)) / jnp.maximum(jnp.sum(~dead), 1)
+    p = state.params
+    new = p | {
+        "W_dec": jnp.where(dead[:, None], dirs, p["W_dec"]),
+        "W_enc": jnp.where(dead[None, :], dirs.T * 0.2 * alive_norm, p["W_enc"]),
+        "b_enc": jnp.where(dead, 0.0, p["b_enc"]),
+    }
+
+    def reset(path, leaf):
+        name = sharding._param_name(path)
+        if name is None or not hasattr(leaf, "shape") or leaf.ndim == 0:
+            return leaf
+        axes = sharding.PARAM_AXES[name]
+        if "d_sae" not in axes or len(axes) != leaf.ndim:
+            return leaf
+        mask = jnp.expand_dims(dead, [i for i in range(leaf.ndim) if axes[i] != "d_sae"])
+        return jnp.where(mask, 0.0, leaf).astype(leaf.dtype)
+
+    opt_state = jax.tree_util.tree_map_with_path(reset, state.opt_state)
+    return state._replace(
+        params=new, opt_state=opt_state, tokens_since_fired=jnp.where(dead, 0, state.tokens_since_fired)
+    )
