@@ -44,7 +44,7 @@ def sample(key: jax.Array, directions_nd: jax.Array, cfg: SyntheticConfig, batch
         mag = jax.random.exponential(k_mag, (batch_size, n)) * cfg.magnitude_mean
     else:
         mag = jnp.full((batch_size, n), cfg.magnitude_mean)
-    x = (on * mag) @ directions_nd
+    x = jnp.where(on, mag, 0.0) @ directions_nd
     if cfg.noise_std > 0:
         x = x + cfg.noise_std * jax.random.normal(k_noise, x.shape)
     return x

@@ -30,16 +30,16 @@ def _sum_to(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def jumprelu_ste(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
     """z * H(z - threshold), with the pseudo-derivative above for the threshold."""
-    return z * (z > threshold)
+    return jnp.where(z > threshold, z, jnp.zeros_like(z))
 
 
 def _jumprelu_fwd(z, threshold, bandwidth):
-    return z * (z > threshold), (z, threshold)
+    return jnp.where(z > threshold, z, jnp.zeros_like(z)), (z, threshold)
 
 
 def _jumprelu_bwd(bandwidth, res, g):
     z, threshold = res
-    dz = g * (z > threshold)
+    dz = jnp.where(z > threshold, g, jnp.zeros_like(g))
     dt = -(threshold / bandwidth) * _rect((z - threshold) / bandwidth) * g
     return dz, _sum_to(dt, threshold.shape)
 

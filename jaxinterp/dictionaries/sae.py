@@ -168,11 +168,11 @@ def _encode_normalised(spec: DictionarySpec, params: Params, xn: jax.Array) -> j
         vals, idx = ops.topk(pre, spec.k)
         return scatter_dense(jax.nn.relu(vals), idx, spec.d_sae)
     if a in ("batchtopk", "jumprelu"):
-        return pre * (pre > params["threshold"])
+        return jnp.where(pre > params["threshold"], pre, 0.0)
     # gated
     xc = xn - params["b_dec"]
     mag = _mm(xc, params["W_enc"] * jnp.exp(params["r_mag"]), spec) + params["b_mag"]
-    return (pre > 0) * jax.nn.relu(mag)
+    return jnp.where(pre > 0, jax.nn.relu(mag), 0.0)
 
 
 def encode(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
@@ -244,7 +244,7 @@ def forward(
     elif a == "batchtopk" and training:
         relu_pre = jax.nn.relu(pre)
         kth = ops.kth_largest(jax.lax.stop_gradient(relu_pre), spec.k * x.shape[0])
-        acts = relu_pre * (relu_pre >= jnp.maximum(kth, 1e-12))
+        acts = jnp.where(relu_pre >= jnp.maximum(kth, 1e-12), relu_pre, 0.0)
         xn_hat = _mm(acts, params["W_dec"], spec) + params["b_dec"]
         batch_threshold = kth
     elif a == "jumprelu":

@@ -1,0 +1,187 @@
+"""Training throughput of the sharded train step, beside the machine's matmul throughput and,
+optionally, EleutherAI's sparsify doing the same work in the same run.
+
+A timed step is the whole jitted train step of `jaxinterp.train.step` (forward, backward, decoder
+projection, Adam, renormalisation, dead-feature counters) on a fixed batch already on the device,
+after one compile-and-warm-up step.
+
+Model FLOPs of a TopK step: the encoder matmul 2*B*D*F, plus the sparse decode forward and backward
+(6*B*K*D) and the sparse encoder backward (4*B*K*D). Dense kinds: 2*B*D*F for each of the encoder
+forward, the decoder forward, and the three backward matmuls (10*B*D*F).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp.config import config_from_dict
+from jaxinterp.train import sharding
+from jaxinterp.train.step import build_step, init_state, make_spec, place_state
+
+# Dense bf16 peak FLOP/s by device kind (vendor figures), for model-FLOPs utilisation.
+PEAK_BF16 = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    d_in: int
+    d_sae: int
+    k: int
+    batch_size: int
+    activation: str = "topk"
+    dtype: str = "float32"
+
+    @property
+    def name(self) -> str:
+        return f"{self.activation} d_in={self.d_in} d_sae={self.d_sae} k={self.k} batch={self.batch_size} {self.dtype}"
+
+    def flops(self) -> float:
+        b, d, f, k = self.batch_size, self.d_in, self.d_sae, self.k
+        if self.activation == "topk":
+            return 2 * b * d * f + 10 * b * k * d
+        return 10 * b * d * f
+
+
+CPU_CASES = (Case(256, 2048, 32, 4096), Case(768, 16384, 32, 4096))
+GPU_CASES = CPU_CASES + (Case(768, 16384, 32, 4096, dtype="bfloat16"), Case(2048, 65536, 64, 8192, dtype="bfloat16"))
+
+
+def _device_peak() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_BF16.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """Best-of-`repeats` throughput of one [n, n] @ [n, n] matmul, in GFLOP/s."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def time_case(case: Case, steps: int) -> float:
+    """Seconds per train step (median of `steps`)."""
+    raw = {
+        "data": {"source": "synthetic", "synthetic": {"d_in": case.d_in, "n_features": case.d_sae}},
+        "dictionary": {"activation": case.activation, "d_sae": case.d_sae, "k": case.k},
+        "train": {"batch_size": case.batch_size, "tokens": case.batch_size * 1000, "compute_dtype": case.dtype},
+    }
+    cfg = config_from_dict(raw)
+    spec = make_spec(cfg, case.d_in)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (case.batch_size, case.d_in), jnp.float32))
+    state = init_state(cfg, spec, [x])
+    fns = build_step(cfg, spec, sharding.make_mesh(cfg.mesh), state)
+    state = place_state(state, fns)
+    xb = jax.device_put(x, fns.batch_sharding)
+    state, m = fns.step(state, xb)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = fns.step(state, xb)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def sparsify_tokens_per_s(case: Case, steps: int, python: str | None) -> float | None:
+    """sparsify's tokens/s for the same case: in-process when importable, else via `python`."""
+    from jaxinterp.benchmarks import sparsify_baseline
+
+    if python is None and sparsify_baseline.available():
+        return sparsify_baseline.sparsify_tokens_per_s(case.d_in, case.d_sae, case.k, case.batch_size, steps=steps)
+    if python is None:
+        return None
+    out = subprocess.run(
+        [python, "-m", "jaxinterp.benchmarks.sparsify_baseline", "--d-in", str(case.d_in), "--d-sae", str(case.d_sae),
+         "--k", str(case.k), "--batch-size", str(case.batch_size), "--steps", str(steps)],
+        capture_output=True, text=True, check=True,
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
+
+
+def run(*, steps: int = 10, compare: str | None = None, sparsify_python: str | None = None,
+        cases: tuple[Case, ...] | None = None) -> dict:
+    platform = jax.devices()[0].platform
+    if cases is None:
+        cases = GPU_CASES if platform == "gpu" else CPU_CASES
+    if platform != "gpu":
+        cases = tuple(c for c in cases if c.dtype == "float32")
+    mm = matmul_gflops()
+    peak = _device_peak()
+    results = []
+    for case in cases:
+        sec = time_case(case, steps)
+        r = {
+            "case": case.name,
+            **dataclasses.asdict(case),
+            "step_s": sec,
+            "tokens_per_s": case.batch_size / sec,
+            "model_gflops": case.flops() / sec / 1e9,
+            "fraction_of_matmul": case.flops() / sec / 1e9 / mm,
+        }
+        if peak is not None and case.dtype == "bfloat16":
+            r["mfu"] = case.flops() / sec / peak
+        if compare == "sparsify" and case.dtype == "float32" and case.activation == "topk":
+            sp = sparsify_tokens_per_s(case, steps, sparsify_python)
+            if sp is not None:
+                r["sparsify_tokens_per_s"] = sp
+                r["ratio_vs_sparsify"] = r["tokens_per_s"] / sp
+        results.append(r)
+    head = results[0]
+    out = {
+        "benchmark": "train",
+        "device": jax.devices()[0].device_kind,
+        "platform": platform,
+        "n_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "matmul_gflops": mm,
+        "tokens_per_s": head["tokens_per_s"],
+        "fraction_of_matmul": head["fraction_of_matmul"],
+        "cases": results,
+    }
+    if "ratio_vs_sparsify" in head:
+        out["sparsify_tokens_per_s"] = head["sparsify_tokens_per_s"]
+        out["ratio_vs_sparsify"] = head["ratio_vs_sparsify"]
+    elif compare == "sparsify":
+        out["sparsify"] = "not installed: pip install torch==2.13.0 eai-sparsify, or pass --sparsify-python"
+    return out
+
+
+def format_human(res: dict) -> str:
+    lines = [f"train throughput on {res['device']} ({res['platform']}, {res['n_devices']} device(s), jax {res['jax']})",
+             f"  float32 matmul: {res['matmul_gflops']:.1f} GFLOP/s (2048^3)"]
+    for r in res["cases"]:
+        s = (f"  {r['case']}: {r['tokens_per_s']:,.0f} tokens/s ({r['step_s'] * 1e3:.1f} ms/step), "
+             f"{r['model_gflops']:.1f} model GFLOP/s = {r['fraction_of_matmul']:.0%} of matmul")
+        if "mfu" in r:
+            s += f", MFU {r['mfu']:.1%}"
+        if "ratio_vs_sparsify" in r:
+            s += f"\n    sparsify: {r['sparsify_tokens_per_s']:,.0f} tokens/s -> ratio {r['ratio_vs_sparsify']:.2f}x"
+        lines.append(s)
+    if "sparsify" in res:
+        lines.append(f"  sparsify: {res['sparsify']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(run(), indent=2), file=sys.stdout)

@@ -1,0 +1,42 @@
+"""Benchmarks, one subcommand per area: `python launch/bench.py train [--json] [--compare sparsify]`.
+
+Each prints human-readable lines by default and one JSON object with `--json`; ratios are measured
+in the same run, absolute figures come with the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxinterp.cli import run_main  # noqa: E402
+
+
+def _train(args) -> dict:
+    from jaxinterp.benchmarks import train_throughput
+
+    res = train_throughput.run(steps=args.steps, compare=args.compare, sparsify_python=args.sparsify_python)
+    return res, train_throughput.format_human
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    sub = ap.add_subparsers(dest="area", required=True)
+    t = sub.add_parser("train", help="training throughput (tokens/s), fraction of matmul peak, vs sparsify")
+    t.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
+    t.add_argument("--compare", choices=["sparsify"], help="run the same work through EleutherAI's sparsify")
+    t.add_argument("--sparsify-python", help="python of an environment where sparsify is installed")
+    for p in (t,):
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+    res, fmt = {"train": _train}[args.area](args)
+    print(json.dumps(res) if args.json else fmt(res))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,27 @@
+"""Test setup: 8 fake CPU devices, so sharding is tested on a laptop.
+
+Strict dtype promotion is switched on per test (`strict_promotion` fixture) for the library's own
+numerics, not globally: optax's Adam raises a float to an int32 step count, which strict mode rejects.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def repo_root() -> str:
+    return REPO
+
+
+@pytest.fixture
+def strict_promotion():
+    with jax.numpy_dtype_promotion("strict"):
+        yield
