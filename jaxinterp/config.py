@@ -296,7 +296,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = int(value)
         if isinstance(value, str):
             try:
-                value = int(float(value))
+                if float(value).is_integer():
+                    value = int(float(value))
             except ValueError:
                 pass
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
@@ -320,7 +321,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     for k in raw:
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"{prefix}{k}: unknown key{hint}")
     kwargs = {k: _coerce(v, _resolve_type(cls, k), prefix + k) for k, v in raw.items()}
     try:

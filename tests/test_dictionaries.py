@@ -1,0 +1,338 @@
+"""Sparse dictionaries (`jaxinterp.dictionaries`) against NumPy re-implementations of their formulas.
+
+The references below are written from the definitions, in float64:
+  x_n = x * norm_scale, x_c = x_n - b_dec, pre = x_c @ W_enc + b_enc (gated: + b_gate),
+  acts per activation, x_n_hat = acts @ W_dec + b_dec, recon = x_n_hat / norm_scale,
+  mse = mean_rows ||x_n - x_n_hat||^2.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp import dictionaries as dl
+from jaxinterp.data import make_source
+from jaxinterp.train import sharding
+from jaxinterp.train.step import build_step, init_state, make_spec, place_state
+
+from helpers import tiny_config
+
+KINDS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+B, D, F, K = 16, 8, 32, 4
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def random_params(kind: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Float32 params with every term non-trivial: biases, norm_scale != 1, non-unit decoder rows."""
+    rng = np.random.default_rng(seed)
+    w_dec = rng.normal(size=(F, D))
+    w_dec *= rng.uniform(0.5, 1.5, size=(F, 1)) / np.linalg.norm(w_dec, axis=-1, keepdims=True)
+    p = {
+        "W_enc": rng.normal(size=(D, F)) / np.sqrt(D),
+        "W_dec": w_dec,
+        "b_dec": 0.3 * rng.normal(size=(D,)),
+        "norm_scale": np.array(0.7),
+    }
+    if kind == "gated":
+        p |= {"b_gate": 0.3 * rng.normal(size=(F,)), "b_mag": 0.3 * rng.normal(size=(F,)),
+              "r_mag": 0.3 * rng.normal(size=(F,))}
+    else:
+        p["b_enc"] = 0.3 * rng.normal(size=(F,))
+    if kind in ("jumprelu", "batchtopk"):
+        p["threshold"] = rng.uniform(0.1, 0.6, size=(F,))
+    return {k: np.asarray(v, np.float32) for k, v in p.items()}
+
+
+def random_x(seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (2.0 * rng.normal(size=(B, D)) + 0.5).astype(np.float32)
+
+
+def numpy_forward(kind: str, p: dict, x: np.ndarray, *, k: int, sparsity: float, aux: float,
+                  training: bool) -> dict[str, np.ndarray]:
+    p = {n: v.astype(np.float64) for n, v in p.items()}
+    xn = x.astype(np.float64) * p["norm_scale"]
+    xc = xn - p["b_dec"]
+    norms = np.linalg.norm(p["W_dec"], axis=-1)
+    out = {"sparsity": 0.0, "aux": 0.0}
+    if kind == "gated":
+        pre = xc @ p["W_enc"] + p["b_gate"]
+        mag = xc @ (p["W_enc"] * np.exp(p["r_mag"])) + p["b_mag"]
+        acts = np.where(pre > 0, np.maximum(mag, 0), 0.0)
+        gate = np.maximum(pre, 0)
+        out["sparsity"] = sparsity * np.mean(np.sum(gate * norms, -1))
+        gate_hat = gate @ p["W_dec"] + p["b_dec"]
+        out["aux"] = aux * np.mean(np.sum((xn - gate_hat) ** 2, -1))
+    else:
+        pre = xc @ p["W_enc"] + p["b_enc"]
+        if kind == "relu":
+            acts = np.maximum(pre, 0)
+            out["sparsity"] = sparsity * np.mean(np.sum(acts * norms, -1))
+        elif kind == "topk":
+            idx = np.argsort(-pre, axis=-1)[:, :k]
+            acts = np.zeros_like(pre)
+            rows = np.arange(pre.shape[0])[:, None]
+            acts[rows, idx] = np.maximum(pre[rows, idx], 0)
+        elif kind == "jumprelu" or (kind == "batchtopk" and not training):
+            acts = np.where(pre > p["threshold"], pre, 0.0)
+            if kind == "jumprelu":
+                out["sparsity"] = sparsity * np.mean(np.sum(pre > p["threshold"], -1))
+        else:  # batchtopk, training
+            r = np.maximum(pre, 0)
+            kth = np.sort(r.ravel())[-k * r.shape[0]]
+            acts = np.where(r >= kth, r, 0.0)
+            out["kth"] = kth
+    xn_hat = acts @ p["W_dec"] + p["b_dec"]
+    out |= {"pre": pre, "acts": acts, "recon": xn_hat / p["norm_scale"],
+            "mse": np.mean(np.sum((xn - xn_hat) ** 2, -1))}
+    out["total"] = out["mse"] + out["sparsity"] + out["aux"]
+    return out
+
+
+def as_jax(p: dict) -> dl.Params:
+    return {k: jnp.asarray(v) for k, v in p.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# forward / encode / decode
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_matches_numpy(kind, training, strict_promotion):
+    spec = dl.DictionarySpec(kind, D, F, k=K)
+    p, x = random_params(kind), random_x()
+    w = dl.LossWeights(sparsity=0.3, aux=0.7)
+    out = dl.forward(spec, as_jax(p), jnp.asarray(x), w, training=training)
+    ref = numpy_forward(kind, p, x, k=K, sparsity=0.3, aux=0.7, training=training)
+
+    n_active = np.count_nonzero(ref["acts"])
+    assert 0 < n_active < B * F, "the reference activation must be sparse but not empty"
+    np.testing.assert_allclose(out.pre_acts, ref["pre"], **TOL)
+    np.testing.assert_allclose(out.feature_acts, ref["acts"], **TOL)
+    np.testing.assert_allclose(out.recon, ref["recon"], **TOL)
+    np.testing.assert_allclose(out.losses.mse, ref["mse"], **TOL)
+    np.testing.assert_allclose(out.losses.sparsity, ref["sparsity"], **TOL)
+    np.testing.assert_allclose(out.losses.aux, ref["aux"], **TOL)
+    np.testing.assert_allclose(out.losses.total, ref["total"], **TOL)
+    if kind == "topk":
+        dense = np.zeros((B, F))
+        dense[np.arange(B)[:, None], np.asarray(out.top_idx)] = np.asarray(out.top_vals)
+        np.testing.assert_allclose(dense, ref["acts"], **TOL)
+    if kind == "batchtopk" and training:
+        np.testing.assert_allclose(out.batch_threshold, ref["kth"], **TOL)
+        assert np.count_nonzero(out.feature_acts) == K * B
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_decode_match_numpy(kind, strict_promotion):
+    spec = dl.DictionarySpec(kind, D, F, k=K)
+    p, x = random_params(kind), random_x()
+    params = as_jax(p)
+    ref = numpy_forward(kind, p, x, k=K, sparsity=0.0, aux=0.0, training=False)
+
+    acts = dl.encode(spec, params, jnp.asarray(x))
+    np.testing.assert_allclose(acts, ref["acts"], **TOL)
+    recon = dl.decode(spec, params, jnp.asarray(ref["acts"], jnp.float32))
+    np.testing.assert_allclose(recon, ref["recon"], **TOL)
+    np.testing.assert_allclose(dl.reconstruct(spec, params, jnp.asarray(x)), ref["recon"], **TOL)
+
+
+def test_batchtopk_inference_uses_threshold_not_batch(strict_promotion):
+    """At inference a row's activations do not depend on the rest of the batch."""
+    spec = dl.DictionarySpec("batchtopk", D, F, k=K)
+    params, x = as_jax(random_params("batchtopk")), jnp.asarray(random_x())
+    whole = dl.forward(spec, params, x, training=False).feature_acts
+    first = dl.forward(spec, params, x[:1], training=False).feature_acts
+    np.testing.assert_allclose(first, whole[:1], **TOL)
+    trained = dl.forward(spec, params, x, training=True).feature_acts
+    assert not np.allclose(trained, whole), "training (batch top-k) and inference (threshold) must differ here"
+
+
+# ---------------------------------------------------------------------------------------------
+# JumpReLU straight-through gradients
+
+EPS = 0.1
+THRESH = np.array([0.2, 0.5, 1.0, 0.3], np.float32)
+# z - t per row: inside the window (|u| < eps/2) on rows 0, 1, outside on rows 2, 3
+OFFSETS = np.array([-0.3, 0.3, -0.8, 0.8], np.float32)[:, None] * EPS
+
+
+def _rect(u):
+    return (np.abs(u) < 0.5).astype(np.float64)
+
+
+def _z_and_cotangent(lead_shape):
+    rng = np.random.default_rng(0)
+    z = (THRESH + OFFSETS).astype(np.float32)  # [4, F]
+    z = np.broadcast_to(z, (*lead_shape[:-1], *z.shape)).copy() if len(lead_shape) > 1 else z
+    g = rng.uniform(0.5, 2.0, size=z.shape).astype(np.float32)
+    return z, g
+
+
+@pytest.mark.parametrize("lead", [(4,), (3, 4)])
+def test_jumprelu_ste_gradients(lead):
+    z, g = _z_and_cotangent(lead)
+    f = lambda z_, t_: jnp.sum(dl.jumprelu_ste(z_, t_, EPS) * g)
+    dz, dt = jax.grad(f, argnums=(0, 1))(jnp.asarray(z), jnp.asarray(THRESH))
+
+    u = (z.astype(np.float64) - THRESH) / EPS
+    assert _rect(u).sum() > 0 and (1 - _rect(u)).sum() > 0
+    np.testing.assert_allclose(dl.jumprelu_ste(jnp.asarray(z), jnp.asarray(THRESH), EPS), np.where(z > THRESH, z, 0))
+    np.testing.assert_allclose(dz, (z > THRESH) * g, rtol=1e-6)
+    want_dt = (-(THRESH / EPS) * _rect(u) * g).reshape(-1, THRESH.size).sum(0)
+    assert dt.shape == THRESH.shape
+    np.testing.assert_allclose(dt, want_dt, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lead", [(4,), (3, 4)])
+def test_heaviside_ste_gradients(lead):
+    z, g = _z_and_cotangent(lead)
+    f = lambda z_, t_: jnp.sum(dl.heaviside_ste(z_, t_, EPS) * g)
+    dz, dt = jax.grad(f, argnums=(0, 1))(jnp.asarray(z), jnp.asarray(THRESH))
+
+    u = (z.astype(np.float64) - THRESH) / EPS
+    np.testing.assert_array_equal(dl.heaviside_ste(jnp.asarray(z), jnp.asarray(THRESH), EPS), (z > THRESH))
+    np.testing.assert_array_equal(dz, np.zeros_like(z))
+    want_dt = (-(1 / EPS) * _rect(u) * g).reshape(-1, THRESH.size).sum(0)
+    assert dt.shape == THRESH.shape
+    np.testing.assert_allclose(dt, want_dt, rtol=1e-5)
+
+
+def test_jumprelu_threshold_gets_l0_gradient(strict_promotion):
+    """Thresholds parameterised directly get the L0 pseudo-gradient when pre-activations sit near them."""
+    bw, coef = 0.05, 0.7
+    spec = dl.DictionarySpec("jumprelu", D, F, jumprelu_bandwidth=bw)
+    p, x = random_params("jumprelu"), random_x()
+    pre = numpy_forward("jumprelu", p, x, k=K, sparsity=0, aux=0, training=False)["pre"]
+    # put every feature's threshold within bw/2 of its pre-activation on row 0
+    p["threshold"] = (pre[0] + 0.01).astype(np.float32)
+    pre64 = pre  # thresholds do not change pre-activations
+
+    def l0_term(params):
+        return dl.forward(spec, params, jnp.asarray(x), dl.LossWeights(sparsity=coef)).losses.sparsity
+
+    grads = jax.grad(l0_term)(as_jax(p))
+    window = _rect((pre64 - p["threshold"].astype(np.float64)) / bw)
+    want = coef * np.sum(-(1 / bw) * window, axis=0) / B
+    assert np.all(window[0] == 1)
+    np.testing.assert_allclose(grads["threshold"], want, rtol=1e-5)
+    assert np.all(np.asarray(grads["threshold"]) < 0), "raising a threshold must lower the L0 term"
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated gradients
+
+
+def _gated_grads(weights, term="total"):
+    spec = dl.DictionarySpec("gated", D, F)
+    params, x = as_jax(random_params("gated")), jnp.asarray(random_x())
+    return jax.grad(lambda q: getattr(dl.forward(spec, q, x, weights).losses, term))(params)
+
+
+def test_gated_gate_gets_no_reconstruction_gradient(strict_promotion):
+    g = _gated_grads(dl.LossWeights(sparsity=0.0, aux=0.0))
+    np.testing.assert_array_equal(g["b_gate"], np.zeros(F))
+    for name in ("r_mag", "b_mag", "W_enc", "W_dec", "b_dec"):
+        assert np.abs(np.asarray(g[name])).max() > 1e-4, f"{name} must learn from the reconstruction"
+
+
+def test_gated_gate_learns_from_sparsity_and_aux(strict_promotion):
+    l1 = 0.5
+    g_sp = _gated_grads(dl.LossWeights(sparsity=l1, aux=0.0), "sparsity")
+    p, x = random_params("gated"), random_x()
+    pre = numpy_forward("gated", p, x, k=K, sparsity=0, aux=0, training=False)["pre"]
+    norms = np.linalg.norm(p["W_dec"].astype(np.float64), axis=-1)
+    # d/d b_gate of l1 * mean_rows sum_f relu(pre) * ||W_dec_f||
+    np.testing.assert_allclose(g_sp["b_gate"], l1 * np.mean(pre > 0, axis=0) * norms, **TOL)
+
+    g_aux = _gated_grads(dl.LossWeights(sparsity=0.0, aux=1.0), "aux")
+    assert np.abs(np.asarray(g_aux["b_gate"])).max() > 1e-4
+    # the auxiliary loss trains the gate through a frozen decoder (b_dec still centres the encoder input)
+    np.testing.assert_array_equal(g_aux["W_dec"], np.zeros((F, D)))
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder-norm constraint
+
+
+def test_project_decoder_grad_removes_parallel_component():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(F, D))
+    w /= np.linalg.norm(w, axis=-1, keepdims=True)
+    g = rng.normal(size=(F, D))
+    params = {"W_dec": jnp.asarray(w, jnp.float32)}
+    grads = {"W_dec": jnp.asarray(g, jnp.float32), "b_dec": jnp.ones(D)}
+    out = dl.project_decoder_grad(grads, params)
+    got = np.asarray(out["W_dec"], np.float64)
+    np.testing.assert_allclose(np.sum(got * w, -1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(got, g - np.sum(g * w, -1, keepdims=True) * w, atol=1e-5)
+    np.testing.assert_array_equal(out["b_dec"], np.ones(D))
+
+
+def test_normalise_decoder_gives_unit_rows():
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(F, D)) * rng.uniform(0.1, 5.0, size=(F, 1))
+    out = np.asarray(dl.normalise_decoder({"W_dec": jnp.asarray(w, jnp.float32)})["W_dec"], np.float64)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(out, w / np.linalg.norm(w, axis=-1, keepdims=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoder_rows_stay_unit_norm_through_train_steps(tmp_path, kind):
+    cfg = tiny_config(tmp_path, dictionary={"activation": kind}, train={"lr": 1e-2})
+    source = make_source(cfg)
+    spec = make_spec(cfg, source.d_in)
+    mesh = sharding.make_mesh(cfg.mesh)
+    state = init_state(cfg, spec, [next(source)])
+    w0 = np.asarray(state.params["W_dec"])
+    fns = build_step(cfg, spec, mesh, state)
+    state = place_state(state, fns)
+    for _ in range(3):
+        state, metrics = fns.step(state, jax.device_put(np.asarray(next(source)), fns.batch_sharding))
+    w = np.asarray(state.params["W_dec"])
+    assert int(state.step) == 3
+    assert np.isfinite(float(metrics["loss"]))
+    assert np.abs(w - w0).max() > 1e-3, "the steps must move the decoder"
+    np.testing.assert_allclose(np.linalg.norm(w, axis=-1), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# init / split_params
+
+EXPECTED = {
+    "relu": ({"W_enc", "W_dec", "b_enc", "b_dec"}, {"norm_scale"}),
+    "topk": ({"W_enc", "W_dec", "b_enc", "b_dec"}, {"norm_scale"}),
+    "batchtopk": ({"W_enc", "W_dec", "b_enc", "b_dec"}, {"norm_scale", "threshold"}),
+    "jumprelu": ({"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}, {"norm_scale"}),
+    "gated": ({"W_enc", "W_dec", "b_gate", "b_mag", "r_mag", "b_dec"}, {"norm_scale"}),
+}
+SHAPES = {"W_enc": (D, F), "W_dec": (F, D), "b_dec": (D,), "norm_scale": ()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_init_shapes_and_split(kind):
+    spec = dl.DictionarySpec(kind, D, F, k=K)
+    params = dl.init(jax.random.key(0), spec, threshold=0.25)
+    trainable, buffers = dl.split_params(spec, params)
+    want_train, want_buf = EXPECTED[kind]
+    assert set(trainable) == want_train
+    assert set(buffers) == want_buf
+    for name, v in params.items():
+        assert v.shape == SHAPES.get(name, (F,)), name
+        assert v.dtype == jnp.float32, name
+    np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=-1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(params["W_enc"], np.asarray(params["W_dec"]).T)
+    assert float(params["norm_scale"]) == 1.0
+    if kind == "jumprelu":
+        np.testing.assert_array_equal(params["threshold"], np.full(F, 0.25, np.float32))
+
+
+def test_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="activation 'sparse' unknown"):
+        dl.DictionarySpec("sparse", D, F)
+    with pytest.raises(ValueError, match=r"k=33 must be in \[1, d_sae=32\]"):
+        dl.DictionarySpec("topk", D, F, k=33)
