@@ -80,7 +80,8 @@ def test_topk_decode_bfloat16(b, d, f, k):
 @pytest.mark.parametrize("b,d,f,k", SIZES)
 def test_topk_encode_matches_reference(b, d, f, k):
     xc, w, b_enc = _encode_inputs(b, d, f)
-    args = (jnp.asarray(xc), jnp.asarray(w), jnp.asarray(b_enc))
+    b_dec = np.random.default_rng(2).normal(size=(d,)).astype(np.float32) * 0.1
+    args = (jnp.asarray(xc + b_dec), jnp.asarray(b_dec), jnp.asarray(w), jnp.asarray(b_enc))
     vals, idx = dl.topk_encode(*args, k)
     ref_vals, ref_idx = dl.topk_encode_reference(*args, k)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -90,10 +91,10 @@ def test_topk_encode_matches_reference(b, d, f, k):
 
     # a cotangent on the values only; idx has no gradient
     g = np.random.default_rng(1).normal(size=(b, k)).astype(np.float32)
-    loss = lambda fn: (lambda x_, w_, b_: jnp.sum(fn(x_, w_, b_, k)[0] * g))
-    got_g = jax.jit(jax.grad(loss(dl.topk_encode), argnums=(0, 1, 2)))(*args)
-    want_g = jax.grad(loss(dl.topk_encode_reference), argnums=(0, 1, 2))(*args)
-    for name, a, e in zip(("x_c", "W_enc", "b_enc"), got_g, want_g):
+    loss = lambda fn: (lambda x_, bd_, w_, b_: jnp.sum(fn(x_, bd_, w_, b_, k)[0] * g))
+    got_g = jax.jit(jax.grad(loss(dl.topk_encode), argnums=(0, 1, 2, 3)))(*args)
+    want_g = jax.grad(loss(dl.topk_encode_reference), argnums=(0, 1, 2, 3))(*args)
+    for name, a, e in zip(("x", "b_dec", "W_enc", "b_enc"), got_g, want_g):
         assert a.shape == e.shape and a.dtype == e.dtype, name
         assert np.abs(np.asarray(e)).max() > 0, name
         np.testing.assert_allclose(a, e, err_msg=name, **F32)
@@ -104,10 +105,10 @@ def test_topk_encode_gradient_zero_where_relu_clips():
     b, d, f, k = 4, 3, 9, 5
     xc, w, _ = _encode_inputs(b, d, f)
     b_enc = np.full((f,), -5.0, np.float32)  # every pre-activation negative
-    args = (jnp.asarray(xc), jnp.asarray(w), jnp.asarray(b_enc))
+    args = (jnp.asarray(xc), jnp.zeros((d,), jnp.float32), jnp.asarray(w), jnp.asarray(b_enc))
     vals, _ = dl.topk_encode(*args, k)
     np.testing.assert_array_equal(vals, np.zeros((b, k)))
-    grads = jax.grad(lambda *a: jnp.sum(dl.topk_encode(*a, k)[0]), argnums=(0, 1, 2))(*args)
+    grads = jax.grad(lambda *a: jnp.sum(dl.topk_encode(*a, k)[0]), argnums=(0, 1, 2, 3))(*args)
     for gr in grads:
         np.testing.assert_array_equal(gr, np.zeros_like(gr))
 
@@ -116,8 +117,9 @@ def test_topk_encode_gradient_zero_where_relu_clips():
 def test_topk_encode_bfloat16(b, d, f, k):
     xc, w, b_enc = _encode_inputs(b, d, f)
     x16, w16 = jnp.asarray(xc, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-    vals, idx = dl.topk_encode(x16, w16, jnp.asarray(b_enc), k, "bfloat16")
-    ref_vals, _ = dl.topk_encode_reference(x16, w16, jnp.asarray(b_enc), k)
+    zero = jnp.zeros((d,), jnp.bfloat16)
+    vals, idx = dl.topk_encode(x16, zero, w16, jnp.asarray(b_enc), k, "bfloat16")
+    ref_vals, _ = dl.topk_encode_reference(x16, zero, w16, jnp.asarray(b_enc), k)
     pre = np.asarray(x16, np.float64) @ np.asarray(w16, np.float64) + b_enc
     top = np.sort(pre, -1)[:, ::-1][:, :k]
     np.testing.assert_allclose(np.asarray(vals, np.float32), np.maximum(top, 0), **BF16)

@@ -238,7 +238,9 @@ def forward(
     top_idx = top_vals = batch_threshold = None
 
     if a == "topk":
-        top_vals, top_idx = topk_encode(xn - params["b_dec"], params["W_enc"], params["b_enc"], spec.k, spec.compute_dtype)
+        top_vals, top_idx = topk_encode(
+            xn, params["b_dec"], params["W_enc"], params["b_enc"], spec.k, spec.compute_dtype
+        )
         xn_hat = topk_decode(top_vals, top_idx, params["W_dec"]) + params["b_dec"]
         acts = scatter_dense(top_vals, top_idx, spec.d_sae)
     elif a == "batchtopk" and training:
