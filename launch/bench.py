@@ -13,7 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxinterp.cli import run_main  # noqa: E402
+from jaxinterp.cli import configure_host_devices, run_main  # noqa: E402
+
+configure_host_devices()
 
 
 def _train(args) -> dict:

@@ -22,7 +22,9 @@ from jaxinterp.config import SyntheticConfig
 
 def true_directions(cfg: SyntheticConfig) -> np.ndarray:
     """The ground-truth directions [N, D] (unit norm), fixed by `cfg.seed`."""
-    u = jax.random.normal(jax.random.key(cfg.seed), (cfg.n_features, cfg.d_in), jnp.float32)
+    # A stream of its own: parameter init draws from key(train.seed) and must never equal this.
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 0x5EED)
+    u = jax.random.normal(key, (cfg.n_features, cfg.d_in), jnp.float32)
     return np.asarray(u / jnp.linalg.norm(u, axis=-1, keepdims=True))
 
 

@@ -269,10 +269,12 @@ def forward(
     mse = _mse(xn, xn_hat)
     if a in ("topk", "batchtopk") and spec.aux_k > 0 and dead_mask is not None:
         # Skipped at run time (not just multiplied by 0) while no feature is dead: it costs a
-        # second top-k over [B, F].
+        # second top-k over [B, F]. Rematerialised, so that the cond's residuals are its small
+        # inputs rather than [B, F] arrays that the untaken branch would have to fill with zeros.
+        aux_fn = jax.checkpoint(lambda p, xn_, e_: _aux_k_loss(spec, p, _pre_acts(spec, p, xn_), e_, dead_mask))
         aux = weights.aux * jax.lax.cond(
             jnp.any(dead_mask),
-            lambda: _aux_k_loss(spec, params, _pre_acts(spec, params, xn), xn - xn_hat, dead_mask),
+            lambda: aux_fn(params, xn, xn - xn_hat),
             lambda: jnp.zeros((), jnp.float32),
         )
     losses = LossTerms(total=mse + sparsity + aux, mse=mse, sparsity=sparsity, aux=aux)

@@ -27,6 +27,9 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def save(self, step: int, state: TrainState, data_state: dict, *, force: bool = False) -> None:
+        # The train step donates its state: the async writer must read a copy that no later step
+        # will overwrite.
+        state = jax.tree.map(lambda x: x.copy(), state)
         self._mngr.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),

@@ -80,7 +80,8 @@ def geometric_median(x_bd: jax.Array, iters: int = 50) -> jax.Array:
 def init_state(cfg: Config, spec: dl.DictionarySpec, init_batches: list[jax.Array]) -> TrainState:
     """Fresh state: random params, input scale and b_dec estimated from `init_batches`."""
     d = cfg.dictionary
-    params = dl.init(jax.random.key(cfg.train.seed), spec, threshold=d.jumprelu_init_threshold)
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
+    params = dl.init(key, spec, threshold=d.jumprelu_init_threshold)
     x = jnp.concatenate([jnp.asarray(b, jnp.float32) for b in init_batches])
     scale = jnp.ones((), jnp.float32)
     if d.normalize_activations:
@@ -175,7 +176,7 @@ def train_step(
         "fvu": out.losses.mse / jnp.maximum(variance, 1e-12),
         "l0": l0,
         "dead_fraction": jnp.mean(dead),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(cfg.train)(state.step),
     }
     return new_state, metrics
