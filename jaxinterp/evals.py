@@ -73,7 +73,7 @@ def finalize(sums: dict[str, np.ndarray], d_in: int) -> dict:
     density = s["fires"] / n
     hist, _ = np.histogram(np.log10(np.maximum(density, 1e-12)), bins=np.append(DENSITY_BINS, 1.0))
     return {
-        "tokens": int(n),
+        "eval_tokens": int(n),
         "mse": float(s["sq_err"] / (n * d_in)),
         "explained_variance": float(1 - s["sq_err"] / max(total_var, 1e-12)),
         "cossim": float(s["cossim"] / n),

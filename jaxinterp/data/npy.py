@@ -48,6 +48,9 @@ def open_activations(path: str, dtype: str = "auto") -> np.ndarray:
 class NpySource:
     """Shuffled, batched, resumable rows of an activation file."""
 
+    host_side = True
+    """Batches are read on the host (NumPy), so reading the next one may overlap a train step."""
+
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int):
         assert cfg.path is not None
         self._arr = open_activations(cfg.path, cfg.dtype)

@@ -55,6 +55,9 @@ def sample(key: jax.Array, directions_nd: jax.Array, cfg: SyntheticConfig, batch
 class SyntheticSource:
     """An endless, resumable stream of toy-superposition batches."""
 
+    host_side = False
+    """Batches are computed by an XLA program (the train loop must not overlap it with a step)."""
+
     def __init__(self, cfg: SyntheticConfig, batch_size: int, seed: int):
         self.cfg, self.batch_size = cfg, batch_size
         self.d_in = cfg.d_in

@@ -114,7 +114,12 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     t_last, step_last = time.perf_counter(), start
     metrics = None
     for step in range(start, total):
-        x = jax.device_put(np.asarray(next(source)), fns.batch_sharding)
+        if metrics is not None and not source.host_side:
+            # A source that runs its own XLA program (synthetic) waits for the step in flight: on a
+            # multi-device CPU, a second program competing for the same thread pool can starve the
+            # step's all-reduce. Host-side sources (npy) read the next batch while the step runs.
+            jax.block_until_ready(metrics)
+        x = jax.device_put(next(source), fns.batch_sharding)
         state, metrics = fns.step(state, x)
         done = step + 1
         if resample is not None and done % cfg.train.resample_every == 0:
@@ -134,9 +139,11 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
             bar.set_postfix(tok_s=f"{m['tokens_per_s']:.0f}", loss=f"{m['loss']:.4g}", l0=f"{m['l0']:.1f}",
                             dead=f"{m['dead_fraction']:.3f}", refresh=False)
         if done % cfg.output.checkpoint_every == 0 and done != total:
+            jax.block_until_ready(state)
             ckpt.save(done, state, source.get_state())
         bar.update(1)
     bar.close()
+    jax.block_until_ready(state)
     if ckpt.latest_step() != total:
         ckpt.save(total, state, source.get_state(), force=True)
     ckpt.wait()
