@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from jaxinterp.config import Config, config_from_dict
 
 
@@ -22,3 +24,13 @@ def tiny_config(tmp_path, **sections) -> Config:
             else:
                 node[k] = v
     return config_from_dict(raw)
+
+
+def subprocess_env() -> dict:
+    """Environment for `launch/*.py` subprocesses: CPU, and the launch scripts' own device count
+    (XLA_FLAGS from the test process dropped), so interrupted and uninterrupted runs match."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from helpers import subprocess_env
 
 TINY = {
     "data": {"source": "synthetic", "synthetic": {"n_features": 32, "d_in": 8, "p_active": 0.1}},
@@ -19,12 +20,7 @@ TINY = {
 }
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
+_env = subprocess_env
 
 
 def run_cli(repo_root, *args, timeout=180) -> subprocess.CompletedProcess:

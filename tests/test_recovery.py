@@ -27,6 +27,7 @@ from jaxinterp.data import make_source, write_npy
 from jaxinterp.evals import mmcs
 from jaxinterp.train import train
 from jaxinterp.train.step import init_state, make_spec
+from helpers import subprocess_env
 
 TOY = {"n_features": 256, "d_in": 48, "p_active": 0.015, "seed": 1}
 
@@ -97,12 +98,7 @@ def test_jumprelu_recovers_toy(tmp_path):
     assert final["l0"] < 6
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
+_env = subprocess_env
 
 
 @pytest.mark.slow

@@ -21,16 +21,12 @@ from safetensors.numpy import load_file
 
 from jaxinterp.config import SyntheticConfig
 from jaxinterp.data import write_npy
+from helpers import subprocess_env
 
 STEPS = 400
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
+_env = subprocess_env
 
 
 def _config(tmp_path: Path, name: str, data: dict, steps: int = STEPS) -> str:
