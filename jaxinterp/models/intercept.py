@@ -1,0 +1,108 @@
+"""Intercept sites: what a forward pass captures, where it stops, and which sites it rewrites.
+
+Axes: `B` batch, `T` sequence, `D` d_model.
+
+A `Plan` is static (hashable, part of the compiled function's identity): the sites to capture, the
+sites to edit with which function, and where to stop. The parameters of the edit functions are data:
+a dict `site -> pytree of arrays` passed to the jitted forward as an argument, so changing a
+steering strength or a dictionary's weights never recompiles.
+
+Site names: `embed`, `blocks.{i}.{point}` with point in POINTS, `final`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+"""Per-block sites, in the order the forward reaches them. mlp_in is the MLP's normalised input."""
+
+EditFn = Callable[[jax.Array, Any], jax.Array]
+"""`fn(x_btd, params) -> x_btd`: rewrites a site's value; `params` is the site's pytree of arrays."""
+
+
+class SiteError(ValueError):
+    """A site name that does not exist in the model; the message lists what does."""
+
+
+def site_names(n_layers: int) -> tuple[str, ...]:
+    return ("embed", *(f"blocks.{i}.{p}" for i in range(n_layers) for p in POINTS), "final")
+
+
+def parse_site(site: str, n_layers: int) -> tuple[int, str]:
+    """(layer, point) of a site; `embed` is layer -1, `final` layer n_layers."""
+    if site == "embed":
+        return -1, "embed"
+    if site == "final":
+        return n_layers, "final"
+    parts = site.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in POINTS:
+        raise SiteError(
+            f"site {site!r} not found; sites are 'embed', 'final' and 'blocks.{{i}}.{{point}}' "
+            f"with point in {POINTS}"
+        )
+    layer = int(parts[1])
+    if not 0 <= layer < n_layers:
+        raise SiteError(f"site {site!r}: layer {layer} out of range; the model has layers 0..{n_layers - 1}")
+    return layer, parts[2]
+
+
+def _depth(site: str, n_layers: int) -> tuple[int, int]:
+    layer, point = parse_site(site, n_layers)
+    order = {"embed": -1, "final": len(POINTS), **{p: i for i, p in enumerate(POINTS)}}
+    return layer, order[point]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one forward pass does at its intercept sites (static)."""
+
+    capture: tuple[str, ...] = ()
+    """Sites whose values are returned (after any edit at that site)."""
+    edits: tuple[tuple[str, EditFn], ...] = ()
+    """(site, fn) pairs: the site's value x becomes fn(x, edit_params[site])."""
+    stop_early: bool = False
+    """Stop right after the deepest captured site: no logits, no compute beyond it."""
+
+    def validate(self, n_layers: int) -> None:
+        for s in self.capture + tuple(s for s, _ in self.edits):
+            parse_site(s, n_layers)
+
+    def deepest(self, n_layers: int) -> tuple[int, int] | None:
+        if not self.capture:
+            return None
+        return max(_depth(s, n_layers) for s in self.capture)
+
+    def last_layer(self, n_layers: int) -> int:
+        """The last block the forward must run (n_layers means all, with the final norm)."""
+        if not self.stop_early or not self.capture:
+            return n_layers
+        layer, _ = self.deepest(n_layers)
+        return layer
+
+
+class Recorder:
+    """Applies a plan inside a forward pass (used while tracing; holds the captured values)."""
+
+    def __init__(self, plan: Plan, edit_params: dict[str, Any] | None):
+        self.plan = plan
+        self.edit_params = edit_params or {}
+        self._edits = dict(plan.edits)
+        self._capture = set(plan.capture)
+        self.captured: dict[str, jax.Array] = {}
+
+    def __call__(self, site: str, x: jax.Array) -> jax.Array:
+        fn = self._edits.get(site)
+        if fn is not None:
+            x = fn(x, self.edit_params.get(site))
+        if site in self._capture:
+            self.captured[site] = x
+        return x
+
+    def done(self) -> bool:
+        """True once every captured site has been recorded and the plan stops early."""
+        return self.plan.stop_early and bool(self._capture) and self._capture <= set(self.captured)
