@@ -70,8 +70,9 @@ class SyntheticConfig:
 class DataConfig:
     """Where training activations come from."""
 
-    source: Literal["npy", "synthetic"] = "synthetic"
-    """`npy`: an activation matrix [tokens, d_in] on disk (`path`); `synthetic`: toy superposition."""
+    source: Literal["npy", "synthetic", "model"] = "synthetic"
+    """`npy`: an activation matrix [tokens, d_in] on disk (`path`); `synthetic`: toy superposition;
+    `model`: live activations of `model` at `site` over `corpus`."""
     path: str | None = None
     """The `.npy` file of activations (source `npy`)."""
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
@@ -83,12 +84,24 @@ class DataConfig:
     eval_fraction: float = 0.02
     """Fraction of an `npy` file's rows held out for the final evaluation (the last rows)."""
     site: str | None = None
-    """Intercept site the activations were read at (for example `blocks.6.resid_post`)."""
+    """Intercept site the activations are read at (for example `blocks.15.resid_post`)."""
+    model: str = "smollm2-135m"
+    """Source `model`: a registry name, a .gguf file or an HF checkpoint directory."""
+    corpus: str = "shakespeare"
+    """Source `model`: `shakespeare`, a folder of .txt files, or a .jsonl file with a `text` field."""
+    context_length: int = 128
+    """Source `model`: tokens per context, BOS included."""
+    chunk_contexts: int = 64
+    """Source `model`: contexts per forward pass; their rows are shuffled together."""
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     """Parameters of the synthetic source."""
 
     def __post_init__(self) -> None:
-        _choice(self.source, "data.source", ("npy", "synthetic"))
+        _choice(self.source, "data.source", ("npy", "synthetic", "model"))
+        _check(self.context_length >= 2, "data.context_length", f"must be >= 2, got {self.context_length}")
+        _check(self.chunk_contexts >= 1, "data.chunk_contexts", f"must be >= 1, got {self.chunk_contexts}")
+        if self.source == "model":
+            _check(self.site is not None, "data.site", "required when data.source is 'model' (e.g. blocks.15.resid_post)")
         _choice(self.dtype, "data.dtype", ("auto", "float16", "bfloat16", "float32"))
         if self.source == "npy":
             _check(self.path is not None, "data.path", "required when data.source is 'npy'")
@@ -231,6 +244,8 @@ class OutputConfig:
     """Checkpoints kept on disk."""
     eval_tokens: int = 65536
     """Tokens in the final evaluation."""
+    ce_eval_contexts: int = 32
+    """Held-out contexts for the loss-recovered evaluation (data.source `model`)."""
     export_saelens: bool = True
     """Write `export/saelens/` (cfg.json, sae_weights.safetensors) at the end."""
     progress: bool = True

@@ -11,6 +11,10 @@ def make_source(cfg: Config) -> NpySource | SyntheticSource:
     """The training stream named by `cfg.data.source`."""
     if cfg.data.source == "npy":
         return NpySource(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    if cfg.data.source == "model":
+        from jaxinterp.data.activations import ModelSource
+
+        return ModelSource(cfg.data, cfg.train.batch_size, cfg.train.seed)
     return SyntheticSource(cfg.data.synthetic, cfg.train.batch_size, cfg.train.seed)
 
 

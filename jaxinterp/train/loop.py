@@ -158,6 +158,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
             spec,
             jax.device_get(state.dictionary),
             hook_name=hook_name_for_site(cfg.data.site),
+            model_name=cfg.data.model if cfg.data.source == "model" else "unknown",
             extra_metadata={"data_source": cfg.data.source},
         )
     return final
@@ -167,6 +168,9 @@ def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, so
     params = jax.device_get(state.dictionary)
     batches = source.eval_batches(cfg.output.eval_tokens, cfg.train.batch_size)
     result = evals.evaluate(spec, params, batches, true_directions=source.true_directions)
+    if getattr(source, "eval_contexts", None) is not None and cfg.data.site is not None:
+        ctx = source.eval_contexts[: cfg.output.ce_eval_contexts]
+        result |= evals.loss_recovered(source.model, spec, params, cfg.data.site, ctx)
     dead = np.asarray(jax.device_get(state.tokens_since_fired)) >= cfg.dictionary.dead_tokens
     return {
         "final": True,
@@ -178,5 +182,6 @@ def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, so
 
 
 def summary_line(final: dict) -> str:
-    keys = ["explained_variance", "mse", "cossim", "l2_ratio", "l0", "frac_alive", "dead_fraction", "mmcs"]
+    keys = ["ce_loss_score", "kl_div_score", "explained_variance", "mse", "cossim", "l2_ratio", "l0", "frac_alive",
+            "dead_fraction", "mmcs"]
     return "final: " + "  ".join(f"{k}={final[k]:.4g}" for k in keys if k in final)

@@ -1,0 +1,92 @@
+"""Live activations from a language model: corpus -> contexts -> forward stopped at the site.
+
+Axes: `N` contexts, `T` context length, `D` d_model.
+
+Contexts are visited in a seeded order (new each epoch), `chunk_contexts` at a time: the forward
+runs up to the site only, the BOS position is dropped, and the chunk's rows are shuffled across
+contexts (the mixing buffer) before being cut into batches. The state is (chunk, offset), and a
+chunk is a pure function of (seed, chunk), so a resumed run recomputes it and reads on exactly
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp.config import DataConfig
+from jaxinterp.data.corpus import corpus_documents, split_documents, token_contexts
+from jaxinterp.models import Plan, forward, load_model, parse_site
+
+
+def site_activations(model, contexts_nt: np.ndarray, site: str) -> np.ndarray:
+    """Activations [N * (T - 1), D] at `site` for every non-BOS position."""
+    res = forward(model, jnp.asarray(contexts_nt), plan=Plan(capture=(site,), stop_early=True))
+    acts = np.asarray(res.captured[site], np.float32)[:, 1:]
+    return acts.reshape(-1, acts.shape[-1])
+
+
+class ModelSource:
+    """Batches of a model's activations at `cfg.site` over `cfg.corpus`, resumable."""
+
+    host_side = False
+    """Batches come from an XLA program (the LM forward)."""
+
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, *, model=None, tokenizer=None):
+        if cfg.site is None:
+            raise ValueError("data.site: required for data.source 'model', for example blocks.15.resid_post")
+        if model is None:
+            model, tokenizer = load_model(cfg.model)
+        if tokenizer is None:
+            raise ValueError(f"data.model {cfg.model!r} has no tokenizer; use a GGUF file or a registry name")
+        parse_site(cfg.site, model.cfg.n_layers)
+        self.model, self.tokenizer, self.site = model, tokenizer, cfg.site
+        self.batch_size, self.seed, self.chunk_contexts = batch_size, seed, cfg.chunk_contexts
+        train_docs, eval_docs = split_documents(corpus_documents(cfg.corpus), cfg.eval_fraction)
+        self.train_contexts = token_contexts(train_docs, tokenizer, cfg.context_length)
+        self.eval_contexts = token_contexts(eval_docs or train_docs[-1:], tokenizer, cfg.context_length)
+        self.d_in = model.cfg.d_model
+        self.true_directions = None
+        n = len(self.train_contexts)
+        self._chunks_per_epoch = max(1, n // self.chunk_contexts)
+        self._chunk, self._offset, self._rows = 0, 0, None
+
+    def _chunk_rows(self, chunk: int) -> np.ndarray:
+        epoch, i = divmod(chunk, self._chunks_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_contexts))
+        picked = np.sort(order[i * self.chunk_contexts : (i + 1) * self.chunk_contexts])
+        rows = site_activations(self.model, self.train_contexts[picked], self.site)
+        return rows[np.random.default_rng([self.seed, epoch, i, 1]).permutation(len(rows))]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = self._chunk_rows(self._chunk)
+        if self._offset + self.batch_size > len(self._rows):
+            self._chunk, self._offset = self._chunk + 1, 0
+            self._rows = self._chunk_rows(self._chunk)
+            if len(self._rows) < self.batch_size:
+                raise ValueError(
+                    f"data.chunk_contexts={self.chunk_contexts} contexts give {len(self._rows)} rows, fewer than "
+                    f"train.batch_size={self.batch_size}; raise data.chunk_contexts"
+                )
+        batch = self._rows[self._offset : self._offset + self.batch_size]
+        self._offset += self.batch_size
+        return batch
+
+    def get_state(self) -> dict:
+        return {"chunk": self._chunk, "offset": self._offset}
+
+    def set_state(self, state: dict) -> None:
+        self._chunk, self._offset = int(state["chunk"]), int(state["offset"])
+        self._rows = None
+
+    def eval_batches(self, n_tokens: int, batch_size: int):
+        per = self.eval_contexts.shape[1] - 1
+        n_ctx = max(1, min(len(self.eval_contexts), -(-n_tokens // per)))
+        for s in range(0, n_ctx, self.chunk_contexts):
+            rows = site_activations(self.model, self.eval_contexts[s : min(s + self.chunk_contexts, n_ctx)], self.site)
+            for r in range(0, len(rows), batch_size):
+                yield rows[r : r + batch_size]
