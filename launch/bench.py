@@ -25,6 +25,12 @@ def _train(args) -> dict:
     return res, train_throughput.format_human
 
 
+def _harvest(args):
+    from jaxinterp.benchmarks import harvest
+
+    return harvest.run(model=args.model, site=args.site, contexts=args.contexts), harvest.format_human
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
@@ -32,10 +38,14 @@ def main() -> int:
     t.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
     t.add_argument("--compare", choices=["sparsify"], help="run the same work through EleutherAI's sparsify")
     t.add_argument("--sparsify-python", help="python of an environment where sparsify is installed")
-    for p in (t,):
+    h = sub.add_parser("harvest", help="activations/s up to a site vs the full forward; forward tokens/s at batch 1, 16")
+    h.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF directory")
+    h.add_argument("--site", default="blocks.15.resid_post")
+    h.add_argument("--contexts", type=int, default=32, help="contexts of 128 tokens per timed call")
+    for p in (t, h):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    res, fmt = {"train": _train}[args.area](args)
+    res, fmt = {"train": _train, "harvest": _harvest}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 
