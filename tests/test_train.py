@@ -65,14 +65,19 @@ def test_sharded_step_matches_single_device(tmp_path, activation):
         assert m_many[name] == pytest.approx(m_one[name], rel=1e-5, abs=1e-6), name
 
 
-def test_sharded_step_shards_params_and_batch(tmp_path):
-    cfg = tiny_config(tmp_path, mesh={"data": 4, "model": 2})
+def _placed(cfg):
+    """(source, first batch, spec, placed state, step fns) for `cfg`, initialised from its first batch."""
     src = make_source(cfg)
     x = np.asarray(next(src))
     spec = make_spec(cfg, x.shape[1])
     state = init_state(cfg, spec, [x])
     fns = build_step(cfg, spec, make_mesh(cfg.mesh), state)
-    state = place_state(state, fns)
+    return src, x, spec, place_state(state, fns), fns
+
+
+def test_sharded_step_shards_params_and_batch(tmp_path):
+    cfg = tiny_config(tmp_path, mesh={"data": 4, "model": 2})
+    src, x, spec, state, fns = _placed(cfg)
     # d_sae (64) over model=2: each W_enc shard holds half of the features
     shard_shapes = {s.data.shape for s in state.params["W_enc"].addressable_shards}
     assert shard_shapes == {(spec.d_in, spec.d_sae // 2)}
@@ -143,12 +148,7 @@ def test_tokens_since_fired_counts_unfired_features(tmp_path):
     # 512 features for 16 true directions in 16 dims: many features never make a row's top 4.
     cfg = tiny_config(tmp_path, data={"synthetic": {"n_features": 16}}, dictionary={"d_sae": 512},
                       mesh={"data": 2, "model": 1})
-    src = make_source(cfg)
-    x0 = np.asarray(next(src))
-    spec = make_spec(cfg, x0.shape[1])
-    state = init_state(cfg, spec, [x0])
-    fns = build_step(cfg, spec, make_mesh(cfg.mesh), state)
-    state = place_state(state, fns)
+    src, x0, spec, state, fns = _placed(cfg)
     batch = cfg.train.batch_size
     n_steps = 8
     for _ in range(n_steps):

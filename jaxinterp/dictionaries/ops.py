@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 DATA, MODEL = "data", "model"
 
 
-def _mesh_axis_size(name: str) -> int:
+def mesh_axis_size(name: str) -> int:
+    """Size of mesh axis `name` in the abstract mesh in scope (1 when absent)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or name not in mesh.axis_names:
         return 1
@@ -32,7 +33,7 @@ def topk(x_bf: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     at once; left to itself, XLA's partitioner gathers the operand first (on a 2-device CPU mesh
     that makes top-k 2.5x slower than the explicit local selection).
     """
-    n_model, n_data = _mesh_axis_size(MODEL), _mesh_axis_size(DATA)
+    n_model, n_data = mesh_axis_size(MODEL), mesh_axis_size(DATA)
     if n_model * n_data == 1 or x_bf.ndim != 2:
         return lax.top_k(x_bf, k)
     data = DATA if n_data > 1 and x_bf.shape[0] % n_data == 0 else None
@@ -63,7 +64,7 @@ def kth_largest(x_bf: jax.Array, m: int) -> jax.Array:
     the counts are summed, so nothing is gathered; a sort or a flat top-m would cost far more when
     m = k * B runs into the hundreds of thousands.
     """
-    n_model, n_data = _mesh_axis_size(MODEL), _mesh_axis_size(DATA)
+    n_model, n_data = mesh_axis_size(MODEL), mesh_axis_size(DATA)
     sharded = n_model * n_data > 1 and x_bf.shape[0] % n_data == 0 and x_bf.shape[1] % n_model == 0
     if not sharded:
         return _bisect_kth(x_bf, m, lambda c: c)

@@ -70,11 +70,9 @@ def _gather_dot_local(rows_bd, idx_bk, table_fd):
 
 
 def _mesh_split(n_rows: int, n_features: int) -> tuple[str | None, str | None]:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not {"data", "model"} <= set(mesh.axis_names):
-        return None, None
-    data = "data" if mesh.shape["data"] > 1 and n_rows % mesh.shape["data"] == 0 else None
-    model = "model" if mesh.shape["model"] > 1 and n_features % mesh.shape["model"] == 0 else None
+    n_data, n_model = ops.mesh_axis_size(ops.DATA), ops.mesh_axis_size(ops.MODEL)
+    data = ops.DATA if n_data > 1 and n_rows % n_data == 0 else None
+    model = ops.MODEL if n_model > 1 and n_features % n_model == 0 else None
     return data, model
 
 
@@ -106,7 +104,7 @@ def scatter_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, rows_bd: jax.Array
     data, model = _mesh_split(vals_bk.shape[0], n_rows)
     if data is None and model is None:
         return _scatter_accumulate_local(vals_bk, idx_bk, rows_bd, n_rows)
-    f_local = n_rows // (jax.sharding.get_abstract_mesh().shape["model"] if model else 1)
+    f_local = n_rows // ops.mesh_axis_size(ops.MODEL) if model else n_rows
 
     def local(v, i, r):
         i, v = _local_ids(i, v, f_local, model)
