@@ -1,5 +1,6 @@
-"""Llama parity with transformers: a tiny random LlamaForCausalLM saved as safetensors, loaded here,
-compared logit by logit and at every intercept site with transformers' hidden states (float32)."""
+"""Parity with transformers for each family: a tiny random model saved as safetensors, loaded here,
+compared logit by logit and at every intercept site with transformers' hidden states and module
+outputs (float32, max abs difference <= 1e-4)."""
 
 from __future__ import annotations
 
@@ -11,29 +12,59 @@ transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
+from jaxinterp.models import decoder as decoder_mod  # noqa: E402
+from jaxinterp.models.decoder import forward  # noqa: E402
 from jaxinterp.models.hf import CheckpointError, load_hf  # noqa: E402
 from jaxinterp.models.intercept import POINTS, Plan, SiteError  # noqa: E402
-from jaxinterp.models.llama import forward  # noqa: E402
+from jaxinterp.models.registry import load_model  # noqa: E402
 
 TOL = 1e-4
+VOCAB = 97
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
-def tiny_llama(request, tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+def _llama(tied: bool):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=request.param, attention_bias=False,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norms
+        tie_word_embeddings=tied, attention_bias=False))
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=False))
+
+
+def _gemma2():
+    # A 4-token sliding window on alternate layers, so that the 11-token inputs exercise it.
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
+        sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0,
+        attn_implementation="eager"))
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64, attn_implementation="eager"))
+
+
+FAMILIES = {"llama-tied": lambda: _llama(True), "llama-untied": lambda: _llama(False), "qwen2": _qwen2,
+            "gemma2": _gemma2, "gpt2": _gpt2}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = FAMILIES[request.param]().eval()
+    with torch.no_grad():  # non-trivial norms and biases
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("llama") / "ckpt"
+    path = tmp_path_factory.mktemp(request.param) / "ckpt"
     model.save_pretrained(path, safe_serialization=True)
-    return model, path
+    return request.param, model, path
 
 
 def _hf_run(model, tokens):
@@ -42,58 +73,84 @@ def _hf_run(model, tokens):
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
 
 
-def test_logits_and_residual_sites_match_transformers(tiny_llama):
-    hf_model, path = tiny_llama
+def _layers(hf_model):
+    return hf_model.transformer.h if hasattr(hf_model, "transformer") else hf_model.model.layers
+
+
+def test_logits_and_residual_sites_match_transformers(tiny):
+    family, hf_model, path = tiny
     model = load_hf(path)
-    tokens = np.random.default_rng(0).integers(0, 97, size=(2, 11))
+    assert model.cfg.family == family.split("-")[0]
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 11))
     logits, hidden = _hf_run(hf_model, tokens)
     n = model.cfg.n_layers
-    sites = ("embed", *(f"blocks.{i}.resid_post" for i in range(n)), *(f"blocks.{i}.{p}" for i in range(n) for p in POINTS))
-    res = forward(model, jnp.asarray(tokens), plan=Plan(capture=tuple(dict.fromkeys(sites))))
+    sites = ("embed", "final", *(f"blocks.{i}.{p}" for i in range(n) for p in POINTS))
+    res = forward(model, jnp.asarray(tokens), plan=Plan(capture=sites))
     np.testing.assert_allclose(np.asarray(res.logits), logits, atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(res.captured["embed"]), hidden[0], atol=TOL, rtol=0)
     for i in range(n - 1):  # transformers' last hidden state is after the final norm
         np.testing.assert_allclose(np.asarray(res.captured[f"blocks.{i}.resid_post"]), hidden[i + 1], atol=TOL, rtol=0)
         np.testing.assert_allclose(np.asarray(res.captured[f"blocks.{i + 1}.resid_pre"]), hidden[i + 1], atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(res.captured["final"]), hidden[n], atol=TOL, rtol=0)
     for i in range(n):  # the decomposition of each block holds
         c = {p: np.asarray(res.captured[f"blocks.{i}.{p}"]) for p in POINTS}
         np.testing.assert_allclose(c["resid_mid"], c["resid_pre"] + c["attn_out"], atol=TOL)
         np.testing.assert_allclose(c["resid_post"], c["resid_mid"] + c["mlp_out"], atol=TOL)
 
 
-def test_attention_and_mlp_sites_match_transformers_modules(tiny_llama):
-    hf_model, path = tiny_llama
+def test_attention_and_mlp_sites_match_transformers_modules(tiny):
+    """attn_out / mlp_out are what each block adds to the residual (after Gemma 2's post-norms);
+    mlp_in is the MLP's normalised input."""
+    family, hf_model, path = tiny
     model = load_hf(path)
-    tokens = np.random.default_rng(1).integers(0, 97, size=(1, 9))
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(1, 9))
     grabbed = {}
+
+    def put(site):
+        return lambda m, a, o: grabbed.__setitem__(site, (o[0] if isinstance(o, tuple) else o).numpy())
+
     hooks = []
-    for i, layer in enumerate(hf_model.model.layers):
-        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, o, i=i: grabbed.__setitem__(f"blocks.{i}.attn_out", o[0].numpy())))
-        hooks.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: grabbed.__setitem__(f"blocks.{i}.mlp_out", o.numpy())))
+    for i, layer in enumerate(_layers(hf_model)):
+        if family == "gemma2":
+            attn, mlp = layer.post_attention_layernorm, layer.post_feedforward_layernorm
+        else:
+            attn, mlp = (layer.attn, layer.mlp) if family == "gpt2" else (layer.self_attn, layer.mlp)
+        hooks.append(attn.register_forward_hook(put(f"blocks.{i}.attn_out")))
+        hooks.append(mlp.register_forward_hook(put(f"blocks.{i}.mlp_out")))
         hooks.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: grabbed.__setitem__(f"blocks.{i}.mlp_in", a[0].numpy())))
     _hf_run(hf_model, tokens)
     for h in hooks:
         h.remove()
+    assert len(grabbed) == 3 * model.cfg.n_layers
     res = forward(model, jnp.asarray(tokens), plan=Plan(capture=tuple(grabbed)))
     for site, want in grabbed.items():
         np.testing.assert_allclose(np.asarray(res.captured[site]), want, atol=TOL, rtol=0, err_msg=site)
 
 
-def test_left_padding_matches_unpadded_rows(tiny_llama):
-    _, path = tiny_llama
+def test_left_padding_matches_unpadded_rows(tiny):
+    _, _, path = tiny
     model = load_hf(path)
-    row = np.array([[5, 17, 3, 44, 9]])
-    padded = np.array([[0, 0, 5, 17, 3, 44, 9]])
-    mask = np.array([[0, 0, 1, 1, 1, 1, 1]])
+    row = np.array([[5, 17, 3, 44, 9, 12, 60]])
+    padded = np.array([[0, 0, 5, 17, 3, 44, 9, 12, 60]])
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1]])
     a = forward(model, jnp.asarray(row)).logits
     b = forward(model, jnp.asarray(padded), attention_mask=jnp.asarray(mask)).logits
     np.testing.assert_allclose(np.asarray(b)[:, 2:], np.asarray(a), atol=TOL)
 
 
-def test_stop_early_returns_same_site_and_no_logits(tiny_llama):
-    _, path = tiny_llama
+def test_gemma2_sliding_window_is_on_alternate_layers(tiny):
+    family, hf_model, path = tiny
+    if family != "gemma2":
+        pytest.skip("Gemma 2 only")
     model = load_hf(path)
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 97, size=(2, 6)))
+    assert model.cfg.windows == tuple(4 if t == "sliding_attention" else None for t in hf_model.config.layer_types)
+    assert 4 in model.cfg.windows and None in model.cfg.windows
+
+
+def test_stop_early_returns_same_site_and_no_logits(tiny):
+    _, _, path = tiny
+    model = load_hf(path)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, VOCAB, size=(2, 6)))
     full = forward(model, tokens, plan=Plan(capture=("blocks.0.resid_post",)))
     early = forward(model, tokens, plan=Plan(capture=("blocks.0.resid_post",), stop_early=True))
     assert early.logits is None
@@ -101,27 +158,42 @@ def test_stop_early_returns_same_site_and_no_logits(tiny_llama):
                                   np.asarray(full.captured["blocks.0.resid_post"]))
 
 
-def test_edit_params_are_data(tiny_llama):
+def test_edit_params_are_data(tiny):
     """An edit at one site changes later sites by exactly its effect; new values do not recompile."""
-    from jaxinterp.models import llama as llama_mod
-
-    _, path = tiny_llama
+    _, _, path = tiny
     model = load_hf(path)
-    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, size=(1, 5)))
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, size=(1, 5)))
     plan = Plan(capture=("blocks.0.resid_post", "blocks.1.resid_pre"),
                 edits=(("blocks.0.resid_post", lambda x, p: x + p["v"]),))
-    before = llama_mod._forward._cache_size()
+    before = decoder_mod._forward._cache_size()
     outs = []
     for s in (0.0, 1.0, 2.0):
         v = jnp.full((model.cfg.d_model,), s, jnp.float32)
         outs.append(forward(model, tokens, plan=plan, edit_params={"blocks.0.resid_post": {"v": v}}))
-    assert llama_mod._forward._cache_size() - before == 1
+    assert decoder_mod._forward._cache_size() - before == 1
     np.testing.assert_allclose(np.asarray(outs[2].captured["blocks.1.resid_pre"] - outs[0].captured["blocks.1.resid_pre"]),
                                2.0, atol=1e-5)
 
 
-def test_bad_sites_and_checkpoints(tiny_llama, tmp_path):
-    _, path = tiny_llama
+def test_hf_tokenizer_json_is_loaded(tmp_path, tiny):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, _, path = tiny
+    d = tmp_path / "with_tok"
+    d.mkdir()
+    for f in path.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
+    tok = Tokenizer(models.WordLevel({**vocab, "[UNK]": 26}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.save(str(d / "tokenizer.json"))
+    model, ours = load_model(str(d))
+    assert ours is not None and ours.encode("cab", add_bos=False) == [2, 0, 1]
+    assert ours.encode("cab")[0] == (model.cfg.bos_id if model.cfg.bos_id is not None else model.cfg.eos_id)
+
+
+def test_bad_sites_and_checkpoints(tiny, tmp_path):
+    _, _, path = tiny
     model = load_hf(path)
     tokens = jnp.zeros((1, 3), jnp.int32)
     with pytest.raises(SiteError, match="out of range"):
@@ -139,3 +211,46 @@ def test_bad_sites_and_checkpoints(tiny_llama, tmp_path):
     (bad / "config.json").write_text('{"architectures": ["BertModel"]}')
     with pytest.raises(CheckpointError, match="not supported"):
         load_hf(bad)
+
+
+def test_placed_on_a_mesh_with_declared_shardings(tiny):
+    """On a (data 2, model 4) mesh: heads, MLP units and vocabulary split over `model`; the forward
+    of the placed model, with the batch split over `data`, equals the one-device forward."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxinterp.config import MeshConfig
+    from jaxinterp.models.placement import shardings_of
+    from jaxinterp.train.sharding import make_mesh
+
+    _, _, path = tiny
+    mesh = make_mesh(MeshConfig(data=2, model=4))
+    ref_model, _ = load_model(str(path))
+    model, _ = load_model(str(path), mesh=mesh)
+    got = shardings_of(model)
+
+    def is_(name, spec):
+        return got[name].is_equivalent_to(NamedSharding(mesh, spec), model_ndim[name])
+
+    model_ndim = {"layers.0.wq": 2, "layers.0.w_down": 2, "layers.0.wo": 2, "embed": 2}
+    assert is_("layers.0.wq", P(None, "model")) and is_("layers.0.w_down", P("model", None))
+    assert is_("layers.0.wo", P("model", None)) and is_("embed", P())  # 97 rows do not split 4 ways
+    assert all(len(s.device_set) == 8 for s in got.values())
+    tokens = np.random.default_rng(4).integers(0, VOCAB, size=(4, 8))
+    want = forward(ref_model, jnp.asarray(tokens)).logits
+    placed = jax.device_put(jnp.asarray(tokens, jnp.int32), NamedSharding(mesh, P("data", None)))
+    res = forward(model, placed, plan=Plan(capture=("blocks.1.mlp_out",)))
+    np.testing.assert_allclose(np.asarray(res.logits), np.asarray(want), atol=TOL, rtol=0)
+
+
+def test_bfloat16_on_request(tiny):
+    _, _, path = tiny
+    model, _ = load_model(str(path), dtype=jnp.bfloat16)
+    assert model.blocks[0].wq[...].dtype == jnp.bfloat16
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, VOCAB, size=(1, 8)))
+    ref = forward(load_hf(path), tokens).logits
+    got = forward(model, tokens).logits
+    assert got.dtype == jnp.float32 and float(jnp.abs(got - ref).max()) < 0.1 * float(jnp.abs(ref).max()) + 0.05
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        load_model(str(path), dtype=jnp.float16)

@@ -1,7 +1,10 @@
 """Hugging Face checkpoint directories: config.json + *.safetensors (with or without an index).
 
-Llama-family architectures (`LlamaForCausalLM`, and Qwen2/Mistral-style checkpoints without biases)
-load into `jaxinterp.models.llama.Llama` with the HF rotary layout (`half`).
+Architectures: Llama (`LlamaForCausalLM`, `MistralForCausalLM`), Qwen2 (`Qwen2ForCausalLM`),
+Gemma 2 (`Gemma2ForCausalLM`) and GPT-2 (`GPT2LMHeadModel`), all loaded into
+`jaxinterp.models.decoder.Decoder` with the HF rotary layout (`half`). Linear weights are transposed
+to [in, out]; GPT-2's Conv1D weights already are; its fused c_attn is split into q, k, v; Gemma's
+RMSNorm weights w are stored as 1 + w (Gemma normalises by (1 + w)).
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.models.llama import Llama, LlamaConfig, load_weights
-
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+from jaxinterp.models.decoder import Decoder, DecoderConfig, load_weights
 
 
 class CheckpointError(ValueError):
@@ -54,59 +55,172 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def llama_config(hf: dict) -> LlamaConfig:
-    arch = (hf.get("architectures") or ["?"])[0]
-    if arch not in SUPPORTED:
-        raise CheckpointError(f"architecture {arch!r} is not supported yet; supported: {', '.join(SUPPORTED)}")
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def _windows(hf: dict) -> tuple[int | None, ...] | None:
+    types, window = hf.get("layer_types"), hf.get("sliding_window")
+    if not types or window is None or "sliding_attention" not in types:
+        return None
+    return tuple(int(window) if t == "sliding_attention" else None for t in types)
+
+
+def _common(hf: dict) -> dict:
     n_heads = hf["num_attention_heads"]
-    return LlamaConfig(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads", n_heads),
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        d_ff=hf["intermediate_size"],
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        rope_layout="half",
-        bos_id=hf.get("bos_token_id"),
-        eos_id=hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0],
-        pad_id=hf.get("pad_token_id"),
+    if hf.get("rope_scaling") not in (None, {}) and (hf["rope_scaling"].get("rope_type") or "default") != "default":
+        raise CheckpointError(f"rope_scaling {hf['rope_scaling']} is not supported; use a checkpoint without rope scaling")
+    return dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
+        rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), bos_id=_first(hf.get("bos_token_id")),
+        eos_id=_first(hf.get("eos_token_id")), pad_id=hf.get("pad_token_id"), windows=_windows(hf),
     )
 
 
-def llama_weights(t: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
-    """HF tensor names ([out, in] linears) -> our names ([in, out])."""
-    w = {"embed": t["model.embed_tokens.weight"], "final_norm": t["model.norm.weight"]}
+def _llama(hf: dict) -> DecoderConfig:
+    if hf.get("mlp_bias") or hf.get("attention_bias"):
+        raise CheckpointError("Llama checkpoints with attention_bias or mlp_bias are not supported")
+    return DecoderConfig(**_common(hf), family="llama", tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def _qwen2(hf: dict) -> DecoderConfig:
+    return DecoderConfig(**_common(hf), family="qwen2", qkv_bias=True,
+                         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def _gemma2(hf: dict) -> DecoderConfig:
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu"):
+        raise CheckpointError(f"Gemma 2 activation {act!r} is not supported; expected gelu_pytorch_tanh")
+    return DecoderConfig(
+        **_common(hf), family="gemma2", activation="gelu" if act == "gelu" else "gelu_tanh", post_norms=True,
+        embed_scale=float(hf["hidden_size"]) ** 0.5, attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+        attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
+def _gpt2(hf: dict) -> DecoderConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise CheckpointError(f"GPT-2 activation {act!r} is not supported; expected gelu_new")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise CheckpointError("GPT-2 checkpoints with non-standard attention scaling are not supported")
+    d, h = hf["n_embd"], hf["n_head"]
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=h, n_kv_heads=h, head_dim=d // h,
+        d_ff=hf.get("n_inner") or 4 * d, family="gpt2", norm="layer", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        positions="learned", max_positions=hf["n_positions"], qkv_bias=True, out_bias=True, mlp="plain",
+        activation="gelu" if act == "gelu" else "gelu_tanh", tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"), pad_id=hf.get("pad_token_id"),
+    )
+
+
+def _rope_family_weights(t: dict[str, np.ndarray], cfg: DecoderConfig) -> dict[str, np.ndarray]:
+    """Llama / Qwen2 / Gemma 2 tensor names ([out, in] linears) -> ours ([in, out])."""
+    norm = (lambda w: w.astype(np.float32) + 1.0) if cfg.family == "gemma2" else (lambda w: w)
+    w = {"embed": t["model.embed_tokens.weight"], "final_norm.weight": norm(t["model.norm.weight"])}
     if not cfg.tie_embeddings:
         w["lm_head"] = t["lm_head.weight"].T
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
+        p, o = f"model.layers.{i}.", f"layers.{i}."
         w |= {
-            f"layers.{i}.attn_norm": t[p + "input_layernorm.weight"],
-            f"layers.{i}.wq": t[p + "self_attn.q_proj.weight"].T,
-            f"layers.{i}.wk": t[p + "self_attn.k_proj.weight"].T,
-            f"layers.{i}.wv": t[p + "self_attn.v_proj.weight"].T,
-            f"layers.{i}.wo": t[p + "self_attn.o_proj.weight"].T,
-            f"layers.{i}.mlp_norm": t[p + "post_attention_layernorm.weight"],
-            f"layers.{i}.w_gate": t[p + "mlp.gate_proj.weight"].T,
-            f"layers.{i}.w_up": t[p + "mlp.up_proj.weight"].T,
-            f"layers.{i}.w_down": t[p + "mlp.down_proj.weight"].T,
+            o + "wq": t[p + "self_attn.q_proj.weight"].T,
+            o + "wk": t[p + "self_attn.k_proj.weight"].T,
+            o + "wv": t[p + "self_attn.v_proj.weight"].T,
+            o + "wo": t[p + "self_attn.o_proj.weight"].T,
+            o + "w_gate": t[p + "mlp.gate_proj.weight"].T,
+            o + "w_up": t[p + "mlp.up_proj.weight"].T,
+            o + "w_down": t[p + "mlp.down_proj.weight"].T,
+            o + "attn_norm.weight": norm(t[p + "input_layernorm.weight"]),
+        }
+        if cfg.qkv_bias:
+            w |= {o + "bq": t[p + "self_attn.q_proj.bias"], o + "bk": t[p + "self_attn.k_proj.bias"],
+                  o + "bv": t[p + "self_attn.v_proj.bias"]}
+        if cfg.post_norms:
+            w |= {o + "post_attn_norm.weight": norm(t[p + "post_attention_layernorm.weight"]),
+                  o + "mlp_norm.weight": norm(t[p + "pre_feedforward_layernorm.weight"]),
+                  o + "post_mlp_norm.weight": norm(t[p + "post_feedforward_layernorm.weight"])}
+        else:
+            w[o + "mlp_norm.weight"] = t[p + "post_attention_layernorm.weight"]
+    return w
+
+
+def _gpt2_weights(t: dict[str, np.ndarray], cfg: DecoderConfig) -> dict[str, np.ndarray]:
+    """GPT-2 names (Conv1D weights already [in, out]; fused c_attn) -> ours."""
+    pre = "transformer." if "transformer.wte.weight" in t else ""
+    d = cfg.d_model
+    w = {"embed": t[pre + "wte.weight"], "pos_embed": t[pre + "wpe.weight"],
+         "final_norm.weight": t[pre + "ln_f.weight"], "final_norm.bias": t[pre + "ln_f.bias"]}
+    if not cfg.tie_embeddings:
+        w["lm_head"] = t["lm_head.weight"].T
+    for i in range(cfg.n_layers):
+        p, o = f"{pre}h.{i}.", f"layers.{i}."
+        qkv_w, qkv_b = t[p + "attn.c_attn.weight"], t[p + "attn.c_attn.bias"]
+        w |= {
+            o + "wq": qkv_w[:, :d], o + "wk": qkv_w[:, d : 2 * d], o + "wv": qkv_w[:, 2 * d :],
+            o + "bq": qkv_b[:d], o + "bk": qkv_b[d : 2 * d], o + "bv": qkv_b[2 * d :],
+            o + "wo": t[p + "attn.c_proj.weight"], o + "bo": t[p + "attn.c_proj.bias"],
+            o + "w_up": t[p + "mlp.c_fc.weight"], o + "b_up": t[p + "mlp.c_fc.bias"],
+            o + "w_down": t[p + "mlp.c_proj.weight"], o + "b_down": t[p + "mlp.c_proj.bias"],
+            o + "attn_norm.weight": t[p + "ln_1.weight"], o + "attn_norm.bias": t[p + "ln_1.bias"],
+            o + "mlp_norm.weight": t[p + "ln_2.weight"], o + "mlp_norm.bias": t[p + "ln_2.bias"],
         }
     return w
 
 
-def load_hf(directory: str | Path, *, dtype=jnp.float32) -> Llama:
-    """A Llama-family model from an HF checkpoint directory."""
+ARCHITECTURES = {
+    "LlamaForCausalLM": (_llama, _rope_family_weights),
+    "MistralForCausalLM": (_llama, _rope_family_weights),
+    "Qwen2ForCausalLM": (_qwen2, _rope_family_weights),
+    "Gemma2ForCausalLM": (_gemma2, _rope_family_weights),
+    "GPT2LMHeadModel": (_gpt2, _gpt2_weights),
+}
+
+
+def hf_config(hf: dict) -> DecoderConfig:
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    try:
+        return ARCHITECTURES[arch][0](hf)
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks {e.args[0]!r}, which {arch} needs; re-save the checkpoint") from None
+
+
+def load_hf_tokenizer(directory: str | Path, cfg: DecoderConfig):
+    """The checkpoint's `tokenizer.json` as a `Tokenizer` (BOS/EOS from config.json), or None."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from jaxinterp.models.gguf import Tokenizer
+
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers package raises a bare Exception on bad JSON
+        raise CheckpointError(f"{path} is not a readable tokenizer.json ({e}); re-save the tokenizer") from None
+    bos = cfg.bos_id if cfg.bos_id is not None else cfg.eos_id
+    return Tokenizer(tok, bos_id=bos, eos_id=cfg.eos_id, pad_id=cfg.pad_id, vocab_size=tok.get_vocab_size())
+
+
+def load_hf(directory: str | Path, *, dtype=jnp.float32) -> Decoder:
+    """A model from an HF checkpoint directory."""
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{d} is not a directory; pass an HF checkpoint directory (config.json + *.safetensors)")
-    cfg = llama_config(_read_config(d))
+    hf = _read_config(d)
+    cfg = hf_config(hf)
     tensors = _read_tensors(d)
     try:
-        weights = llama_weights(tensors, cfg)
+        weights = ARCHITECTURES[hf["architectures"][0]][1](tensors, cfg)
     except KeyError as e:
         raise CheckpointError(f"{d}: tensor {e.args[0]!r} missing; the checkpoint does not match its config.json") from None
-    return load_weights(Llama(cfg, dtype=dtype), weights)
+    try:
+        return load_weights(Decoder(cfg, dtype=dtype), weights)
+    except ValueError as e:
+        raise CheckpointError(f"{d}: {e}") from None

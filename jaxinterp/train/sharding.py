@@ -1,7 +1,7 @@
-"""The device mesh and the one table that maps logical axis names onto it.
+"""The device mesh, and the logical axes of a dictionary's parameters.
 
-Parameters carry logical axes (`PARAM_AXES`); `LOGICAL_RULES` maps each logical axis to a mesh axis
-(`data`, `model`) or to None (replicated). Optimizer state and any pytree that mirrors the
+Parameters carry logical axes (`PARAM_AXES`); `jaxinterp.sharding.LOGICAL_RULES` maps each logical
+axis to a mesh axis (`data`, `model`) or to None (replicated). Optimizer state and any pytree that mirrors the
 parameters get the same shardings by matching the parameter name in their tree path.
 """
 
@@ -15,13 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinterp.config import ConfigError, MeshConfig
-
-LOGICAL_RULES: dict[str, str | None] = {
-    "batch": "data",
-    "d_sae": "model",
-    "d_model": None,
-    "layer": None,
-}
+from jaxinterp.sharding import LOGICAL_RULES, named
 
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "W_enc": ("d_model", "d_sae"),
@@ -53,25 +47,6 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
         )
     grid = np.array(devices[: data * model]).reshape(data, model)
     return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
-
-
-def logical_spec(axes: tuple[str | None, ...]) -> P:
-    return P(*(LOGICAL_RULES.get(a) if a else None for a in axes))
-
-
-def _fits(mesh: Mesh, shape: tuple[int, ...], spec: P) -> bool:
-    for dim, ax in zip(shape, spec):
-        if ax is not None and dim % mesh.shape[ax]:
-            return False
-    return True
-
-
-def named(mesh: Mesh, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
-    """Sharding of an array with logical `axes`; replicated where a dimension does not divide."""
-    spec = logical_spec(axes)
-    if len(spec) != len(shape) or not _fits(mesh, shape, spec):
-        spec = P()
-    return NamedSharding(mesh, spec)
 
 
 def _param_name(path) -> str | None:
