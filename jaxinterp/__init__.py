@@ -1,3 +1,12 @@
 """jaxinterp: sparse dictionaries for mechanistic interpretability, in JAX."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `jaxinterp.generate(...)` without importing JAX when only the config or CLI is needed.
+    if name in ("generate", "Sampling", "GenerateResult"):
+        from jaxinterp import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module 'jaxinterp' has no attribute {name!r}")

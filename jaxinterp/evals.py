@@ -126,7 +126,7 @@ def splice_fn(spec: dl.DictionarySpec):
 
     Cached per spec, so a `Plan` holding it stays the same static value and never recompiles."""
 
-    def splice(x_btd, params):
+    def splice(x_btd, params, _positions_bt):
         b, t, d = x_btd.shape
         recon = dl.reconstruct(spec, params, x_btd.reshape(-1, d)).reshape(b, t, d).astype(x_btd.dtype)
         return x_btd.at[:, 1:].set(recon[:, 1:])
@@ -134,7 +134,7 @@ def splice_fn(spec: dl.DictionarySpec):
     return splice
 
 
-def _zero_ablate(x_btd, _params):
+def _zero_ablate(x_btd, _params, _positions_bt):
     return x_btd.at[:, 1:].set(0.0)
 
 

@@ -164,7 +164,7 @@ def test_edit_params_are_data(tiny):
     model = load_hf(path)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, size=(1, 5)))
     plan = Plan(capture=("blocks.0.resid_post", "blocks.1.resid_pre"),
-                edits=(("blocks.0.resid_post", lambda x, p: x + p["v"]),))
+                edits=(("blocks.0.resid_post", lambda x, p, pos: x + p["v"]),))
     before = decoder_mod._forward._cache_size()
     outs = []
     for s in (0.0, 1.0, 2.0):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinterp.models.intercept import Plan, Recorder
+from jaxinterp.models.kvcache import CacheWriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +236,13 @@ class Decoder(nnx.Module):
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return softcap((x_btd @ head).astype(jnp.float32), self.cfg.final_softcap)
 
-    def __call__(self, tokens_bt, positions_bt, mask_btt, rec: Recorder) -> jax.Array | None:
+    def __call__(self, tokens_bt, positions_bt, mask_bts, rec: Recorder,
+                 cache: CacheWriter | None = None) -> jax.Array | None:
+        """Logits [B, T, V] (None when the plan stops early). Without a cache, queries attend over
+        the same T positions (`mask_bts` is [B, T, T]); with one, this forward's keys/values are
+        written into it and queries attend over all its slots (`mask_bts` is `cache.mask_bts`)."""
         cfg = self.cfg
+        kpos_bs = positions_bt if cache is None else cache.pos
         x = rec("embed", self.embed_tokens(tokens_bt, positions_bt))
         last = rec.plan.last_layer(cfg.n_layers)
         for i, blk in enumerate(self.blocks):
@@ -246,7 +252,9 @@ class Decoder(nnx.Module):
             if rec.done():
                 return None
             q, k, v = blk.qkv(cfg, blk.attn_norm(x), positions_bt)
-            mask = layer_mask(cfg, i, mask_btt, positions_bt, positions_bt)
+            if cache is not None:
+                k, v = cache.write(i, k, v)
+            mask = layer_mask(cfg, i, mask_bts, positions_bt, kpos_bs)
             attn = rec(f"blocks.{i}.attn_out", blk.attend(cfg, q, k, v, mask))
             x = rec(f"blocks.{i}.resid_mid", x + attn)
             if rec.done():
@@ -277,8 +285,9 @@ def positions_of(attention_mask_bt: jax.Array) -> jax.Array:
 @partial(jax.jit, static_argnames=("graphdef", "plan"))
 def _forward(graphdef, state, tokens_bt, attention_mask_bt, edit_params, plan: Plan) -> ForwardResult:
     model = nnx.merge(graphdef, state)
-    rec = Recorder(plan, edit_params)
-    logits = model(tokens_bt, positions_of(attention_mask_bt), causal_mask(attention_mask_bt), rec)
+    positions = positions_of(attention_mask_bt)
+    rec = Recorder(plan, edit_params, positions)
+    logits = model(tokens_bt, positions, causal_mask(attention_mask_bt), rec)
     return ForwardResult(logits=logits, captured=rec.captured)
 
 

@@ -21,8 +21,9 @@ import jax
 POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 """Per-block sites, in the order the forward reaches them. mlp_in is the MLP's normalised input."""
 
-EditFn = Callable[[jax.Array, Any], jax.Array]
-"""`fn(x_btd, params) -> x_btd`: rewrites a site's value; `params` is the site's pytree of arrays."""
+EditFn = Callable[[jax.Array, Any, jax.Array], jax.Array]
+"""`fn(x_btd, params, positions_bt) -> x_btd`: rewrites a site's value; `params` is the site's pytree
+of arrays, `positions_bt` [B, T] the token positions (for edits confined to a window)."""
 
 
 class SiteError(ValueError):
@@ -64,7 +65,7 @@ class Plan:
     capture: tuple[str, ...] = ()
     """Sites whose values are returned (after any edit at that site)."""
     edits: tuple[tuple[str, EditFn], ...] = ()
-    """(site, fn) pairs: the site's value x becomes fn(x, edit_params[site])."""
+    """(site, fn) pairs: the site's value x becomes fn(x, edit_params[site], positions)."""
     stop_early: bool = False
     """Stop right after the deepest captured site: no logits, no compute beyond it."""
 
@@ -88,8 +89,9 @@ class Plan:
 class Recorder:
     """Applies a plan inside a forward pass (used while tracing; holds the captured values)."""
 
-    def __init__(self, plan: Plan, edit_params: dict[str, Any] | None):
+    def __init__(self, plan: Plan, edit_params: dict[str, Any] | None, positions_bt: jax.Array):
         self.plan = plan
+        self.positions_bt = positions_bt
         self.edit_params = edit_params or {}
         self._edits = dict(plan.edits)
         self._capture = set(plan.capture)
@@ -98,7 +100,7 @@ class Recorder:
     def __call__(self, site: str, x: jax.Array) -> jax.Array:
         fn = self._edits.get(site)
         if fn is not None:
-            x = fn(x, self.edit_params.get(site))
+            x = fn(x, self.edit_params.get(site), self.positions_bt)
         if site in self._capture:
             self.captured[site] = x
         return x

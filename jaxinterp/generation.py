@@ -1,0 +1,226 @@
+"""Jitted generation: a batched prefill, then a `lax.while_loop` decode over a preallocated KV cache,
+with steering and feature reads at intercept sites.
+
+Axes: `B` batch, `P` prompt slots (bucketed, left-padded), `N` new tokens, `S` = P + N cache slots,
+`V` vocab, `R` features read per token.
+
+One compiled program per (model structure, B, P bucket, N, sampling kind, steering structure,
+reads); every value inside (prompts, steering ids, strengths, modes, vectors, windows, dictionary
+weights, temperature, top-k, top-p, seed, stop ids) is data. The cache is allocated inside the
+program and updated in place in the loop's carry. The loop ends when every row has produced a stop
+token or N tokens.
+
+Features read at a site for new token i are those at the position whose output it was sampled
+from (the last prompt token for i = 0), after any steering at that site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinterp.dictionaries import sae as dl
+from jaxinterp.models.decoder import Decoder, positions_of
+from jaxinterp.models.intercept import Plan, Recorder, parse_site
+from jaxinterp.models.kvcache import CacheWriter, empty_cache
+from jaxinterp.steering.spec import DictionaryRegistry, compile_steering
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Greedy when temperature is 0; else temperature sampling restricted by top_k (0: off) and
+    top_p (1: off), from `seed`."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+class GenerateResult(NamedTuple):
+    tokens: np.ndarray
+    """[B, N] new tokens; after a row's stop token, its pad id."""
+    lengths: np.ndarray
+    """[B] new tokens per row, its stop token included."""
+    text: list[str] | None
+    """Decoded new tokens per row (stop token excluded), when a tokenizer is known."""
+    features: dict[str, tuple[np.ndarray, np.ndarray]]
+    """Per read site: (ids [B, N, R], activations [B, N, R]) of the strongest features."""
+    logits: np.ndarray | None
+    """[B, N, V] float32 logits each new token was drawn from (`return_logits=True`)."""
+    prompt_tokens: np.ndarray
+    """[B, P] the left-padded prompts."""
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Prompt slots for an n-token prompt: the next power of two, at least `minimum`."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def _sample(logits_bv, key, samp, greedy: bool):
+    """Next tokens [B]: argmax, or a draw from the temperature-scaled logits restricted to the
+    top_k largest and then to the smallest set whose probability reaches top_p."""
+    if greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    temperature, top_k, top_p = samp
+    x = logits_bv / jnp.maximum(temperature, 1e-6)
+    v = x.shape[-1]
+    srt = jnp.sort(x, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    in_k = jnp.arange(v)[None, :] < k
+    probs = jax.nn.softmax(jnp.where(in_k, srt, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the entries ranked above
+    kept = in_k & (before < top_p)
+    cutoff = jnp.min(jnp.where(kept, srt, jnp.inf), axis=-1, keepdims=True)
+    return jax.random.categorical(key, jnp.where(x < cutoff, -jnp.inf, x), axis=-1).astype(jnp.int32)
+
+
+def _read(reads, read_params, captured) -> dict[str, tuple[jax.Array, jax.Array]]:
+    out = {}
+    for site, spec, r in reads:
+        x = captured[site][:, -1]  # [B, D]
+        f = dl.encode(spec, read_params[site], x)
+        vals, ids = jax.lax.top_k(f, r)
+        out[site] = (ids.astype(jnp.int32), vals)
+    return out
+
+
+@partial(jax.jit, static_argnames=("graphdef", "plan", "n_new", "greedy", "reads", "return_logits"))
+def _generate(graphdef, state, tokens_bp, mask_bp, edit_params, read_params, key, samp, stop_ids, pad_id,
+              *, plan: Plan, n_new: int, greedy: bool, reads: tuple, return_logits: bool):
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    b, p = tokens_bp.shape
+    cache = empty_cache(cfg, b, p + n_new, model.embed[...].dtype)
+
+    def step(cache, tokens_bt, pos_bt, valid_bt):
+        writer = CacheWriter(cache, pos_bt, valid_bt)
+        rec = Recorder(plan, edit_params, pos_bt)
+        logits = model(tokens_bt, pos_bt, writer.mask_bts, rec, writer)[:, -1]
+        return writer.result(), logits, _read(reads, read_params, rec.captured)
+
+    pos = positions_of(mask_bp)
+    cache, logits, feats = step(cache, tokens_bp, pos, mask_bp.astype(jnp.bool_))
+    last_pos = pos[:, -1]
+    key, sub = jax.random.split(key)
+    tok = _sample(logits, sub, samp, greedy)
+    out = jnp.full((b, n_new), pad_id, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, stop_ids)
+    feat_buf = {s: (jnp.zeros((b, n_new, r), jnp.int32).at[:, 0].set(feats[s][0]),
+                    jnp.zeros((b, n_new, r), jnp.float32).at[:, 0].set(feats[s][1])) for s, _, r in reads}
+    logit_buf = jnp.zeros((b, n_new if return_logits else 1, logits.shape[-1]), jnp.float32)
+    logit_buf = logit_buf.at[:, 0].set(logits) if return_logits else logit_buf
+
+    def cond(carry):
+        i, _, done, *_ = carry
+        return (i < n_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, out, done, cache, key, feat_buf, logit_buf = carry
+        prev = out[:, i - 1][:, None]
+        cache, logits, feats = step(cache, prev, (last_pos + i)[:, None], jnp.ones((b, 1), jnp.bool_))
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad_id, _sample(logits, sub, samp, greedy))
+        out = out.at[:, i].set(tok)
+        done = done | jnp.isin(tok, stop_ids)
+        feat_buf = {s: (ids.at[:, i].set(feats[s][0]), vals.at[:, i].set(feats[s][1]))
+                    for s, (ids, vals) in feat_buf.items()}
+        if return_logits:
+            logit_buf = logit_buf.at[:, i].set(logits)
+        return i + 1, out, done, cache, key, feat_buf, logit_buf
+
+    carry = (jnp.asarray(1, jnp.int32), out, done, cache, key, feat_buf, logit_buf)
+    _, out, _, _, _, feat_buf, logit_buf = jax.lax.while_loop(cond, body, carry)
+    return out, feat_buf, (logit_buf if return_logits else None)
+
+
+def _encode_prompts(prompts, tokenizer) -> list[list[int]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    rows = []
+    for pr in prompts:
+        if isinstance(pr, str):
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass tokenizer= or token id lists")
+            ids = tokenizer.encode(pr, add_bos=getattr(tokenizer, "add_bos_token", False))
+        else:
+            ids = [int(t) for t in pr]
+        if not ids:
+            raise ValueError("an empty prompt; every prompt needs at least one token")
+        rows.append(ids)
+    return rows
+
+
+def generate(
+    model: Decoder,
+    prompts,
+    *,
+    max_new_tokens: int = 32,
+    sampling: Sampling = Sampling(),
+    steering=None,
+    dictionaries: DictionaryRegistry | None = None,
+    read: tuple[str, ...] = (),
+    read_k: int = 8,
+    stop: tuple[int, ...] | None = None,
+    tokenizer=None,
+    encode: str = "full",
+    return_logits: bool = False,
+) -> GenerateResult:
+    """Generate up to `max_new_tokens` per prompt (text or token ids), steered by `steering` (a
+    `SteeringVector`, a list for every row, or one list per row) through `dictionaries`, reading the
+    top `read_k` features at each `read` site. `stop`: token ids that end a row (default: EOS)."""
+    cfg = model.cfg
+    rows = _encode_prompts(prompts, tokenizer)
+    b = len(rows)
+    longest = max(len(r) for r in rows)
+    p = bucket(longest)
+    if cfg.max_positions is not None and longest + max_new_tokens > cfg.max_positions:
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"{cfg.max_positions} positions; shorten one")
+    pad_id = cfg.pad_id if cfg.pad_id is not None else (cfg.eos_id if cfg.eos_id is not None else 0)
+    tokens = np.full((b, p), pad_id, np.int32)
+    mask = np.zeros((b, p), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, p - len(r):], mask[i, p - len(r):] = r, 1
+    lens = [len(r) for r in rows]
+    edits, edit_params = compile_steering(steering, dictionaries, cfg, lens, encode=encode)
+    reads = []
+    read_params = {}
+    for site in read:
+        parse_site(site, cfg.n_layers)
+        entry = (dictionaries or DictionaryRegistry()).get(site)
+        (dictionaries or DictionaryRegistry()).check(cfg)
+        reads.append((site, entry.spec, min(read_k, entry.spec.d_sae)))
+        read_params[site] = entry.params
+    plan = Plan(capture=tuple(read), edits=edits)
+    stop_ids = np.asarray(stop if stop is not None else ([cfg.eos_id] if cfg.eos_id is not None else [-1]), np.int32)
+    samp = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p))
+    graphdef, state = nnx.split(model)
+    out, feats, logits = _generate(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), edit_params, read_params,
+        jax.random.key(sampling.seed), samp, jnp.asarray(stop_ids), jnp.int32(pad_id),
+        plan=plan, n_new=max_new_tokens, greedy=sampling.temperature == 0, reads=tuple(reads),
+        return_logits=return_logits)
+    out = np.asarray(out)
+    stopped = np.isin(out, stop_ids)
+    lengths = np.where(stopped.any(1), stopped.argmax(1) + 1, max_new_tokens)
+    text = None
+    if tokenizer is not None:
+        text = [tokenizer.decode([t for t in out[i, : lengths[i]] if t not in set(stop_ids.tolist())])
+                for i in range(b)]
+    return GenerateResult(tokens=out, lengths=lengths, text=text,
+                          features={s: (np.asarray(a), np.asarray(v)) for s, (a, v) in feats.items()},
+                          logits=None if logits is None else np.asarray(logits), prompt_tokens=tokens)
+
+
+__all__ = ["GenerateResult", "Sampling", "bucket", "generate"]

@@ -1,0 +1,142 @@
+"""Steering at one intercept site, as a pure function of the site's value and arrays of data.
+
+Axes: `B` batch, `T` positions, `D` d_model, `F` d_sae, `S` feature slots, `V` vector slots.
+
+A site's steering is a `SiteSteering` pytree: feature slots (through the dictionary attached to
+the site) and raw-vector slots, each with a mode, a value and a position window [lo, hi). Every
+sequence has its own slots; unused slots have mode OFF. Changing any value, id, mode or window is
+new data for the same compiled function; only the number of slots (padded to a multiple of
+`SLOT_QUANTUM`) and the dictionary's shape are structure.
+
+Feature edits keep the dictionary's reconstruction error: x' = x + decode(f') - decode(f), which
+is sum_s (f'_s - f_s) W_dec[id_s] / norm_scale, with f' = f + v (ADD), v (CLAMP), f * v (SCALE)
+or 0 (ABLATE). With `encode="selected"`, only the steered features' encoder columns are used: exact
+for relu, jumprelu, batchtopk and gated dictionaries, and for ADD with any; for topk it takes a
+feature as active when its pre-activation is positive, without the top-k competition.
+
+Vector edits, in slot order: ADD x + v * a; ADD_NORMED x + v * a * ||x|| / ||a||; REMOVE
+x - (x . u) u with u = a / ||a||; CAP x - max(x . u - v, 0) u (projection capped at v).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxinterp.dictionaries import sae as dl
+
+OFF, ADD, CLAMP, SCALE, ABLATE = 0, 1, 2, 3, 4
+FEATURE_MODES = {"add": ADD, "clamp": CLAMP, "scale": SCALE, "ablate": ABLATE}
+V_ADD, V_ADD_NORMED, V_REMOVE, V_CAP = 1, 2, 3, 4
+VECTOR_MODES = {"add": V_ADD, "add_normed": V_ADD_NORMED, "remove": V_REMOVE, "cap": V_CAP}
+SLOT_QUANTUM = 4
+NO_END = 2**30
+"""`hi` of a window that never ends."""
+
+
+class FeatureSlots(NamedTuple):
+    ids: jax.Array
+    """[B, S] int32 feature ids."""
+    values: jax.Array
+    """[B, S] float32: the amount added, the clamp value, or the scale factor."""
+    modes: jax.Array
+    """[B, S] int32: OFF, ADD, CLAMP, SCALE, ABLATE."""
+    lo: jax.Array
+    """[B, S] int32: first position steered."""
+    hi: jax.Array
+    """[B, S] int32: one past the last position steered."""
+
+
+class VectorSlots(NamedTuple):
+    vectors: jax.Array
+    """[B, V, D] float32 directions."""
+    values: jax.Array
+    """[B, V] float32: the coefficient (ADD, ADD_NORMED) or the cap (CAP)."""
+    modes: jax.Array
+    """[B, V] int32: OFF, V_ADD, V_ADD_NORMED, V_REMOVE, V_CAP."""
+    lo: jax.Array
+    hi: jax.Array
+
+
+class SiteSteering(NamedTuple):
+    features: FeatureSlots | None
+    vectors: VectorSlots | None
+    dictionary: dl.Params | None
+    """The site's dictionary (needed by feature slots)."""
+
+
+def _in_window(pos_bt, lo_bs, hi_bs, modes_bs):
+    """[B, T, S] bool: slot s applies at position t."""
+    p = pos_bt[:, :, None]
+    return (modes_bs[:, None, :] != OFF) & (p >= lo_bs[:, None, :]) & (p < hi_bs[:, None, :])
+
+
+def _selected_acts(spec: dl.DictionarySpec, params: dl.Params, xn_btd, ids_bs):
+    """Activations [B, T, S] of the slots' features from their encoder columns only."""
+    w = jnp.take(params["W_enc"], ids_bs, axis=1)  # [D, B, S]
+    xc = xn_btd - params["b_dec"]
+    lin = jnp.einsum("btd,dbs->bts", xc, w)
+    if spec.activation == "gated":
+        gate = lin + params["b_gate"][ids_bs][:, None, :]
+        mag_w = w * jnp.exp(params["r_mag"][ids_bs])[None]
+        mag = jnp.einsum("btd,dbs->bts", xc, mag_w) + params["b_mag"][ids_bs][:, None, :]
+        return jnp.where(gate > 0, jax.nn.relu(mag), 0.0)
+    pre = lin + params["b_enc"][ids_bs][:, None, :]
+    if spec.activation in ("jumprelu", "batchtopk"):
+        return jnp.where(pre > params["threshold"][ids_bs][:, None, :], pre, 0.0)
+    return jax.nn.relu(pre)
+
+
+def feature_delta(spec: dl.DictionarySpec, params: dl.Params, x_btd, pos_bt, slots: FeatureSlots,
+                  encode: str) -> jax.Array:
+    """decode(f') - decode(f) [B, T, D] in the site's raw units."""
+    b, t, d = x_btd.shape
+    x32 = x_btd.astype(jnp.float32)
+    if encode == "selected":
+        f = _selected_acts(spec, params, x32 * params["norm_scale"], slots.ids)
+    else:
+        dense = dl.encode(spec, params, x32.reshape(b * t, d)).reshape(b, t, -1)
+        f = jnp.take_along_axis(dense, jnp.broadcast_to(slots.ids[:, None, :], (b, t, slots.ids.shape[1])), axis=-1)
+    v, m = slots.values[:, None, :], slots.modes[:, None, :]
+    new = jnp.select([m == ADD, m == CLAMP, m == SCALE, m == ABLATE], [f + v, v, f * v, 0.0 * f], f)
+    coef = jnp.where(_in_window(pos_bt, slots.lo, slots.hi, slots.modes), new - f, 0.0)
+    rows = params["W_dec"][slots.ids]  # [B, S, D]
+    return jnp.einsum("bts,bsd->btd", coef, rows) / params["norm_scale"]
+
+
+def vector_edit(x_btd, pos_bt, slots: VectorSlots) -> jax.Array:
+    x = x_btd.astype(jnp.float32)
+    active = _in_window(pos_bt, slots.lo, slots.hi, slots.modes)  # [B, T, V]
+    for j in range(slots.modes.shape[1]):
+        a = slots.vectors[:, j][:, None, :]  # [B, 1, D]
+        u = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+        c = slots.values[:, j][:, None, None]
+        mode = slots.modes[:, j][:, None, None]
+        proj = jnp.sum(x * u, axis=-1, keepdims=True)
+        xn = jnp.linalg.norm(x, axis=-1, keepdims=True)
+        new = jnp.select(
+            [mode == V_ADD, mode == V_ADD_NORMED, mode == V_REMOVE, mode == V_CAP],
+            [x + c * a, x + c * xn * u, x - proj * u, x - jnp.maximum(proj - c, 0.0) * u],
+            x,
+        )
+        x = jnp.where(active[:, :, j, None], new, x)
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def steer_fn(spec: dl.DictionarySpec | None, encode: str):
+    """The edit function of a site (cached per static structure, so plans holding it compare equal
+    and never recompile)."""
+
+    def steer(x_btd, st: SiteSteering, pos_bt):
+        out = x_btd.astype(jnp.float32)
+        if st.features is not None:
+            out = out + feature_delta(spec, st.dictionary, x_btd, pos_bt, st.features, encode)
+        if st.vectors is not None:
+            out = vector_edit(out, pos_bt, st.vectors)
+        return out.astype(x_btd.dtype)
+
+    return steer

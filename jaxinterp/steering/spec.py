@@ -1,0 +1,223 @@
+"""Friendly steering specs, the dictionary registry, and their compilation to arrays.
+
+`SteeringVector` is what a user writes; `compile_steering` turns a batch's specs (the same for every
+row, or one list per row) into the plan edits and the `SiteSteering` arrays the jitted forward and
+generation loop take. Everything is checked here, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxinterp.dictionaries import sae as dl
+from jaxinterp.models.intercept import parse_site
+from jaxinterp.steering.edits import (FEATURE_MODES, NO_END, SLOT_QUANTUM, VECTOR_MODES, FeatureSlots,
+                                      SiteSteering, VectorSlots, steer_fn)
+
+
+class SteeringError(ValueError):
+    """A steering spec that cannot apply; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringVector:
+    """One intervention at one site.
+
+    Feature steering (through the dictionary attached to `site`): `features={id: value}` with
+    `mode` add (value = amount), clamp (value = activation), scale (value = factor) or ablate.
+    Raw-vector steering: `vector` [D] with `mode` add (x + scale * v), add_normed (x + scale *
+    ||x|| * v / ||v||), remove (project v out) or cap (projection onto v capped at `scale`).
+    """
+
+    site: str
+    features: Mapping[int, float] | None = None
+    mode: str = "add"
+    vector: Any = None
+    scale: float = 1.0
+    positions: str | tuple[int, int] = "all"
+    """all, prompt, generated, or an absolute [lo, hi) window of token positions."""
+    units: str = "raw"
+    """Feature values in raw activation units, or `max_activation`: multiples of the feature's
+    typical maximum activation (the registry's `max_acts`)."""
+
+    def __post_init__(self):
+        if (self.features is None) == (self.vector is None):
+            raise SteeringError(f"SteeringVector at {self.site!r}: give exactly one of features= or vector=")
+        modes = FEATURE_MODES if self.features is not None else VECTOR_MODES
+        if self.mode not in modes:
+            kind = "feature" if self.features is not None else "vector"
+            raise SteeringError(f"{kind} steering mode {self.mode!r} unknown; choose one of {sorted(modes)}")
+        if self.units not in ("raw", "max_activation"):
+            raise SteeringError(f"units {self.units!r} unknown; choose raw or max_activation")
+        if isinstance(self.positions, str) and self.positions not in ("all", "prompt", "generated"):
+            raise SteeringError(f"positions {self.positions!r} unknown; use all, prompt, generated or (lo, hi)")
+
+
+@dataclasses.dataclass
+class Entry:
+    spec: dl.DictionarySpec
+    params: dl.Params
+    max_acts: np.ndarray | None = None
+    """[F] typical maximum activation per feature (for `units="max_activation"`)."""
+
+
+class DictionaryRegistry:
+    """Dictionaries attached to intercept sites (several sites, several kinds)."""
+
+    def __init__(self):
+        self.entries: dict[str, Entry] = {}
+
+    def add(self, site: str, spec: dl.DictionarySpec, params: dl.Params, *, max_acts=None) -> DictionaryRegistry:
+        self.entries[site] = Entry(spec, dict(params), None if max_acts is None else np.asarray(max_acts, np.float32))
+        return self
+
+    def add_run(self, run_dir: str | Path, site: str | None = None) -> DictionaryRegistry:
+        """Attach a trained run's dictionary at its own site (from its config) or at `site`."""
+        from jaxinterp.train.loop import load_dictionary
+
+        run = Path(run_dir)
+        spec, params = load_dictionary(run)
+        if site is None:
+            import yaml
+
+            site = (yaml.safe_load((run / "config.yaml").read_text()).get("data") or {}).get("site")
+            if site is None:
+                raise SteeringError(f"{run} was not trained at an intercept site; attach it with an explicit site")
+        return self.add(site, spec, params)
+
+    def get(self, site: str) -> Entry:
+        if site not in self.entries:
+            have = ", ".join(self.entries) or "none"
+            raise SteeringError(f"no dictionary attached at {site!r} (attached: {have}); add one with "
+                                f"DictionaryRegistry.add / add_run, or --dictionary on the command line")
+        return self.entries[site]
+
+    def check(self, model_cfg) -> None:
+        for site, e in self.entries.items():
+            parse_site(site, model_cfg.n_layers)
+            if e.spec.d_in != model_cfg.d_model:
+                raise SteeringError(f"the dictionary at {site!r} has d_in={e.spec.d_in} but the model's width is "
+                                    f"{model_cfg.d_model}; it was trained on another model or site")
+
+
+def _window(positions, prompt_len: int) -> tuple[int, int]:
+    if positions == "all":
+        return 0, NO_END
+    if positions == "prompt":
+        return 0, prompt_len
+    if positions == "generated":
+        return prompt_len, NO_END
+    lo, hi = positions
+    return int(lo), int(hi)
+
+
+def _pad(n: int) -> int:
+    return max(SLOT_QUANTUM, -(-n // SLOT_QUANTUM) * SLOT_QUANTUM)
+
+
+def rows_of(steering, batch: int) -> list[list[SteeringVector]]:
+    """Per-row spec lists from None, one SteeringVector, a list for every row, or a list per row."""
+    if steering is None:
+        return [[] for _ in range(batch)]
+    if isinstance(steering, SteeringVector):
+        steering = [steering]
+    steering = list(steering)
+    if all(isinstance(s, SteeringVector) for s in steering):
+        return [steering for _ in range(batch)]
+    if len(steering) != batch:
+        raise SteeringError(f"per-row steering has {len(steering)} rows for a batch of {batch}")
+    return [[s] if isinstance(s, SteeringVector) else list(s or []) for s in steering]
+
+
+def compile_steering(steering, registry: DictionaryRegistry | None, model_cfg, prompt_lens: Sequence[int],
+                     *, encode: str = "full") -> tuple[tuple, dict[str, SiteSteering]]:
+    """(plan edits, edit params) for a batch whose rows have `prompt_lens` real prompt tokens."""
+    if encode not in ("full", "selected"):
+        raise SteeringError(f"encode {encode!r} unknown; choose full or selected")
+    batch = len(prompt_lens)
+    rows = rows_of(steering, batch)
+    registry = registry or DictionaryRegistry()
+    sites = list(dict.fromkeys(s.site for row in rows for s in row))
+    edits, params = [], {}
+    for site in sites:
+        parse_site(site, model_cfg.n_layers)
+        feats = [[(f, v, s) for s in row if s.site == site and s.features is not None for f, v in s.features.items()]
+                 for row in rows]
+        vecs = [[s for s in row if s.site == site and s.vector is not None] for row in rows]
+        entry = None
+        if any(feats):
+            entry = registry.get(site)
+            registry.check(model_cfg)
+        fs = _feature_slots(feats, entry, prompt_lens) if any(feats) else None
+        vs = _vector_slots(vecs, model_cfg.d_model, prompt_lens) if any(vecs) else None
+        dparams = None if entry is None else {k: np.asarray(v) for k, v in entry.params.items()}
+        params[site] = SiteSteering(features=fs, vectors=vs, dictionary=dparams)
+        edits.append((site, steer_fn(None if entry is None else entry.spec, encode)))
+    return tuple(edits), params
+
+
+def _feature_slots(feats, entry: Entry, prompt_lens) -> FeatureSlots:
+    n = _pad(max(len(r) for r in feats))
+    b = len(feats)
+    ids, vals, modes = np.zeros((b, n), np.int32), np.zeros((b, n), np.float32), np.zeros((b, n), np.int32)
+    lo, hi = np.zeros((b, n), np.int32), np.zeros((b, n), np.int32)
+    d_sae = entry.spec.d_sae
+    for i, row in enumerate(feats):
+        for j, (f, v, s) in enumerate(row):
+            if not 0 <= int(f) < d_sae:
+                raise SteeringError(f"feature id {f} at {s.site!r} is out of range; the dictionary has d_sae={d_sae}")
+            if s.units == "max_activation":
+                if entry.max_acts is None:
+                    raise SteeringError(f"units='max_activation' at {s.site!r} needs the registry's max_acts for "
+                                        "that dictionary; pass max_acts= to DictionaryRegistry.add")
+                v = float(v) * float(entry.max_acts[int(f)])
+            ids[i, j], vals[i, j], modes[i, j] = int(f), float(v), FEATURE_MODES[s.mode]
+            lo[i, j], hi[i, j] = _window(s.positions, prompt_lens[i])
+    return FeatureSlots(ids, vals, modes, lo, hi)
+
+
+def _vector_slots(vecs, d_model: int, prompt_lens) -> VectorSlots:
+    n = _pad(max(len(r) for r in vecs))
+    b = len(vecs)
+    vectors = np.zeros((b, n, d_model), np.float32)
+    vals, modes = np.zeros((b, n), np.float32), np.zeros((b, n), np.int32)
+    lo, hi = np.zeros((b, n), np.int32), np.zeros((b, n), np.int32)
+    for i, row in enumerate(vecs):
+        for j, s in enumerate(row):
+            v = np.asarray(s.vector, np.float32)
+            if v.shape != (d_model,):
+                raise SteeringError(f"steering vector at {s.site!r} has shape {v.shape}; the model's width is "
+                                    f"{d_model}, so it must be [{d_model}]")
+            vectors[i, j], vals[i, j], modes[i, j] = v, float(s.scale), VECTOR_MODES[s.mode]
+            lo[i, j], hi[i, j] = _window(s.positions, prompt_lens[i])
+    return VectorSlots(vectors, vals, modes, lo, hi)
+
+
+def load_spec_file(path: str | Path) -> list[SteeringVector]:
+    """Steering specs from JSON: a list of objects with the fields of `SteeringVector` (`vector` may
+    be a list of numbers or the path of a .npy file)."""
+    p = Path(path)
+    try:
+        items = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SteeringError(f"steering spec file {str(p)!r} unreadable ({e}); it must hold a JSON list") from None
+    out = []
+    for it in items if isinstance(items, list) else [items]:
+        it = dict(it)
+        if isinstance(it.get("vector"), str):
+            it["vector"] = np.load(it["vector"])
+        if it.get("features") is not None:
+            it["features"] = {int(k): float(v) for k, v in it["features"].items()}
+        if isinstance(it.get("positions"), list):
+            it["positions"] = tuple(it["positions"])
+        try:
+            out.append(SteeringVector(**it))
+        except TypeError as e:
+            raise SteeringError(f"steering spec file {str(p)!r}: {e}") from None
+    return out
