@@ -70,34 +70,39 @@ class SyntheticConfig:
 class DataConfig:
     """Where training activations come from."""
 
-    source: Literal["npy", "synthetic", "model"] = "synthetic"
+    source: Literal["npy", "synthetic", "model", "cache"] = "synthetic"
     """`npy`: an activation matrix [tokens, d_in] on disk (`path`); `synthetic`: toy superposition;
-    `model`: live activations of `model` at `site` over `corpus`."""
+    `model`: live activations of `model` at `site` over `corpus`; `cache`: activations written to the
+    directory `path` by `launch/harvest.py`."""
     path: str | None = None
-    """The `.npy` file of activations (source `npy`)."""
+    """The `.npy` file of activations (source `npy`), or the cache directory (source `cache`)."""
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     """Dtype stored in the `.npy` file; `auto` reads the header (bfloat16 files need `bfloat16`)."""
     true_directions: str | None = None
     """Optional `.npy` [n_features, d_in] of ground-truth directions, to report mmcs for `npy` data."""
     shuffle: bool = True
-    """Shuffle rows of an `npy` source (seeded by `train.seed`; reshuffled each epoch)."""
+    """Shuffle rows of an `npy` or `cache` source (seeded by `train.seed`; reshuffled each epoch)."""
     eval_fraction: float = 0.02
-    """Fraction of an `npy` file's rows held out for the final evaluation (the last rows)."""
+    """Fraction of an `npy` file's rows (the last rows), or of a corpus's documents (source `model` and
+    `launch/harvest.py`: the last documents), held out for the final evaluation."""
     site: str | None = None
-    """Intercept site the activations are read at (for example `blocks.15.resid_post`)."""
+    """Intercept site the activations are read at (for example `blocks.15.resid_post`); source `cache`
+    checks it, when set, against the cache's site."""
     model: str = "smollm2-135m"
-    """Source `model`: a registry name, a .gguf file or an HF checkpoint directory."""
+    """Source `model` and `launch/harvest.py`: a registry name, a .gguf file or an HF checkpoint directory."""
     corpus: str = "shakespeare"
-    """Source `model`: `shakespeare`, a folder of .txt files, or a .jsonl file with a `text` field."""
+    """Source `model` and `launch/harvest.py`: `shakespeare`, a folder of .txt files, or a .jsonl file
+    with a `text` field."""
     context_length: int = 128
-    """Source `model`: tokens per context, BOS included."""
+    """Source `model` and `launch/harvest.py`: tokens per context, BOS included."""
     chunk_contexts: int = 64
-    """Source `model`: contexts per forward pass; their rows are shuffled together."""
+    """Source `model` and `launch/harvest.py`: contexts per forward pass (and per cache chunk); their
+    rows are shuffled together."""
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     """Parameters of the synthetic source."""
 
     def __post_init__(self) -> None:
-        _choice(self.source, "data.source", ("npy", "synthetic", "model"))
+        _choice(self.source, "data.source", ("npy", "synthetic", "model", "cache"))
         _check(self.context_length >= 2, "data.context_length", f"must be >= 2, got {self.context_length}")
         _check(self.chunk_contexts >= 1, "data.chunk_contexts", f"must be >= 1, got {self.chunk_contexts}")
         if self.source == "model":
@@ -105,6 +110,9 @@ class DataConfig:
         _choice(self.dtype, "data.dtype", ("auto", "float16", "bfloat16", "float32"))
         if self.source == "npy":
             _check(self.path is not None, "data.path", "required when data.source is 'npy'")
+        if self.source == "cache":
+            _check(self.path is not None, "data.path", "required when data.source is 'cache' (a directory "
+                   "written by launch/harvest.py)")
         _check(0 <= self.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
 
 
@@ -245,7 +253,8 @@ class OutputConfig:
     eval_tokens: int = 65536
     """Tokens in the final evaluation."""
     ce_eval_contexts: int = 32
-    """Held-out contexts for the loss-recovered evaluation (data.source `model`)."""
+    """Held-out contexts for the loss-recovered evaluation (data.source `model`, or `cache` when the
+    cache's model loads)."""
     export_saelens: bool = True
     """Write `export/saelens/` (cfg.json, sae_weights.safetensors) at the end."""
     progress: bool = True

@@ -34,3 +34,64 @@ def subprocess_env() -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def write_tiny_gguf(path, *, d_model: int = 32, n_layers: int = 2, n_heads: int = 2, d_ff: int = 64,
+                    seed: int = 0) -> str:
+    """A random llama-architecture GGUF with a byte-level tokenizer (BOS, EOS and the 256 byte symbols,
+    no merges), loadable by `load_model(path)`: a stand-in language model that loads and runs in ~1 s."""
+    import gguf
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<s>", "</s>", *alphabet]
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layers)
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(d_ff)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_context_length(256)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * len(alphabet))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+    def dense(name: str, n_out: int, n_in: int) -> None:  # stored [out, in], as GGUF does
+        w.add_tensor(name, (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32))
+
+    w.add_tensor("token_embd.weight", rng.standard_normal((len(tokens), d_model)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(d_model, np.float32))
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(d_model, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(d_model, np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            dense(p + name + ".weight", d_model, d_model)
+        dense(p + "ffn_gate.weight", d_ff, d_model)
+        dense(p + "ffn_up.weight", d_ff, d_model)
+        dense(p + "ffn_down.weight", d_model, d_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def write_corpus(directory, n_docs: int = 5, words_per_doc: int = 200, seed: int = 0) -> str:
+    """A folder of `n_docs` .txt files of random words (a corpus for `data.corpus`)."""
+    import random
+    from pathlib import Path
+
+    words = "the quick brown fox jumps over a lazy dog while cats sit on mats and birds sing".split()
+    rnd = random.Random(seed)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (d / f"doc{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(words_per_doc)))
+    return str(d)

@@ -1,16 +1,28 @@
-"""Activation sources for training: activation files on disk (grain) and synthetic ground truth."""
+"""Activation sources for training: activation files and caches on disk (grain), live model
+activations, and synthetic ground truth. The model-backed sources (`activations.ModelSource`,
+`cache.CacheSource`) are imported when first asked for, since they load the language-model code."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from jaxinterp.config import Config
 from jaxinterp.data.npy import DataError, NpySource, open_activations
 from jaxinterp.data.synthetic import SyntheticSource, sample, true_directions, write_npy
 
+if TYPE_CHECKING:
+    from jaxinterp.data.activations import ModelSource
+    from jaxinterp.data.cache import CacheSource
 
-def make_source(cfg: Config) -> NpySource | SyntheticSource:
+
+def make_source(cfg: Config) -> NpySource | CacheSource | ModelSource | SyntheticSource:
     """The training stream named by `cfg.data.source`."""
     if cfg.data.source == "npy":
         return NpySource(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    if cfg.data.source == "cache":
+        from jaxinterp.data.cache import CacheSource
+
+        return CacheSource(cfg.data, cfg.train.batch_size, cfg.train.seed)
     if cfg.data.source == "model":
         from jaxinterp.data.activations import ModelSource
 

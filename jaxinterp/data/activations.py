@@ -6,17 +6,29 @@ Contexts are visited in a seeded order (new each epoch), `chunk_contexts` at a t
 runs up to the site only, the BOS position is dropped, and the chunk's rows are shuffled across
 contexts (the mixing buffer) before being cut into batches. The state is (chunk, offset), and a
 chunk is a pure function of (seed, chunk), so a resumed run recomputes it and reads on exactly
-where it stopped.
+where it stopped. `launch/harvest.py` writes the chunks of the first epoch to disk (`cache.py`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.config import DataConfig
-from jaxinterp.data.corpus import corpus_documents, split_documents, token_contexts
+from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents, token_contexts
 from jaxinterp.models import Plan, forward, load_model, parse_site
+
+
+def open_site_model(name: str, site: str, *, model=None, tokenizer=None):
+    """(model, tokenizer) for reading activations at `site`: loaded by name unless given, checked."""
+    if model is None:
+        model, tokenizer = load_model(name)
+    if tokenizer is None:
+        raise ValueError(f"data.model {name!r} has no tokenizer; use a GGUF file or a registry name")
+    parse_site(site, model.cfg.n_layers)
+    return model, tokenizer
 
 
 def site_activations(model, contexts_nt: np.ndarray, site: str) -> np.ndarray:
@@ -24,6 +36,28 @@ def site_activations(model, contexts_nt: np.ndarray, site: str) -> np.ndarray:
     res = forward(model, jnp.asarray(contexts_nt), plan=Plan(capture=(site,), stop_early=True))
     acts = np.asarray(res.captured[site], np.float32)[:, 1:]
     return acts.reshape(-1, acts.shape[-1])
+
+
+def visit_order(n_contexts: int, seed: int, epoch: int) -> np.ndarray:
+    """The order [N] in which `epoch` visits the contexts; chunk i holds entries [i*C, (i+1)*C)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_contexts)
+
+
+def chunk_rows(model, contexts_nt: np.ndarray, site: str, seed: int, epoch: int, chunk: int) -> np.ndarray:
+    """The rows [N * (T - 1), D] of one chunk of contexts, shuffled across its contexts."""
+    rows = site_activations(model, contexts_nt, site)
+    return rows[np.random.default_rng([seed, epoch, chunk, 1]).permutation(len(rows))]
+
+
+def eval_activation_batches(model, contexts_nt: np.ndarray, site: str, chunk_contexts: int, n_tokens: int,
+                            batch_size: int) -> Iterator[np.ndarray]:
+    """Batches [<= batch_size, D] of the site's activations over the first contexts covering `n_tokens`."""
+    per = contexts_nt.shape[1] - 1
+    n_ctx = max(1, min(len(contexts_nt), -(-n_tokens // per)))
+    for s in range(0, n_ctx, chunk_contexts):
+        rows = site_activations(model, contexts_nt[s : min(s + chunk_contexts, n_ctx)], site)
+        for r in range(0, len(rows), batch_size):
+            yield rows[r : r + batch_size]
 
 
 class ModelSource:
@@ -35,16 +69,12 @@ class ModelSource:
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int, *, model=None, tokenizer=None):
         if cfg.site is None:
             raise ValueError("data.site: required for data.source 'model', for example blocks.15.resid_post")
-        if model is None:
-            model, tokenizer = load_model(cfg.model)
-        if tokenizer is None:
-            raise ValueError(f"data.model {cfg.model!r} has no tokenizer; use a GGUF file or a registry name")
-        parse_site(cfg.site, model.cfg.n_layers)
+        model, tokenizer = open_site_model(cfg.model, cfg.site, model=model, tokenizer=tokenizer)
         self.model, self.tokenizer, self.site = model, tokenizer, cfg.site
         self.batch_size, self.seed, self.chunk_contexts = batch_size, seed, cfg.chunk_contexts
         train_docs, eval_docs = split_documents(corpus_documents(cfg.corpus), cfg.eval_fraction)
         self.train_contexts = token_contexts(train_docs, tokenizer, cfg.context_length)
-        self.eval_contexts = token_contexts(eval_docs or train_docs[-1:], tokenizer, cfg.context_length)
+        self.eval_contexts = held_out_contexts(train_docs, eval_docs, tokenizer, cfg.context_length)
         self.d_in = model.cfg.d_model
         self.true_directions = None
         n = len(self.train_contexts)
@@ -53,10 +83,9 @@ class ModelSource:
 
     def _chunk_rows(self, chunk: int) -> np.ndarray:
         epoch, i = divmod(chunk, self._chunks_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_contexts))
+        order = visit_order(len(self.train_contexts), self.seed, epoch)
         picked = np.sort(order[i * self.chunk_contexts : (i + 1) * self.chunk_contexts])
-        rows = site_activations(self.model, self.train_contexts[picked], self.site)
-        return rows[np.random.default_rng([self.seed, epoch, i, 1]).permutation(len(rows))]
+        return chunk_rows(self.model, self.train_contexts[picked], self.site, self.seed, epoch, i)
 
     def __iter__(self):
         return self
@@ -84,9 +113,5 @@ class ModelSource:
         self._rows = None
 
     def eval_batches(self, n_tokens: int, batch_size: int):
-        per = self.eval_contexts.shape[1] - 1
-        n_ctx = max(1, min(len(self.eval_contexts), -(-n_tokens // per)))
-        for s in range(0, n_ctx, self.chunk_contexts):
-            rows = site_activations(self.model, self.eval_contexts[s : min(s + self.chunk_contexts, n_ctx)], self.site)
-            for r in range(0, len(rows), batch_size):
-                yield rows[r : r + batch_size]
+        return eval_activation_batches(self.model, self.eval_contexts, self.site, self.chunk_contexts, n_tokens,
+                                       batch_size)

@@ -63,5 +63,11 @@ def token_contexts(docs: list[str], tokenizer, context_length: int) -> np.ndarra
 
 
 def split_documents(docs: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents: the last `eval_fraction` of them held out (at least one, when any)."""
     n_eval = max(1, int(round(len(docs) * eval_fraction))) if eval_fraction > 0 and len(docs) > 1 else 0
     return docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
+
+
+def held_out_contexts(train_docs: list[str], eval_docs: list[str], tokenizer, context_length: int) -> np.ndarray:
+    """[N, context_length] evaluation contexts: the held-out documents, or the last train document if none."""
+    return token_contexts(eval_docs or train_docs[-1:], tokenizer, context_length)

@@ -157,20 +157,26 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
             run / "export" / "saelens",
             spec,
             jax.device_get(state.dictionary),
-            hook_name=hook_name_for_site(cfg.data.site),
-            model_name=cfg.data.model if cfg.data.source == "model" else "unknown",
+            hook_name=hook_name_for_site(source_site(cfg, source)),
+            model_name=cfg.data.model if cfg.data.source == "model" else getattr(source, "model_name", "unknown"),
             extra_metadata={"data_source": cfg.data.source},
         )
     return final
+
+
+def source_site(cfg: Config, source) -> str | None:
+    """The site the activations come from: the source's own (a cache records it), else `data.site`."""
+    return getattr(source, "site", None) or cfg.data.site
 
 
 def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, source) -> dict:
     params = jax.device_get(state.dictionary)
     batches = source.eval_batches(cfg.output.eval_tokens, cfg.train.batch_size)
     result = evals.evaluate(spec, params, batches, true_directions=source.true_directions)
-    if getattr(source, "eval_contexts", None) is not None and cfg.data.site is not None:
+    site = source_site(cfg, source)
+    if getattr(source, "eval_contexts", None) is not None and site is not None:
         ctx = source.eval_contexts[: cfg.output.ce_eval_contexts]
-        result |= evals.loss_recovered(source.model, spec, params, cfg.data.site, ctx)
+        result |= evals.loss_recovered(source.model, spec, params, site, ctx)
     dead = np.asarray(jax.device_get(state.tokens_since_fired)) >= cfg.dictionary.dead_tokens
     return {
         "final": True,
