@@ -255,3 +255,28 @@ def test_bad_specs_fail_before_compiling():
     with pytest.raises(SteeringError, match="mode 'boost' unknown"):
         SteeringVector(SITE, features={1: 1.0}, mode="boost")
     assert generation._generate._cache_size() == before
+
+
+def test_generate_cli_prints_steered_and_unsteered(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import subprocess_env, write_tiny_gguf
+
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    vec = tmp_path / "v.npy"
+    np.save(vec, np.random.default_rng(0).normal(size=32).astype(np.float32) * 50)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([{"site": "blocks.0.resid_post", "vector": str(vec), "scale": 1.0, "mode": "add"}]))
+    cmd = [sys.executable, "launch/generate.py", "--model", gguf_path, "--prompt", "hello", "--prompt", "a b",
+           "--steer", f"blocks.1.resid_post:vector={vec}:scale=2", "--spec", str(spec), "--max-new-tokens", "6", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello", "a b"]
+    assert all(set(r) == {"prompt", "unsteered", "steered"} for r in rows)
+    assert any(r["steered"] != r["unsteered"] for r in rows)
+    bad = subprocess.run(cmd[:6] + ["--steer", "blocks.1.resid_post:feature=3:boost=2"], capture_output=True,
+                         text=True, env=subprocess_env(), timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "expected SITE:feature" in bad.stderr

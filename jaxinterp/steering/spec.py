@@ -221,3 +221,50 @@ def load_spec_file(path: str | Path) -> list[SteeringVector]:
         except TypeError as e:
             raise SteeringError(f"steering spec file {str(p)!r}: {e}") from None
     return out
+
+
+def parse_steer(arg: str) -> SteeringVector:
+    """A command-line spec: `SITE:feature=ID:add=V` (or clamp=V, scale=V, ablate),
+    `SITE:vector=FILE.npy[:scale=V][:mode=add|add_normed|remove|cap]`, each optionally with
+    `:positions=all|prompt|generated|LO-HI` and `:units=raw|max_activation`."""
+    site, *parts = arg.split(":")
+    kv: dict[str, str] = {}
+    for part in parts:
+        key, _, val = part.partition("=")
+        kv[key.strip()] = val.strip()
+    usage = (f"--steer {arg!r}: expected SITE:feature=ID:add=V (or clamp=V, scale=V, ablate) or "
+             "SITE:vector=FILE.npy:scale=V")
+    extra = {}
+    if "positions" in kv:
+        pos = kv.pop("positions")
+        if "-" in pos:
+            lo, _, hi = pos.partition("-")
+            extra["positions"] = (int(lo), int(hi))
+        else:
+            extra["positions"] = pos
+    if "units" in kv:
+        extra["units"] = kv.pop("units")
+    try:
+        if "feature" in kv:
+            ids = [int(f) for f in kv.pop("feature").split(",")]
+            modes = [m for m in ("add", "clamp", "scale", "ablate") if m in kv]
+            if len(modes) != 1 or kv.keys() - set(modes):
+                raise SteeringError(usage)
+            value = 0.0 if modes[0] == "ablate" else float(kv[modes[0]])
+            return SteeringVector(site, features={f: value for f in ids}, mode=modes[0], **extra)
+        if "vector" in kv:
+            path = kv.pop("vector")
+            try:
+                vec = np.load(path)
+            except (OSError, ValueError) as e:
+                raise SteeringError(f"--steer {arg!r}: cannot read the vector file {path!r} ({e}); save it "
+                                    "with numpy.save") from None
+            mode, scale = kv.pop("mode", "add"), float(kv.pop("scale", 1.0))
+            if kv:
+                raise SteeringError(usage)
+            return SteeringVector(site, vector=vec, mode=mode, scale=scale, **extra)
+    except ValueError as e:
+        if isinstance(e, SteeringError):
+            raise
+        raise SteeringError(f"{usage} ({e})") from None
+    raise SteeringError(usage)
