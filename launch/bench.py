@@ -31,6 +31,14 @@ def _harvest(args):
     return harvest.run(model=args.model, site=args.site, contexts=args.contexts), harvest.format_human
 
 
+def _generate(args):
+    from jaxinterp.benchmarks import generation
+
+    res = generation.run(model=args.model, site=args.site, batch=args.batch, new_tokens=args.new_tokens,
+                         repeats=args.repeats)
+    return res, generation.format_human
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
@@ -42,10 +50,16 @@ def main() -> int:
     h.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF directory")
     h.add_argument("--site", default="blocks.15.resid_post")
     h.add_argument("--contexts", type=int, default=32, help="contexts of 128 tokens per timed call")
-    for p in (t, h):
+    g = sub.add_parser("generate", help="steered vs unsteered generation tokens/s, overhead per kind of steering")
+    g.add_argument("--model", default="smollm2-135m")
+    g.add_argument("--site", default="blocks.15.resid_post")
+    g.add_argument("--batch", type=int, default=8)
+    g.add_argument("--new-tokens", type=int, default=32)
+    g.add_argument("--repeats", type=int, default=3)
+    for p in (t, h, g):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    res, fmt = {"train": _train, "harvest": _harvest}[args.area](args)
+    res, fmt = {"train": _train, "harvest": _harvest, "generate": _generate}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

@@ -36,10 +36,18 @@ def main() -> int:
 
     run = Path(args.checkpoint)
     cfg = load_config(run / "config.yaml")
-    if cfg.data.source != "model" or cfg.data.site is None:
-        raise ValueError(f"{run} was trained on data.source={cfg.data.source!r}; loss recovered needs a model site")
+    data = cfg.data
+    if data.source == "cache":  # the cache's manifest names the model, site and corpus it was read from
+        from jaxinterp.data.cache import read_manifest
+
+        m = read_manifest(data.path)
+        data = dataclasses.replace(data, source="model", model=m["model"], site=m["site"], corpus=m["corpus"],
+                                   context_length=m["context_length"], eval_fraction=m["eval_fraction"],
+                                   chunk_contexts=m["chunk_contexts"])
+    if data.source != "model" or data.site is None:
+        raise ValueError(f"{run} was trained on data.source={data.source!r}; loss recovered needs a model site")
     spec, params = load_dictionary(run)
-    data = dataclasses.replace(cfg.data, corpus=args.corpus or cfg.data.corpus)
+    data = dataclasses.replace(data, corpus=args.corpus or data.corpus)
     source = ModelSource(data, cfg.train.batch_size, cfg.train.seed)
     per = data.context_length - 1
     result = {"checkpoint": str(run), "site": data.site, "corpus": data.corpus}

@@ -95,3 +95,39 @@ def write_corpus(directory, n_docs: int = 5, words_per_doc: int = 200, seed: int
     for i in range(n_docs):
         (d / f"doc{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(words_per_doc)))
     return str(d)
+
+
+def _tiny_decoders():
+    from jaxinterp.models import DecoderConfig
+
+    return {
+        "llama": DecoderConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                               eos_id=1, pad_id=0),
+        "gemma-like": DecoderConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                                    activation="gelu_tanh", post_norms=True, embed_scale=32**0.5, attn_softcap=5.0,
+                                    final_softcap=4.0, windows=(3, None, 3), eos_id=1, pad_id=0),
+        "gpt2-like": DecoderConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, d_ff=64,
+                                   norm="layer", positions="learned", max_positions=64, qkv_bias=True, out_bias=True,
+                                   mlp="plain", activation="gelu_tanh", eos_id=1),
+    }
+
+
+TINY_DECODERS = _tiny_decoders()
+"""Small decoders of three families for generation and steering tests."""
+
+
+def tiny_model(cfg, seed: int = 0):
+    """A Decoder with random weights (norm weights near 1)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxinterp.models import Decoder
+    from jaxinterp.models.decoder import param_names
+
+    model = Decoder(cfg)
+    rng = np.random.default_rng(seed)
+    for name, p in param_names(model):
+        shape = p[...].shape
+        base = 1.0 if name.endswith("norm.weight") or name.endswith("norm_weight") else 0.0
+        p[...] = jnp.asarray(base + rng.normal(0, 0.3 if base == 0 else 0.1, shape), jnp.float32)
+    return model

@@ -23,9 +23,9 @@ class CharTokenizer:
 
 
 def test_vector_is_the_mean_difference_of_site_means():
-    from tests.test_generate import CFGS, tiny_model
+    from helpers import TINY_DECODERS, tiny_model
 
-    model, tok, site = tiny_model(CFGS["llama"]), CharTokenizer(), "blocks.1.resid_post"
+    model, tok, site = tiny_model(TINY_DECODERS["llama"]), CharTokenizer(), "blocks.1.resid_post"
     pairs = [("abcde", "xyz"), ("hello there", "bye"), ("qq", "rrrrrr")]
 
     def mean_act(text):

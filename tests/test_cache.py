@@ -222,6 +222,13 @@ def test_training_on_a_cache_resumes_to_the_same_result(assets, cache, tmp_path)
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 
+    # launch/eval.py finds the model, site and corpus of a cache-trained run in the cache's manifest
+    out = subprocess.run([sys.executable, "launch/eval.py", "--checkpoint", str(tmp_path / "a"), "--contexts", "2",
+                          "--json"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["site"] == "blocks.0.resid_post" and np.isfinite(res["ce_loss_score"])
+
 
 def test_without_its_model_a_cache_evaluates_on_its_last_chunk(cache, tmp_path):
     moved = tmp_path / "cache"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,31 +10,12 @@ import pytest
 from jaxinterp import generation
 from jaxinterp.dictionaries import sae as dl
 from jaxinterp.generation import Sampling, generate
-from jaxinterp.models import Decoder, DecoderConfig, Plan, SiteError, forward
-from jaxinterp.models.decoder import param_names
+from jaxinterp.models import Plan, SiteError, forward
 from jaxinterp.steering import DictionaryRegistry, SteeringError, SteeringVector, compile_steering
+from helpers import TINY_DECODERS as CFGS  # noqa: E402
+from helpers import tiny_model  # noqa: E402
 
 SITE = "blocks.1.resid_post"
-CFGS = {
-    "llama": DecoderConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-                           eos_id=1, pad_id=0),
-    "gemma-like": DecoderConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-                                activation="gelu_tanh", post_norms=True, embed_scale=32**0.5, attn_softcap=5.0,
-                                final_softcap=4.0, windows=(3, None, 3), eos_id=1, pad_id=0),
-    "gpt2-like": DecoderConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, d_ff=64,
-                               norm="layer", positions="learned", max_positions=64, qkv_bias=True, out_bias=True,
-                               mlp="plain", activation="gelu_tanh", eos_id=1),
-}
-
-
-def tiny_model(cfg: DecoderConfig, seed: int = 0) -> Decoder:
-    model = Decoder(cfg)
-    rng = np.random.default_rng(seed)
-    for name, p in param_names(model):
-        shape = p[...].shape
-        base = 1.0 if name.endswith("norm.weight") or name.endswith("norm_weight") else 0.0
-        p[...] = jnp.asarray(base + rng.normal(0, 0.3 if base == 0 else 0.1, shape), jnp.float32)
-    return model
 
 
 def tied_dictionary(d_in: int, d_sae: int, activation: str = "relu", seed: int = 0):
@@ -262,7 +241,7 @@ def test_generate_cli_prints_steered_and_unsteered(tmp_path):
     import subprocess
     import sys
 
-    from tests.helpers import subprocess_env, write_tiny_gguf
+    from helpers import subprocess_env, write_tiny_gguf  # noqa: F811
 
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
     vec = tmp_path / "v.npy"
