@@ -259,3 +259,26 @@ def test_generate_cli_prints_steered_and_unsteered(tmp_path):
     bad = subprocess.run(cmd[:6] + ["--steer", "blocks.1.resid_post:feature=3:boost=2"], capture_output=True,
                          text=True, env=subprocess_env(), timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "expected SITE:feature" in bad.stderr
+
+
+def test_max_activation_units_scale_by_the_features_largest_activation(gemma_like):
+    from jaxinterp.steering import feature_max_acts
+
+    model = gemma_like
+    spec, params = tied_dictionary(32, 64)
+    contexts = np.asarray([[1, *PROMPTS[1]], [1, 4, 4, 9, 30, 31, 2, 7, 8, 5]], np.int32)
+    max_acts = feature_max_acts(model, spec, params, SITE, contexts)
+    dense = []
+    for row in contexts:
+        x = np.asarray(forward(model, jnp.asarray([row]), plan=Plan(capture=(SITE,))).captured[SITE][0, 1:])
+        dense.append(np.asarray(dl.encode(spec, params, jnp.asarray(x))))
+    want = np.concatenate(dense).max(0)
+    np.testing.assert_allclose(max_acts, np.where(want > 0, want, 1.0), rtol=1e-5)
+    reg = DictionaryRegistry().add(SITE, spec, params, max_acts=max_acts)
+    f = int(np.argmax(want))
+    _, ep_units = compile_steering(SteeringVector(SITE, features={f: 2.0}, units="max_activation"), reg, model.cfg, [5])
+    _, ep_raw = compile_steering(SteeringVector(SITE, features={f: 2.0 * float(want[f])}), reg, model.cfg, [5])
+    np.testing.assert_allclose(ep_units[SITE].features.values, ep_raw[SITE].features.values, rtol=1e-6)
+    with pytest.raises(SteeringError, match="max_acts"):
+        compile_steering(SteeringVector(SITE, features={f: 2.0}, units="max_activation"),
+                         DictionaryRegistry().add(SITE, spec, params), model.cfg, [5])

@@ -3,7 +3,7 @@ dictionary registry, and contrastive activation addition."""
 
 from jaxinterp.steering.edits import FeatureSlots, SiteSteering, VectorSlots, feature_delta, steer_fn, vector_edit
 from jaxinterp.steering.spec import (DictionaryRegistry, SteeringError, SteeringVector, compile_steering,
-                                     load_spec_file, parse_steer)
+                                     feature_max_acts, load_spec_file, parse_steer)
 
 __all__ = ["DictionaryRegistry", "FeatureSlots", "SiteSteering", "SteeringError", "SteeringVector", "VectorSlots",
-           "compile_steering", "feature_delta", "load_spec_file", "parse_steer", "steer_fn", "vector_edit"]
+           "compile_steering", "feature_max_acts", "feature_delta", "load_spec_file", "parse_steer", "steer_fn", "vector_edit"]

@@ -106,6 +106,25 @@ class DictionaryRegistry:
                                     f"{model_cfg.d_model}; it was trained on another model or site")
 
 
+def feature_max_acts(model, spec: dl.DictionarySpec, params: dl.Params, site: str, contexts_nt: np.ndarray,
+                     *, batch: int = 16) -> np.ndarray:
+    """[F] each feature's largest activation at `site` over the contexts (BOS excluded): the unit of
+    `SteeringVector(units="max_activation")`. Features that never fire get 1."""
+    import jax.numpy as jnp
+
+    from jaxinterp.models.decoder import forward
+    from jaxinterp.models.intercept import Plan
+
+    parse_site(site, model.cfg.n_layers)
+    best = np.zeros(spec.d_sae, np.float32)
+    for s in range(0, len(contexts_nt), batch):
+        res = forward(model, jnp.asarray(contexts_nt[s : s + batch]), plan=Plan(capture=(site,), stop_early=True))
+        x = res.captured[site][:, 1:]
+        f = dl.encode(spec, params, x.reshape(-1, x.shape[-1]))
+        best = np.maximum(best, np.asarray(f.max(axis=0)))
+    return np.where(best > 0, best, 1.0).astype(np.float32)
+
+
 def _window(positions, prompt_len: int) -> tuple[int, int]:
     if positions == "all":
         return 0, NO_END
