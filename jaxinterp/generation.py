@@ -29,7 +29,9 @@ from jaxinterp.dictionaries import sae as dl
 from jaxinterp.models.decoder import Decoder, positions_of
 from jaxinterp.models.intercept import Plan, Recorder, parse_site
 from jaxinterp.models.kvcache import CacheWriter, empty_cache
-from jaxinterp.steering.spec import DictionaryRegistry, compile_steering
+from jaxinterp.monitor import drift
+from jaxinterp.monitor.stats import Stats
+from jaxinterp.steering.spec import DictionaryRegistry, SteeringError, compile_steering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,30 @@ class Sampling:
             raise ValueError(f"sampling {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
 
+@dataclasses.dataclass(frozen=True)
+class AbortRule:
+    """Stop a row once `feature` of the dictionary at `site` exceeds `threshold` at the position a
+    new token is drawn from; that token and later ones are the pad id."""
+
+    site: str
+    feature: int
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Monitor:
+    """Drift monitoring inside generation: per site (each needs a dictionary in the registry), a
+    `DriftState` carried through the decode loop on the device and returned. Every real token the
+    model reads (prompt and generated, BOS excluded) is counted; a window is checked against the
+    site's baseline every `window` tokens."""
+
+    sites: tuple[str, ...] = ()
+    window: int = 1024
+    baselines: dict[str, Stats] | None = None
+    abort_when: tuple[AbortRule, ...] = ()
+    shift_threshold: float = 3.0
+
+
 class GenerateResult(NamedTuple):
     tokens: np.ndarray
     """[B, N] new tokens; after a row's stop token, its pad id."""
@@ -60,6 +86,10 @@ class GenerateResult(NamedTuple):
     """[B, N, V] float32 logits each new token was drawn from (`return_logits=True`)."""
     prompt_tokens: np.ndarray
     """[B, P] the left-padded prompts."""
+    monitor: dict[str, drift.DriftState]
+    """Per monitored site, the drift state after generation (`drift_report` reads it)."""
+    aborted: np.ndarray
+    """[B] bool: the row was stopped by an `AbortRule`."""
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -85,39 +115,50 @@ def _sample(logits_bv, key, samp, greedy: bool):
     return jax.random.categorical(key, jnp.where(x < cutoff, -jnp.inf, x), axis=-1).astype(jnp.int32)
 
 
-def _read(reads, read_params, captured) -> dict[str, tuple[jax.Array, jax.Array]]:
+def _encode_sites(enc, params, captured) -> dict[str, jax.Array]:
+    """Dense feature activations [B, T, F] at each site that reads, monitors or aborts."""
     out = {}
-    for site, spec, r in reads:
-        x = captured[site][:, -1]  # [B, D]
-        f = dl.encode(spec, read_params[site], x)
-        vals, ids = jax.lax.top_k(f, r)
-        out[site] = (ids.astype(jnp.int32), vals)
+    for site, spec in enc:
+        x = captured[site]
+        out[site] = dl.encode(spec, params[site], x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1)
     return out
 
 
-@partial(jax.jit, static_argnames=("graphdef", "plan", "n_new", "greedy", "reads", "return_logits"))
-def _generate(graphdef, state, tokens_bp, mask_bp, edit_params, read_params, key, samp, stop_ids, pad_id,
-              *, plan: Plan, n_new: int, greedy: bool, reads: tuple, return_logits: bool):
+@partial(jax.jit, static_argnames=("graphdef", "plan", "n_new", "greedy", "enc", "reads", "monitors", "aborts",
+                                   "return_logits"))
+def _generate(graphdef, state, tokens_bp, mask_bp, edit_params, dict_params, mon_states, abort_ids, abort_thr, key,
+              samp, stop_ids, pad_id, *, plan: Plan, n_new: int, greedy: bool, enc: tuple, reads: tuple,
+              monitors: tuple, aborts: tuple, return_logits: bool):
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
     b, p = tokens_bp.shape
     cache = empty_cache(cfg, b, p + n_new, model.embed[...].dtype)
 
-    def step(cache, tokens_bt, pos_bt, valid_bt):
+    def step(cache, mon_states, tokens_bt, pos_bt, valid_bt):
         writer = CacheWriter(cache, pos_bt, valid_bt)
         rec = Recorder(plan, edit_params, pos_bt)
         logits = model(tokens_bt, pos_bt, writer.mask_bts, rec, writer)[:, -1]
-        return writer.result(), logits, _read(reads, read_params, rec.captured)
+        feats = _encode_sites(enc, dict_params, rec.captured)
+        counted = (valid_bt & (pos_bt > 0)).reshape(-1)
+        mon_states = {site: drift.observe(mon_states[site], feats[site].reshape(-1, feats[site].shape[-1]), counted,
+                                          window=window, shift_threshold=thr)
+                      for site, window, thr in monitors}
+        read = {site: jax.lax.top_k(feats[site][:, -1], r) for site, r in reads}
+        hit = jnp.zeros((b,), jnp.bool_)
+        for j, site in enumerate(aborts):
+            hit = hit | (feats[site][:, -1, abort_ids[j]] > abort_thr[j])
+        return writer.result(), mon_states, logits, read, hit
 
     pos = positions_of(mask_bp)
-    cache, logits, feats = step(cache, tokens_bp, pos, mask_bp.astype(jnp.bool_))
+    cache, mon_states, logits, read, hit = step(cache, mon_states, tokens_bp, pos, mask_bp.astype(jnp.bool_))
     last_pos = pos[:, -1]
     key, sub = jax.random.split(key)
-    tok = _sample(logits, sub, samp, greedy)
+    tok = jnp.where(hit, pad_id, _sample(logits, sub, samp, greedy))
     out = jnp.full((b, n_new), pad_id, jnp.int32).at[:, 0].set(tok)
-    done = jnp.isin(tok, stop_ids)
-    feat_buf = {s: (jnp.zeros((b, n_new, r), jnp.int32).at[:, 0].set(feats[s][0]),
-                    jnp.zeros((b, n_new, r), jnp.float32).at[:, 0].set(feats[s][1])) for s, _, r in reads}
+    aborted = hit
+    done = jnp.isin(tok, stop_ids) | hit
+    feat_buf = {s: (jnp.zeros((b, n_new, r), jnp.int32).at[:, 0].set(read[s][1].astype(jnp.int32)),
+                    jnp.zeros((b, n_new, r), jnp.float32).at[:, 0].set(read[s][0])) for s, r in reads}
     logit_buf = jnp.zeros((b, n_new if return_logits else 1, logits.shape[-1]), jnp.float32)
     logit_buf = logit_buf.at[:, 0].set(logits) if return_logits else logit_buf
 
@@ -126,22 +167,24 @@ def _generate(graphdef, state, tokens_bp, mask_bp, edit_params, read_params, key
         return (i < n_new) & ~jnp.all(done)
 
     def body(carry):
-        i, out, done, cache, key, feat_buf, logit_buf = carry
+        i, out, done, aborted, cache, mon_states, key, feat_buf, logit_buf = carry
         prev = out[:, i - 1][:, None]
-        cache, logits, feats = step(cache, prev, (last_pos + i)[:, None], jnp.ones((b, 1), jnp.bool_))
+        cache, mon_states, logits, read, hit = step(cache, mon_states, prev, (last_pos + i)[:, None], ~done[:, None])
+        hit = hit & ~done
         key, sub = jax.random.split(key)
-        tok = jnp.where(done, pad_id, _sample(logits, sub, samp, greedy))
+        tok = jnp.where(done | hit, pad_id, _sample(logits, sub, samp, greedy))
         out = out.at[:, i].set(tok)
-        done = done | jnp.isin(tok, stop_ids)
-        feat_buf = {s: (ids.at[:, i].set(feats[s][0]), vals.at[:, i].set(feats[s][1]))
+        aborted = aborted | hit
+        done = done | jnp.isin(tok, stop_ids) | hit
+        feat_buf = {s: (ids.at[:, i].set(read[s][1].astype(jnp.int32)), vals.at[:, i].set(read[s][0]))
                     for s, (ids, vals) in feat_buf.items()}
         if return_logits:
             logit_buf = logit_buf.at[:, i].set(logits)
-        return i + 1, out, done, cache, key, feat_buf, logit_buf
+        return i + 1, out, done, aborted, cache, mon_states, key, feat_buf, logit_buf
 
-    carry = (jnp.asarray(1, jnp.int32), out, done, cache, key, feat_buf, logit_buf)
-    _, out, _, _, _, feat_buf, logit_buf = jax.lax.while_loop(cond, body, carry)
-    return out, feat_buf, (logit_buf if return_logits else None)
+    carry = (jnp.asarray(1, jnp.int32), out, done, aborted, cache, mon_states, key, feat_buf, logit_buf)
+    _, out, _, aborted, _, mon_states, _, feat_buf, logit_buf = jax.lax.while_loop(cond, body, carry)
+    return out, feat_buf, (logit_buf if return_logits else None), mon_states, aborted
 
 
 def _encode_prompts(prompts, tokenizer) -> list[list[int]]:
@@ -174,11 +217,13 @@ def generate(
     stop: tuple[int, ...] | None = None,
     tokenizer=None,
     encode: str = "full",
+    monitor: Monitor | None = None,
     return_logits: bool = False,
 ) -> GenerateResult:
     """Generate up to `max_new_tokens` per prompt (text or token ids), steered by `steering` (a
     `SteeringVector`, a list for every row, or one list per row) through `dictionaries`, reading the
-    top `read_k` features at each `read` site. `stop`: token ids that end a row (default: EOS)."""
+    top `read_k` features at each `read` site and monitoring drift at `monitor.sites`. `stop`: token
+    ids that end a row (default: EOS)."""
     cfg = model.cfg
     rows = _encode_prompts(prompts, tokenizer)
     b = len(rows)
@@ -194,33 +239,50 @@ def generate(
         tokens[i, p - len(r):], mask[i, p - len(r):] = r, 1
     lens = [len(r) for r in rows]
     edits, edit_params = compile_steering(steering, dictionaries, cfg, lens, encode=encode)
-    reads = []
-    read_params = {}
-    for site in read:
+    monitor = monitor or Monitor()
+    registry = dictionaries or DictionaryRegistry()
+    need = list(dict.fromkeys([*read, *monitor.sites, *(r.site for r in monitor.abort_when)]))
+    for site in need:
         parse_site(site, cfg.n_layers)
-        entry = (dictionaries or DictionaryRegistry()).get(site)
-        (dictionaries or DictionaryRegistry()).check(cfg)
-        reads.append((site, entry.spec, min(read_k, entry.spec.d_sae)))
-        read_params[site] = entry.params
-    plan = Plan(capture=tuple(read), edits=edits)
+        registry.get(site)
+    if need:
+        registry.check(cfg)
+    enc = tuple((site, registry.get(site).spec) for site in need)
+    dict_params = {site: registry.get(site).params for site in need}
+    reads = tuple((site, min(read_k, registry.get(site).spec.d_sae)) for site in read)
+    monitors = tuple((site, int(monitor.window), float(monitor.shift_threshold)) for site in monitor.sites)
+    baselines = monitor.baselines or {}
+    mon_states = {site: drift.init(baselines.get(site), registry.get(site).spec.d_sae) for site in monitor.sites}
+    for r in monitor.abort_when:
+        if not 0 <= r.feature < registry.get(r.site).spec.d_sae:
+            raise SteeringError(f"abort rule feature {r.feature} at {r.site!r} is out of range; the dictionary has "
+                                f"d_sae={registry.get(r.site).spec.d_sae}")
+    aborts = tuple(r.site for r in monitor.abort_when)
+    abort_ids = np.asarray([r.feature for r in monitor.abort_when], np.int32)
+    abort_thr = np.asarray([r.threshold for r in monitor.abort_when], np.float32)
+    plan = Plan(capture=tuple(need), edits=edits)
     stop_ids = np.asarray(stop if stop is not None else ([cfg.eos_id] if cfg.eos_id is not None else [-1]), np.int32)
     samp = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p))
     graphdef, state = nnx.split(model)
-    out, feats, logits = _generate(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), edit_params, read_params,
-        jax.random.key(sampling.seed), samp, jnp.asarray(stop_ids), jnp.int32(pad_id),
-        plan=plan, n_new=max_new_tokens, greedy=sampling.temperature == 0, reads=tuple(reads),
-        return_logits=return_logits)
+    out, feats, logits, mon_states, aborted = _generate(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), edit_params, dict_params, mon_states,
+        jnp.asarray(abort_ids), jnp.asarray(abort_thr), jax.random.key(sampling.seed), samp, jnp.asarray(stop_ids),
+        jnp.int32(pad_id), plan=plan, n_new=max_new_tokens, greedy=sampling.temperature == 0, enc=enc,
+        reads=reads, monitors=monitors, aborts=aborts, return_logits=return_logits)
     out = np.asarray(out)
+    aborted = np.asarray(aborted)
     stopped = np.isin(out, stop_ids)
     lengths = np.where(stopped.any(1), stopped.argmax(1) + 1, max_new_tokens)
+    first_pad = np.where((out == pad_id).any(1), (out == pad_id).argmax(1), max_new_tokens)
+    lengths = np.where(aborted, np.minimum(lengths, first_pad), lengths)
     text = None
     if tokenizer is not None:
-        text = [tokenizer.decode([t for t in out[i, : lengths[i]] if t not in set(stop_ids.tolist())])
-                for i in range(b)]
+        stops = set(stop_ids.tolist())
+        text = [tokenizer.decode([t for t in out[i, : lengths[i]] if t not in stops]) for i in range(b)]
     return GenerateResult(tokens=out, lengths=lengths, text=text,
                           features={s: (np.asarray(a), np.asarray(v)) for s, (a, v) in feats.items()},
-                          logits=None if logits is None else np.asarray(logits), prompt_tokens=tokens)
+                          logits=None if logits is None else np.asarray(logits), prompt_tokens=tokens,
+                          monitor=mon_states, aborted=aborted)
 
 
-__all__ = ["GenerateResult", "Sampling", "bucket", "generate"]
+__all__ = ["AbortRule", "GenerateResult", "Monitor", "Sampling", "bucket", "generate"]
