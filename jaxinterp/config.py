@@ -91,7 +91,7 @@ class DataConfig:
     model: str = "smollm2-135m"
     """Source `model` and `launch/harvest.py`: a registry name, a .gguf file or an HF checkpoint directory."""
     corpus: str = "shakespeare"
-    """Source `model` and `launch/harvest.py`: `shakespeare`, a folder of .txt files, or a .jsonl file
+    """Source `model` and `launch/harvest.py`: `shakespeare`, `python-docs`, a folder of .txt files, or a .jsonl file
     with a `text` field."""
     context_length: int = 128
     """Source `model` and `launch/harvest.py`: tokens per context, BOS included."""

