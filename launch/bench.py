@@ -39,6 +39,13 @@ def _generate(args):
     return res, generation.format_human
 
 
+def _drift(args):
+    from jaxinterp.benchmarks import drift
+
+    res = drift.run(d_sae=args.d_sae, tokens=args.tokens, k=args.k, generation=not args.no_generation)
+    return res, drift.format_human
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
@@ -56,10 +63,15 @@ def main() -> int:
     g.add_argument("--batch", type=int, default=8)
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--repeats", type=int, default=3)
-    for p in (t, h, g):
+    d = sub.add_parser("drift", help="Welford refresh rate vs a Python loop; monitoring overhead in generation")
+    d.add_argument("--d-sae", type=int, default=16384)
+    d.add_argument("--tokens", type=int, default=4096)
+    d.add_argument("--k", type=int, default=32)
+    d.add_argument("--no-generation", action="store_true", help="skip the SmolLM2 generation overhead")
+    for p in (t, h, g, d):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    res, fmt = {"train": _train, "harvest": _harvest, "generate": _generate}[args.area](args)
+    res, fmt = {"train": _train, "harvest": _harvest, "generate": _generate, "drift": _drift}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

@@ -160,8 +160,10 @@ def test_monitor_in_generation_counts_every_token_the_model_reads():
 
     model, spec, params, reg = _tiny_setup()
     site, n = "blocks.1.resid_post", 6
+    base = stats.update(stats.empty(64), jnp.asarray(_sparse_acts(np.random.default_rng(9), 50, 64)))
     res = generate(model, PROMPTS, max_new_tokens=n, stop=(), dictionaries=reg,
-                   monitor=Monitor(sites=(site,), window=8))
+                   monitor=Monitor(sites=(site,), window=8, baselines={site: base}))
+    np.testing.assert_array_equal(res.monitor[site].baseline.count, base.count)
     total = res.monitor[site].total
     want = stats.empty(64)
     for row, new in zip(PROMPTS, res.tokens):
