@@ -152,9 +152,15 @@ class DictionaryConfig:
     """How `b_dec` is initialised from the first batch."""
     unit_norm_decoder: bool = True
     """Keep decoder rows at unit norm (project gradients, renormalise after each step)."""
+    topk_path: Literal["auto", "pallas", "sparse", "dense"] = "auto"
+    """How topk decodes: `auto` (the Pallas kernel where the backend and sizes allow it, else the
+    plain-JAX sparse path), `pallas` (force the kernel; interpret mode on CPU), `sparse` (the
+    plain-JAX sparse path), `dense` (values scattered into [B, d_sae] and a matmul, differentiated by
+    autodiff: the baseline the sparse backward is checked against)."""
 
     def __post_init__(self) -> None:
         _choice(self.activation, "dictionary.activation", ACTIVATIONS)
+        _choice(self.topk_path, "dictionary.topk_path", ("auto", "pallas", "sparse", "dense"))
         _check(self.d_in is None or self.d_in > 0, "dictionary.d_in", "must be > 0")
         _check(self.d_sae is None or self.d_sae > 0, "dictionary.d_sae", f"must be > 0, got {self.d_sae}")
         _check(self.expansion > 0, "dictionary.expansion", "must be > 0")

@@ -41,6 +41,7 @@ class Case:
     batch_size: int
     activation: str = "topk"
     dtype: str = "float32"
+    topk_path: str = "auto"
 
     @property
     def name(self) -> str:
@@ -82,7 +83,7 @@ def time_case(case: Case, steps: int) -> float:
     """Seconds per train step (median of `steps`)."""
     raw = {
         "data": {"source": "synthetic", "synthetic": {"d_in": case.d_in, "n_features": case.d_sae}},
-        "dictionary": {"activation": case.activation, "d_sae": case.d_sae, "k": case.k},
+        "dictionary": {"activation": case.activation, "d_sae": case.d_sae, "k": case.k, "topk_path": case.topk_path},
         "train": {"batch_size": case.batch_size, "tokens": case.batch_size * 1000, "compute_dtype": case.dtype},
     }
     cfg = config_from_dict(raw)

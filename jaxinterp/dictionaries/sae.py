@@ -51,6 +51,8 @@ class DictionarySpec:
     """Rectangle-kernel width of the JumpReLU threshold pseudo-derivative."""
     compute_dtype: str = "float32"
     """Dtype of the matmuls."""
+    topk_path: str = "auto"
+    """topk decoding: auto, pallas, sparse or dense (see `DictionaryConfig.topk_path`)."""
 
     def __post_init__(self) -> None:
         if self.activation not in BUFFERS:
@@ -237,11 +239,17 @@ def forward(
     aux = jnp.zeros((), jnp.float32)
     top_idx = top_vals = batch_threshold = None
 
-    if a == "topk":
+    if a == "topk" and spec.topk_path == "dense":
+        pre_d = _pre_acts(spec, params, xn)
+        vals, top_idx = ops.topk(jax.lax.stop_gradient(pre_d), spec.k)
+        top_vals = jax.nn.relu(jnp.take_along_axis(pre_d, top_idx, axis=-1))
+        acts = scatter_dense(top_vals, top_idx, spec.d_sae)
+        xn_hat = _mm(acts, params["W_dec"], spec) + params["b_dec"]
+    elif a == "topk":
         top_vals, top_idx = topk_encode(
             xn, params["b_dec"], params["W_enc"], params["b_enc"], spec.k, spec.compute_dtype
         )
-        xn_hat = topk_decode(top_vals, top_idx, params["W_dec"]) + params["b_dec"]
+        xn_hat = topk_decode(top_vals, top_idx, params["W_dec"], path=spec.topk_path) + params["b_dec"]
         acts = scatter_dense(top_vals, top_idx, spec.d_sae)
     elif a == "batchtopk" and training:
         relu_pre = jax.nn.relu(pre)

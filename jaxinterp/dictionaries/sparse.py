@@ -84,15 +84,24 @@ def _local_ids(idx_bk, vals_bk, f_local, model):
     return jnp.clip(local, 0, f_local - 1), jnp.where(inside, vals_bk, jnp.zeros_like(vals_bk))
 
 
-def gather_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, table_fd: jax.Array) -> jax.Array:
-    """out[b] = sum_k vals[b, k] * table[idx[b, k]]  -> [B, D]."""
+def _kernel_accumulate_local(vals_bk, idx_bk, table_fd):
+    from pallas_kernels.topk_decode import topk_decode as kernel
+
+    bias = jnp.zeros((table_fd.shape[1],), table_fd.dtype)
+    return kernel(vals_bk, idx_bk, table_fd, bias, impl="pallas").astype(jnp.float32)
+
+
+def gather_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, table_fd: jax.Array, *, kernel: bool = False) -> jax.Array:
+    """out[b] = sum_k vals[b, k] * table[idx[b, k]]  -> [B, D]; through the Pallas kernel with
+    `kernel=True`."""
+    accumulate = _kernel_accumulate_local if kernel else _gather_accumulate_local
     data, model = _mesh_split(vals_bk.shape[0], table_fd.shape[0])
     if data is None and model is None:
-        return _gather_accumulate_local(vals_bk, idx_bk, table_fd)
+        return accumulate(vals_bk, idx_bk, table_fd)
 
     def local(v, i, t):
         i, v = _local_ids(i, v, t.shape[0], model)
-        out = _gather_accumulate_local(v, i, t)
+        out = accumulate(v, i, t)
         return lax.psum(out, model) if model else out
 
     return jax.shard_map(local, in_specs=(P(data, None), P(data, None), P(model, None)), out_specs=P(data, None),
@@ -134,14 +143,29 @@ def gather_dot(rows_bd: jax.Array, idx_bk: jax.Array, table_fd: jax.Array) -> ja
 # ---------------------------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def topk_decode(vals_bk: jax.Array, idx_bk: jax.Array, w_dec_fd: jax.Array) -> jax.Array:
-    """`x_hat[b] = sum_k vals[b, k] * W_dec[idx[b, k]]` (no bias), with a sparse backward."""
-    return gather_accumulate(vals_bk, idx_bk, w_dec_fd)
+def topk_decode(vals_bk: jax.Array, idx_bk: jax.Array, w_dec_fd: jax.Array, *, path: str = "sparse") -> jax.Array:
+    """`x_hat[b] = sum_k vals[b, k] * W_dec[idx[b, k]]` (no bias), with a sparse backward.
+
+    `path`: `sparse` (plain-JAX gather loops), `pallas` (the Pallas kernel forward; interpret mode
+    on CPU), `auto` (the kernel where the backend and sizes allow it). The backward is the same
+    sparse one for every path."""
+    if resolve_topk_path(path, vals_bk, w_dec_fd) == "pallas":
+        return _topk_decode_kernel(vals_bk, idx_bk, w_dec_fd)
+    return _topk_decode_sparse(vals_bk, idx_bk, w_dec_fd)
 
 
-def _topk_decode_fwd(vals_bk, idx_bk, w_dec_fd):
-    return gather_accumulate(vals_bk, idx_bk, w_dec_fd), (vals_bk, idx_bk, w_dec_fd)
+def resolve_topk_path(path: str, vals_bk: jax.Array, w_dec_fd: jax.Array) -> str:
+    """`pallas` or `sparse` for a requested path (`dense` is handled by the caller)."""
+    if path in ("sparse", "dense"):
+        return "sparse"
+    if path == "pallas":
+        return "pallas"
+    backend = jax.default_backend()
+    if backend not in ("gpu", "cuda", "rocm", "tpu"):  # on CPU the plain-JAX loops are the fast path
+        return "sparse"
+    from pallas_kernels.topk_decode import can_use_pallas
+
+    return "pallas" if can_use_pallas(backend, vals_bk.shape, w_dec_fd.shape) else "sparse"
 
 
 def _topk_decode_bwd(res, g_bd):
@@ -151,7 +175,24 @@ def _topk_decode_bwd(res, g_bd):
     return d_vals, None, d_w
 
 
-topk_decode.defvjp(_topk_decode_fwd, _topk_decode_bwd)
+@jax.custom_vjp
+def _topk_decode_sparse(vals_bk, idx_bk, w_dec_fd):
+    return gather_accumulate(vals_bk, idx_bk, w_dec_fd)
+
+
+_topk_decode_sparse.defvjp(lambda v, i, w: (gather_accumulate(v, i, w), (v, i, w)), _topk_decode_bwd)
+
+
+def _kernel_accumulate(v, i, w):
+    return gather_accumulate(v, i, w, kernel=True)
+
+
+@jax.custom_vjp
+def _topk_decode_kernel(vals_bk, idx_bk, w_dec_fd):
+    return _kernel_accumulate(vals_bk, idx_bk, w_dec_fd)
+
+
+_topk_decode_kernel.defvjp(lambda v, i, w: (_kernel_accumulate(v, i, w), (v, i, w)), _topk_decode_bwd)
 
 
 def _encode_fwd_impl(x_bd, b_dec_d, w_enc_df, b_enc_f, k, compute_dtype):

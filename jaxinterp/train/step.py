@@ -43,6 +43,7 @@ def make_spec(cfg: Config, d_in: int) -> dl.DictionarySpec:
         k=d.k,
         aux_k=aux_k,
         jumprelu_bandwidth=d.jumprelu_bandwidth,
+        topk_path=d.topk_path,
         compute_dtype=cfg.train.compute_dtype,
     )
 
