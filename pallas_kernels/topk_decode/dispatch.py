@@ -1,0 +1,90 @@
+"""Which implementation of the top-k decode runs where.
+
+Axes: `B` batch, `K` active features per row, `F` d_sae, `D` d_model.
+
+  impl="auto"       TPU -> Mosaic kernel, GPU -> Triton kernel (when `can_use_pallas`), else reference
+  impl="pallas"     the kernel for this platform; on CPU the Triton kernel in interpret mode
+  impl="pallas_tpu" / "pallas_gpu"   that kernel, interpreted unless running on its own hardware
+  impl="reference"  `topk_decode_reference` (plain JAX)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.topk_decode import gpu, tpu
+from pallas_kernels.topk_decode.reference import topk_decode_reference
+
+Impl = Literal["auto", "pallas", "pallas_tpu", "pallas_gpu", "reference"]
+IMPLS = ("auto", "pallas", "pallas_tpu", "pallas_gpu", "reference")
+
+_DTYPES = {"tpu": ("float32", "bfloat16"), "gpu": ("float32", "bfloat16", "float16")}
+
+
+def current_platform() -> str:
+    """'tpu', 'gpu' (CUDA or ROCm) or 'cpu': the platform of the default backend."""
+    backend = jax.default_backend()
+    return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
+def pallas_unsupported_reason(platform: str, shapes: tuple[int, int, int, int], dtype="float32") -> str | None:
+    """Why the kernel for `platform` cannot take `shapes` = (B, K, F, D) with W_dec of `dtype`, or None."""
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
+    if platform not in _DTYPES:
+        return f"no compiled Pallas kernel for platform {platform!r} (platforms: {sorted(_DTYPES)}; CPU only interprets)"
+    if len(shapes) != 4 or min(shapes) < 1:
+        return f"shapes {shapes} must be four positive sizes (B, K, F, D)"
+    n_rows, k, n_feat, d_model = shapes
+    name = jnp.dtype(dtype).name
+    if name not in _DTYPES[platform]:
+        return f"W_dec dtype {name} not supported on {platform}; use one of {_DTYPES[platform]}"
+    if n_feat >= 2**31:
+        return f"F={n_feat} does not fit int32 indices"
+    if platform == "tpu" and (need := tpu.tpu_vmem_bytes(k, tpu.LANES, dtype)) > tpu.VMEM_BUDGET_BYTES:
+        return (f"K={k} needs {need / 2**20:.1f} MiB of VMEM at the narrowest column block, over the "
+                f"{tpu.VMEM_BUDGET_BYTES / 2**20:.0f} MiB budget; use impl='reference' or a smaller K")
+    return None
+
+
+def can_use_pallas(platform: str, shapes: tuple[int, int, int, int], dtype="float32") -> bool:
+    """Whether `platform` ('tpu', 'gpu'/'cuda'/'rocm', 'cpu') has a kernel for (B, K, F, D) and `dtype`."""
+    return pallas_unsupported_reason(platform, shapes, dtype) is None
+
+
+def resolve_impl(impl: str, shapes: tuple[int, int, int, int], dtype, platform: str | None = None) -> str:
+    """The concrete implementation, one of 'pallas_tpu', 'pallas_gpu', 'reference', for `impl`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; choose one of {IMPLS}")
+    platform = platform or current_platform()
+    if impl == "reference":
+        return impl
+    if impl == "auto":
+        if platform in ("tpu", "gpu") and can_use_pallas(platform, shapes, dtype):
+            return f"pallas_{platform}"
+        return "reference"
+    kernel = impl if impl != "pallas" else ("pallas_tpu" if platform == "tpu" else "pallas_gpu")
+    kernel_platform = kernel.removeprefix("pallas_")
+    reason = pallas_unsupported_reason(kernel_platform, shapes, dtype)
+    if reason is not None:
+        raise ValueError(f"impl={impl!r}: {reason}")
+    return kernel
+
+
+def decode_forward(vals_bk, idx_bk, w_dec_fd, b_dec_d, impl: str, interpret) -> jax.Array:
+    """Run the resolved `impl` ('pallas_tpu', 'pallas_gpu', 'reference'); interpret=None: iff off its hardware."""
+    if impl == "reference":
+        return topk_decode_reference(vals_bk, idx_bk, w_dec_fd, b_dec_d)
+    if interpret is None:
+        interpret = current_platform() != impl.removeprefix("pallas_")
+    if impl == "pallas_tpu":
+        return tpu.topk_decode_tpu(vals_bk, idx_bk, w_dec_fd, b_dec_d, interpret=interpret)
+    return gpu.topk_decode_gpu(vals_bk, idx_bk, w_dec_fd, b_dec_d, interpret=bool(interpret))
+
+
+def problem_shapes(vals_bk: jax.Array, w_dec_fd: jax.Array) -> tuple[int, int, int, int]:
+    """(B, K, F, D) of a decode; leading batch axes of vals are folded into B."""
+    return (math.prod(vals_bk.shape[:-1]), vals_bk.shape[-1], *w_dec_fd.shape)
