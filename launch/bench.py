@@ -46,6 +46,12 @@ def _drift(args):
     return res, drift.format_human
 
 
+def _kernels(args):
+    from jaxinterp.benchmarks import kernels
+
+    return kernels.run(repeats=args.repeats, train=not args.no_train), kernels.format_human
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
@@ -68,10 +74,13 @@ def main() -> int:
     d.add_argument("--tokens", type=int, default=4096)
     d.add_argument("--k", type=int, default=32)
     d.add_argument("--no-generation", action="store_true", help="skip the SmolLM2 generation overhead")
-    for p in (t, h, g, d):
+    kn = sub.add_parser("kernels", help="top-k decode: Pallas / sparse loops vs dense and XLA gather; train sparse vs dense")
+    kn.add_argument("--repeats", type=int, default=5)
+    kn.add_argument("--no-train", action="store_true", help="skip the train-step comparison")
+    for p in (t, h, g, d, kn):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    res, fmt = {"train": _train, "harvest": _harvest, "generate": _generate, "drift": _drift}[args.area](args)
+    res, fmt = {"train": _train, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

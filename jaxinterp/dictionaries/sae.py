@@ -189,7 +189,12 @@ def decode(spec: DictionarySpec, params: Params, feature_acts: jax.Array) -> jax
 
 
 def reconstruct(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
-    """decode(encode(x)) at inference."""
+    """decode(encode(x)) at inference; topk decodes its K selected rows only (the Pallas kernel on
+    GPU/TPU, per `spec.topk_path`), never a dense [B, F] product."""
+    if spec.activation == "topk" and spec.topk_path != "dense":
+        vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, x)), spec.k)
+        xn_hat = topk_decode(jax.nn.relu(vals), idx, params["W_dec"], path=spec.topk_path) + params["b_dec"]
+        return xn_hat / params["norm_scale"]
     return decode(spec, params, encode(spec, params, x))
 
 
