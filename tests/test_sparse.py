@@ -217,3 +217,13 @@ def test_kth_largest_local_with_ties():
     x[0, :3] = [1e-30, 3e30, 2.5]
     for m in (1, 2, 32 * 4, 32 * 20, 32 * 48):
         assert float(jax.jit(partial(ops.kth_largest, m=m))(jnp.asarray(x))) == _np_kth(x, m), m
+
+
+def test_auto_path_takes_the_kernel_only_where_one_compiles():
+    from jaxinterp.dictionaries.sparse import kernel_fits, resolve_topk_path
+
+    v, w = jnp.zeros((8, 32), jnp.float32), jnp.zeros((16384, 768), jnp.float32)
+    assert resolve_topk_path("auto", v, w) == ("pallas" if jax.default_backend() in ("gpu", "tpu") else "sparse")
+    assert resolve_topk_path("pallas", v, w) == "pallas" and resolve_topk_path("dense", v, w) == "sparse"
+    assert kernel_fits("gpu", (8, 32), (16384, 768), jnp.float32) and kernel_fits("tpu", (8, 32), (16384, 768), jnp.float32)
+    assert not kernel_fits("cpu", (8, 32), (16384, 768), jnp.float32)

@@ -163,9 +163,15 @@ def resolve_topk_path(path: str, vals_bk: jax.Array, w_dec_fd: jax.Array) -> str
     backend = jax.default_backend()
     if backend not in ("gpu", "cuda", "rocm", "tpu"):  # on CPU the plain-JAX loops are the fast path
         return "sparse"
+    return "pallas" if kernel_fits(backend, vals_bk.shape, w_dec_fd.shape, w_dec_fd.dtype) else "sparse"
+
+
+def kernel_fits(backend: str, vals_shape, table_shape, dtype) -> bool:
+    """Whether the Pallas decode kernel of `backend` takes vals [B, K] against a table [F, D]."""
     from pallas_kernels.topk_decode import can_use_pallas
 
-    return "pallas" if can_use_pallas(backend, vals_bk.shape, w_dec_fd.shape) else "sparse"
+    (b, k), (f, d) = vals_shape, table_shape
+    return can_use_pallas(backend, (b, k, f, d), dtype)
 
 
 def _topk_decode_bwd(res, g_bd):
