@@ -97,7 +97,7 @@ def main() -> int:
         exporter = MetricsExporter()
         exporter.observe_report(report, fires={site: float(current.count.sum())})
         server = exporter.serve(args.metrics_port)
-        print(f"metrics at {server.url}", file=sys.stderr)
+        print(f"metrics at {server.url} (Ctrl-C to stop)", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
     else:
@@ -107,6 +107,12 @@ def main() -> int:
         print(f"  kl_divergence {rep['kl_divergence']:.4f}  shifted {rep['n_shifted']}  dead {rep['n_dead']} "
               f"(newly {rep['n_newly_dead']})  newly active {rep['n_newly_active']}")
         print(f"  top features {rep['top_features']}  most shifted {rep['shifted_features'][:10]}")
+    if args.metrics_port is not None:
+        import time
+
+        sys.stdout.flush()
+        while True:  # keep /metrics up for scrapers until interrupted
+            time.sleep(3600)
     return 0
 
 
