@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.benchmarks.timing import interleaved_medians, median_seconds
 from jaxinterp.monitor import stats as st
 
 
@@ -30,16 +31,6 @@ def python_loop_update(count, mean, m2, ids, vals):
             m2[f] += d * (v - mean[f])
 
 
-def _median(fn, repeats):
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def run(*, d_sae: int = 16384, tokens: int = 4096, k: int = 32, repeats: int = 20, generation: bool = True,
         model: str = "smollm2-135m", site: str = "blocks.15.resid_post") -> dict:
     rng = np.random.default_rng(0)
@@ -48,12 +39,12 @@ def run(*, d_sae: int = 16384, tokens: int = 4096, k: int = 32, repeats: int = 2
     jids, jvals = jnp.asarray(ids), jnp.asarray(vals)
     update = jax.jit(lambda s, i, v: st.update(s, (i, v), chunk=1024))
     state = st.empty(d_sae)
-    t_topk = _median(lambda: update(state, jids, jvals), repeats)
+    t_topk = median_seconds(lambda: update(state, jids, jvals), repeats)
     dense = np.zeros((tokens, d_sae), np.float32)
     np.put_along_axis(dense, ids, vals, axis=1)
     jdense = jnp.asarray(dense)
     update_dense = jax.jit(lambda s, x: st.update(s, x, chunk=256))
-    t_dense = _median(lambda: update_dense(state, jdense), max(3, repeats // 4))
+    t_dense = median_seconds(lambda: update_dense(state, jdense), max(3, repeats // 4))
     count, mean, m2 = np.zeros(d_sae), np.zeros(d_sae), np.zeros(d_sae)
     t = time.perf_counter()
     python_loop_update(count, mean, m2, ids, vals)
@@ -87,15 +78,7 @@ def _generation_overhead(model: str, site: str, batch: int = 8, new_tokens: int 
     def call(mon):
         return generate(lm, prompts, max_new_tokens=new_tokens, stop=(), dictionaries=reg, monitor=mon).tokens
 
-    for m in variants.values():
-        call(m)
-    times = {n: [] for n in variants}
-    for _ in range(repeats):
-        for n, m in variants.items():
-            t = time.perf_counter()
-            call(m)
-            times[n].append(time.perf_counter() - t)
-    med = {n: float(np.median(ts)) for n, ts in times.items()}
+    med = interleaved_medians(variants, call, repeats)
     return {"generation_model": model, "generation_site": site, "generation_tokens_per_s": batch * new_tokens / med["plain"],
             "monitored_tokens_per_s": batch * new_tokens / med["monitored"],
             "generation_overhead": med["monitored"] / med["plain"] - 1}

@@ -8,11 +8,10 @@ The dictionary is a TopK SAE of the site's width (random weights: cost does not 
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
+from jaxinterp.benchmarks.timing import interleaved_medians
 from jaxinterp.dictionaries import sae as dl
 from jaxinterp.generation import generate
 from jaxinterp.models import load_model
@@ -42,15 +41,7 @@ def run(*, model: str = "smollm2-135m", site: str = "blocks.15.resid_post", batc
     def call(kw):
         return generate(lm, prompts, max_new_tokens=new_tokens, stop=(), dictionaries=reg, **kw).tokens
 
-    for kw in variants.values():
-        call(kw)
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, kw in variants.items():
-            t = time.perf_counter()
-            call(kw)
-            times[name].append(time.perf_counter() - t)
-    med = {name: float(np.median(ts)) for name, ts in times.items()}
+    med = interleaved_medians(variants, call, repeats)
     n = batch * new_tokens
     out = {"benchmark": "generate", "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
            "model": model, "site": site, "batch": batch, "new_tokens": new_tokens, "d_sae": d_sae, "k": k,

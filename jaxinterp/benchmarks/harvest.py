@@ -7,22 +7,11 @@ call; the median of `repeats` calls.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
+from jaxinterp.benchmarks.timing import median_seconds
 from jaxinterp.models import Plan, forward, load_model
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def run(*, model: str = "smollm2-135m", site: str = "blocks.15.resid_post", contexts: int = 32,
@@ -31,8 +20,8 @@ def run(*, model: str = "smollm2-135m", site: str = "blocks.15.resid_post", cont
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, lm.cfg.vocab_size, size=(contexts, context_length))
     stop = Plan(capture=(site,), stop_early=True)
-    t_site = _median_seconds(lambda: forward(lm, tokens, plan=stop).captured[site], repeats)
-    t_full = _median_seconds(lambda: forward(lm, tokens).logits, repeats)
+    t_site = median_seconds(lambda: forward(lm, tokens, plan=stop).captured[site], repeats)
+    t_full = median_seconds(lambda: forward(lm, tokens).logits, repeats)
     n = contexts * context_length
     out = {
         "benchmark": "harvest",
@@ -47,7 +36,7 @@ def run(*, model: str = "smollm2-135m", site: str = "blocks.15.resid_post", cont
     }
     for b in (1, 16):
         batch = rng.integers(0, lm.cfg.vocab_size, size=(b, context_length))
-        out[f"full_forward_tokens_per_s_batch{b}"] = b * context_length / _median_seconds(
+        out[f"full_forward_tokens_per_s_batch{b}"] = b * context_length / median_seconds(
             lambda: forward(lm, batch).logits, repeats)
     return out
 

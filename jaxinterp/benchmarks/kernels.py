@@ -15,12 +15,11 @@ best streaming-read bandwidth (a sum over 256 MiB) measured in the same run.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.benchmarks.timing import median_seconds
 from jaxinterp.dictionaries import sparse
 
 PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12, "TPU v4": 1.2e12, "TPU v5 lite": 0.82e12,
@@ -31,16 +30,6 @@ CPU_GRID = [(16384, 32, 1), (16384, 32, 256), (16384, 32, 4096), (65536, 64, 256
 ACCEL_GRID = [(f, k, b) for f in (16384, 65536, 262144) for k in (32, 64, 128) for b in (1, 16, 256, 1024, 4096)]
 
 
-def _median(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def peak_bandwidth() -> tuple[float, str]:
     kind = jax.devices()[0].device_kind
     for name, peak in PEAK_HBM.items():
@@ -49,7 +38,7 @@ def peak_bandwidth() -> tuple[float, str]:
     x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB
     total = jax.jit(jnp.sum)
     jax.block_until_ready(total(x))
-    sec = min(_median(lambda: total(x), 1) for _ in range(5))
+    sec = min(median_seconds(lambda: total(x), 1) for _ in range(5))
     return x.nbytes / sec, "measured: streaming read (sum) of a 256 MiB array"
 
 
@@ -86,7 +75,7 @@ def decode_grid(grid, *, d_model: int = 768, repeats: int = 5, dense_limit: int 
         for name, fn in fns.items():
             if name == "dense" and b * f > dense_limit:
                 continue
-            sec = _median(lambda: fn(vals, idx, w, bias), repeats)
+            sec = median_seconds(lambda: fn(vals, idx, w, bias), repeats)
             row[f"{name}_us"] = sec * 1e6
             row[f"{name}_bandwidth_fraction"] = nbytes / sec / peak
         best_ours = min(row.get("pallas_us", np.inf), row["sparse_loop_us"])
