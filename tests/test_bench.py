@@ -1,0 +1,41 @@
+"""The benchmark entry points run and print the JSON keys their figures are quoted under."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import subprocess_env
+
+from jaxinterp.benchmarks import kernels
+from jaxinterp.benchmarks.timing import interleaved_medians, median_seconds
+
+
+def test_drift_bench_json_keys():
+    cmd = [sys.executable, "launch/bench.py", "drift", "--d-sae", "256", "--tokens", "64", "--k", "4",
+           "--no-generation", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert {"refresh_hz", "python_loop_refresh_hz", "speedup_vs_python_loop"} <= set(res)
+    assert res["refresh_hz"] > 0 and res["speedup_vs_python_loop"] > 1
+
+
+def test_kernel_decode_grid_rows():
+    rows = kernels.decode_grid([(512, 4, 8), (300, 3, 5)], d_model=64, repeats=2)
+    assert [(r["d_sae"], r["k"], r["batch"]) for r in rows] == [(512, 4, 8), (300, 3, 5)]
+    for r in rows:
+        assert r["sparse_loop_us"] > 0 and r["xla_gather_us"] > 0 and r["dense_us"] > 0
+        assert 0 < r["sparse_loop_bandwidth_fraction"] and r["speedup_vs_dense"] > 0
+    text = kernels.format_human({"device": "cpu", "platform": "cpu", "peak_bandwidth_gb_s": 1.0, "peak_source": "x",
+                                 "decode": rows})
+    assert "512" in text and "vs dense" in text
+
+
+def test_timing_helpers_count_calls():
+    calls = []
+    assert median_seconds(lambda: calls.append(1), 3) >= 0 and len(calls) == 4
+    seen = []
+    med = interleaved_medians({"a": 1, "b": 2}, seen.append, 2)
+    assert set(med) == {"a", "b"} and seen == [1, 2, 1, 2, 1, 2]
