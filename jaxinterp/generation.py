@@ -17,7 +17,6 @@ from (the last prompt token for i = 0), after any steering at that site.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -124,9 +123,11 @@ def _encode_sites(enc, params, captured) -> dict[str, jax.Array]:
     return out
 
 
-@partial(jax.jit, static_argnames=("graphdef", "plan", "n_new", "greedy", "enc", "reads", "monitors", "aborts",
-                                   "return_logits"))
-def _generate(graphdef, state, tokens_bp, mask_bp, edit_params, dict_params, mon_states, abort_ids, abort_thr, key,
+STATIC = ("graphdef", "plan", "n_new", "greedy", "enc", "reads", "monitors", "aborts", "return_logits")
+"""The structure a compiled generate depends on; every other argument is data."""
+
+
+def generate_program(graphdef, state, tokens_bp, mask_bp, edit_params, dict_params, mon_states, abort_ids, abort_thr, key,
               samp, stop_ids, pad_id, *, plan: Plan, n_new: int, greedy: bool, enc: tuple, reads: tuple,
               monitors: tuple, aborts: tuple, return_logits: bool):
     model = nnx.merge(graphdef, state)
@@ -185,6 +186,9 @@ def _generate(graphdef, state, tokens_bp, mask_bp, edit_params, dict_params, mon
     carry = (jnp.asarray(1, jnp.int32), out, done, aborted, cache, mon_states, key, feat_buf, logit_buf)
     _, out, _, aborted, _, mon_states, _, feat_buf, logit_buf = jax.lax.while_loop(cond, body, carry)
     return out, feat_buf, (logit_buf if return_logits else None), mon_states, aborted
+
+
+_generate = jax.jit(generate_program, static_argnames=STATIC)
 
 
 def _encode_prompts(prompts, tokenizer) -> list[list[int]]:

@@ -202,6 +202,27 @@ def test_changing_values_never_recompiles():
     assert generation._generate._cache_size() == before
 
 
+def test_one_trace_for_new_values_under_chex(monkeypatch):
+    """The compiled program traced at most once while ids, strengths, modes, vectors, windows and
+    the seed change (chex.assert_max_traces around the program generate jits)."""
+    import chex
+
+    model = tiny_model(CFGS["llama"])
+    spec, params = tied_dictionary(32, 64)
+    reg = DictionaryRegistry().add(SITE, spec, params)
+    chex.clear_trace_counter()
+    counted = jax.jit(chex.assert_max_traces(generation.generate_program, n=1), static_argnames=generation.STATIC)
+    monkeypatch.setattr(generation, "_generate", counted)
+    rng = np.random.default_rng(4)
+    for i, mode in enumerate(("add", "clamp", "scale", "ablate")):
+        st = [SteeringVector(SITE, features={int(rng.integers(64)): float(rng.normal())}, mode=mode,
+                             positions=("all", "prompt", "generated", (1, 6))[i]),
+              SteeringVector(SITE, vector=rng.normal(size=32), mode=("add", "remove", "cap", "add_normed")[i])]
+        generate(model, PROMPTS, max_new_tokens=4, dictionaries=reg, steering=st, read=(SITE,),
+                 sampling=Sampling(temperature=0.5 * i + 0.5, top_k=i, top_p=0.9, seed=i))
+    chex.clear_trace_counter()
+
+
 def test_prompt_length_buckets_share_a_compile():
     model = tiny_model(CFGS["llama"])
     generate(model, [[2, 3, 4]], max_new_tokens=3)
