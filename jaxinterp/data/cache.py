@@ -35,7 +35,7 @@ from tqdm import tqdm
 from jaxinterp.config import Config, DataConfig
 from jaxinterp.data.activations import chunk_rows, eval_activation_batches, open_site_model, visit_order
 from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents, token_contexts
-from jaxinterp.data.npy import DataError
+from jaxinterp.data.npy import DataError, memmap_npy
 
 FORMAT = 1
 """Version of the manifest layout; a cache of another version is refused."""
@@ -178,13 +178,8 @@ def open_chunk(directory: Path, entry: dict, manifest: dict) -> np.ndarray:
     fix = f"re-harvest with python launch/harvest.py ... --out {directory} --force"
     if not path.is_file():
         raise DataError(f"{path} is listed in the manifest but missing; {fix}")
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except Exception as e:  # numpy raises several types for corrupt headers
-        raise DataError(f"{path} is not a readable .npy file ({e}); {fix}") from None
+    arr = memmap_npy(path, fix)
     want = CACHE_DTYPES.get(manifest["dtype"])
-    if manifest["dtype"] == "bfloat16" and arr.dtype.kind == "V" and arr.dtype.itemsize == 2:
-        arr = arr.view(ml_dtypes.bfloat16)
     expected = (entry["n_rows"], manifest["d_model"])
     if arr.shape != expected or want is None or arr.dtype != np.dtype(want):
         raise DataError(f"{path} holds {arr.dtype} {arr.shape}, the manifest says {manifest['dtype']} {expected}; "

@@ -23,22 +23,29 @@ class DataError(ValueError):
     """Unreadable or mismatched activation data; the message names the file and the fix."""
 
 
+def memmap_npy(path: Path, fix: str) -> np.ndarray:
+    """Memory-map a .npy file; 2-byte raw values (how numpy saves bfloat16) come back as bfloat16.
+    An unreadable file is a DataError naming it and `fix`."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except Exception as e:  # numpy raises several types for corrupt headers
+        raise DataError(f"{path} is not a readable .npy file ({e}); {fix}") from None
+    if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:
+        arr = arr.view(ml_dtypes.bfloat16)
+    return arr
+
+
 def open_activations(path: str, dtype: str = "auto") -> np.ndarray:
     """Memory-map an activation file [tokens, d_in], checking its shape and dtype."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data.path {str(p)!r} not found; point data.path at an existing .npy activation file")
-    try:
-        arr = np.load(p, mmap_mode="r")
-    except Exception as e:  # numpy raises several types for corrupt headers
-        raise DataError(f"data.path {str(p)!r} is not a readable .npy file ({e}); re-create it with numpy.save") from None
+    arr = memmap_npy(p, "re-create it with numpy.save")
     if arr.ndim != 2:
         raise DataError(f"data.path {str(p)!r} has shape {arr.shape}; expected a matrix [tokens, d_in]")
-    if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:
-        if dtype not in ("bfloat16", "auto"):
-            raise DataError(f"data.path {str(p)!r} holds 2-byte raw values; set data.dtype: bfloat16")
-        arr = arr.view(ml_dtypes.bfloat16)
-    elif dtype != "auto" and arr.dtype != np.dtype(_DTYPES[dtype]):
+    if arr.dtype == np.dtype(ml_dtypes.bfloat16) and dtype not in ("bfloat16", "auto"):
+        raise DataError(f"data.path {str(p)!r} holds 2-byte raw values; set data.dtype: bfloat16")
+    if dtype != "auto" and arr.dtype != np.dtype(_DTYPES[dtype]):
         raise DataError(f"data.path {str(p)!r} has dtype {arr.dtype}, but data.dtype is {dtype}; set data.dtype: auto")
     if arr.dtype not in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)):
         raise DataError(f"data.path {str(p)!r} has dtype {arr.dtype}; expected float16, bfloat16 or float32")
