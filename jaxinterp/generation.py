@@ -199,7 +199,8 @@ def _encode_prompts(prompts, tokenizer) -> list[list[int]]:
         if isinstance(pr, str):
             if tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass tokenizer= or token id lists")
-            ids = tokenizer.encode(pr, add_bos=getattr(tokenizer, "add_bos_token", False))
+            ids = (tokenizer.encode_prompt(pr) if hasattr(tokenizer, "encode_prompt")
+                   else tokenizer.encode(pr, add_bos=getattr(tokenizer, "add_bos_token", False)))
         else:
             ids = [int(t) for t in pr]
         if not ids:
@@ -237,6 +238,8 @@ def generate(
         raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"{cfg.max_positions} positions; shorten one")
     pad_id = cfg.pad_id if cfg.pad_id is not None else (cfg.eos_id if cfg.eos_id is not None else 0)
+    if not 0 <= pad_id < cfg.vocab_size:  # an out-of-vocabulary id would embed as NaN and poison attention
+        pad_id = 0
     tokens = np.full((b, p), pad_id, np.int32)
     mask = np.zeros((b, p), np.int32)
     for i, r in enumerate(rows):

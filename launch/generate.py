@@ -1,12 +1,16 @@
-"""Steered and unsteered continuations side by side, from the same seed:
+"""Continue prompts with a model, plainly or steered (then steered and unsteered side by side,
+from the same seed):
 
+    python launch/generate.py --model smollm2-135m --prompt "..." [--json]
     python launch/generate.py --model smollm2-135m --prompt "..." \
         --dictionary runs/default --steer blocks.15.resid_post:feature=123:add=4 \
         --steer blocks.15.resid_post:vector=v.npy:scale=8 [--spec steer.json] [--json]
 
 `--model`: a registry name, an HF checkpoint directory or a .gguf file. `--dictionary [SITE=]RUN_DIR`
 attaches a trained dictionary (at its own site unless SITE= is given) for feature steering. Greedy
-unless --temperature is given.
+unless --temperature is given. `--json` prints one object per prompt: `prompt`, `text` (the
+continuation; steered when steering is given) and `unsteered` (equal to `text` without steering),
+plus `steered` when steering is given.
 """
 
 from __future__ import annotations
@@ -43,8 +47,6 @@ def main() -> int:
     from jaxinterp.steering import DictionaryRegistry, load_spec_file, parse_steer
 
     specs = [parse_steer(s) for s in args.steer] + (load_spec_file(args.spec) if args.spec else [])
-    if not specs:
-        raise ValueError("nothing to steer; give --steer or --spec")
     registry = DictionaryRegistry()
     for d in args.dictionary:
         site, _, run = d.rpartition("=")
@@ -55,10 +57,14 @@ def main() -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, tokenizer=tok, dictionaries=registry)
     plain = generate(model, args.prompt, **kw)
+    if not specs:
+        for prompt, text in zip(args.prompt, plain.text):
+            print(json.dumps({"prompt": prompt, "text": text, "unsteered": text}) if args.json else f"{prompt}{text}")
+        return 0
     steered = generate(model, args.prompt, steering=specs, encode=args.encode, **kw)
     for prompt, a, b in zip(args.prompt, plain.text, steered.text):
         if args.json:
-            print(json.dumps({"prompt": prompt, "unsteered": a, "steered": b}))
+            print(json.dumps({"prompt": prompt, "text": b, "unsteered": a, "steered": b}))
         else:
             print(f"prompt:    {prompt!r}\nunsteered: {a!r}\nsteered:   {b!r}\n")
     return 0

@@ -275,11 +275,59 @@ def test_generate_cli_prints_steered_and_unsteered(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["hello", "a b"]
-    assert all(set(r) == {"prompt", "unsteered", "steered"} for r in rows)
+    assert all(set(r) == {"prompt", "text", "unsteered", "steered"} and r["text"] == r["steered"] for r in rows)
     assert any(r["steered"] != r["unsteered"] for r in rows)
     bad = subprocess.run(cmd[:6] + ["--steer", "blocks.1.resid_post:feature=3:boost=2"], capture_output=True,
                          text=True, env=subprocess_env(), timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "expected SITE:feature" in bad.stderr
+
+
+def test_generate_cli_without_steering_prints_the_continuation(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env, write_tiny_gguf  # noqa: F811
+
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    base = [sys.executable, "launch/generate.py", "--model", gguf_path, "--prompt", "hello", "--prompt", "a b",
+            "--max-new-tokens", "6"]
+    out = subprocess.run(base + ["--json"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello", "a b"]
+    assert all(set(r) == {"prompt", "text", "unsteered"} and r["text"] == r["unsteered"] for r in rows)
+    # the same continuation as a zero steering vector, which leaves the forward unchanged
+    zero = tmp_path / "zero.npy"
+    np.save(zero, np.zeros(32, np.float32))
+    steered = subprocess.run(base + ["--json", "--steer", f"blocks.0.resid_post:vector={zero}"], capture_output=True,
+                             text=True, env=subprocess_env(), timeout=300)
+    assert steered.returncode == 0, steered.stderr
+    assert [json.loads(line)["steered"] for line in steered.stdout.splitlines()] == [r["text"] for r in rows]
+    plain = subprocess.run(base, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert rows[0]["text"] in plain.stdout and rows[1]["text"] in plain.stdout
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "is empty"),
+    (b"not an array at all", "not a .npy"),
+])
+def test_generate_cli_names_a_bad_vector_file_in_one_line(tmp_path, content, match):
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env, write_tiny_gguf  # noqa: F811
+
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    vec = tmp_path / "v.npy"
+    vec.write_bytes(content)
+    out = subprocess.run([sys.executable, "launch/generate.py", "--model", gguf_path, "--prompt", "hello",
+                          "--steer", f"blocks.0.resid_post:vector={vec}"], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=300)
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert str(vec) in lines[0] and match in lines[0], lines[0]
 
 
 def test_max_activation_units_scale_by_the_features_largest_activation(gemma_like):

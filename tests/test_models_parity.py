@@ -254,3 +254,50 @@ def test_bfloat16_on_request(tiny):
     assert got.dtype == jnp.float32 and float(jnp.abs(got - ref).max()) < 0.1 * float(jnp.abs(ref).max()) + 0.05
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         load_model(str(path), dtype=jnp.float16)
+
+
+def test_generate_cli_reproduces_transformers_greedy_continuations(tmp_path, tiny):
+    """`launch/generate.py --json` without steering gives transformers' greedy continuation for every
+    family: prompts tokenized as transformers' tokenizer does (the tokenizer.json's post-processor
+    adds BOS where the family has one), decoded through the same tokenizer."""
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from helpers import subprocess_env
+
+    name, hf_model, path = tiny
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for f in path.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    names = [*letters, *(f"<{i}>" for i in range(len(letters), VOCAB))]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="<26>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    bos = hf_model.config.bos_token_id
+    if bos is not None and bos < VOCAB:
+        tok.post_processor = processors.TemplateProcessing(single=f"{names[bos]} $A", special_tokens=[(names[bos], bos)])
+    tok.save(str(d / "tokenizer.json"))
+    prompts = ["cab", "hello world", "zzz", "q"]
+    cmd = [sys.executable, "launch/generate.py", "--model", str(d), "--max-new-tokens", "8", "--json"]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    eos = load_model(str(d))[0].cfg.eos_id
+    for prompt, row in zip(prompts, rows):
+        ids = hf_tok(prompt)["input_ids"]
+        with torch.no_grad():
+            gen = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        new = gen[0, len(ids):].tolist()
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+        assert row["text"] == hf_tok.decode(new) and row["unsteered"] == row["text"], (name, prompt, new)

@@ -230,7 +230,7 @@ class Tokenizer:
     """Byte-level BPE tokenizer built from GGUF metadata (wraps a `tokenizers.Tokenizer`)."""
 
     def __init__(self, hf_tokenizer, bos_id: int, eos_id: int, pad_id: int | None, vocab_size: int,
-                 add_bos_token: bool = False, chat_template: str | None = None):
+                 add_bos_token: bool = False, chat_template: str | None = None, post_process: bool = False):
         self._tok = hf_tokenizer
         self.bos_id = bos_id
         self.eos_id = eos_id
@@ -238,10 +238,19 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self.add_bos_token = add_bos_token  # the file's own default (False for SmolLM2)
         self.chat_template = chat_template
+        self.post_process = post_process  # prompts get the tokenizer.json's own special tokens, as in transformers
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else list(ids)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids as the model's own tokenizer gives them: an HF checkpoint's tokenizer.json
+        with its post-processor's special tokens (what `transformers`' tokenizer(text) returns), a
+        GGUF file's with BOS when the file says so."""
+        if self.post_process:
+            return list(self._tok.encode(text, add_special_tokens=True).ids)
+        return self.encode(text, add_bos=self.add_bos_token)
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)

@@ -205,7 +205,8 @@ def load_hf_tokenizer(directory: str | Path, cfg: DecoderConfig):
     except Exception as e:  # the tokenizers package raises a bare Exception on bad JSON
         raise CheckpointError(f"{path} is not a readable tokenizer.json ({e}); re-save the tokenizer") from None
     bos = cfg.bos_id if cfg.bos_id is not None else cfg.eos_id
-    return Tokenizer(tok, bos_id=bos, eos_id=cfg.eos_id, pad_id=cfg.pad_id, vocab_size=tok.get_vocab_size())
+    return Tokenizer(tok, bos_id=bos, eos_id=cfg.eos_id, pad_id=cfg.pad_id, vocab_size=tok.get_vocab_size(),
+                     post_process=True)
 
 
 def load_hf(directory: str | Path, *, dtype=jnp.float32) -> Decoder:

@@ -218,6 +218,30 @@ def _vector_slots(vecs, d_model: int, prompt_lens) -> VectorSlots:
     return VectorSlots(vectors, vals, modes, lo, hi)
 
 
+def load_vector(path: str | Path, what: str) -> np.ndarray:
+    """A steering vector [D] from a .npy file; anything else is one `SteeringError` line naming the
+    file (`what` says where it was given)."""
+    p = Path(path)
+    fix = "save a 1-D float array with numpy.save(path, vector)"
+    if not p.is_file():
+        raise SteeringError(f"{what}: vector file {str(p)!r} not found; {fix}")
+    try:
+        vec = np.load(p, allow_pickle=False)
+    except Exception as e:  # empty, truncated, pickled or not-.npy files each raise their own type
+        reason = "it is empty" if p.stat().st_size == 0 else f"not a .npy file: {str(e).splitlines()[0]}"
+        raise SteeringError(f"{what}: cannot read the vector file {str(p)!r} ({reason}); {fix}") from None
+    if not isinstance(vec, np.ndarray):
+        vec.close()
+        raise SteeringError(f"{what}: {str(p)!r} is a .npz archive, not one array; {fix}")
+    if vec.dtype.kind not in "fiu" or vec.size == 0:
+        raise SteeringError(f"{what}: {str(p)!r} holds a {vec.dtype} array of shape {vec.shape}; {fix}")
+    if vec.ndim != 1:
+        if vec.ndim == 2 and 1 in vec.shape:
+            return vec.reshape(-1).astype(np.float32)
+        raise SteeringError(f"{what}: {str(p)!r} has shape {vec.shape}; {fix}")
+    return vec.astype(np.float32)
+
+
 def load_spec_file(path: str | Path) -> list[SteeringVector]:
     """Steering specs from JSON: a list of objects with the fields of `SteeringVector` (`vector` may
     be a list of numbers or the path of a .npy file)."""
@@ -230,7 +254,7 @@ def load_spec_file(path: str | Path) -> list[SteeringVector]:
     for it in items if isinstance(items, list) else [items]:
         it = dict(it)
         if isinstance(it.get("vector"), str):
-            it["vector"] = np.load(it["vector"])
+            it["vector"] = load_vector(it["vector"], f"steering spec file {str(p)!r}")
         if it.get("features") is not None:
             it["features"] = {int(k): float(v) for k, v in it["features"].items()}
         if isinstance(it.get("positions"), list):
@@ -272,12 +296,7 @@ def parse_steer(arg: str) -> SteeringVector:
             value = 0.0 if modes[0] == "ablate" else float(kv[modes[0]])
             return SteeringVector(site, features={f: value for f in ids}, mode=modes[0], **extra)
         if "vector" in kv:
-            path = kv.pop("vector")
-            try:
-                vec = np.load(path)
-            except (OSError, ValueError) as e:
-                raise SteeringError(f"--steer {arg!r}: cannot read the vector file {path!r} ({e}); save it "
-                                    "with numpy.save") from None
+            vec = load_vector(kv.pop("vector"), f"--steer {arg!r}")
             mode, scale = kv.pop("mode", "add"), float(kv.pop("scale", 1.0))
             if kv:
                 raise SteeringError(usage)
