@@ -159,10 +159,10 @@ def test_synthetic_is_deterministic_per_step_and_resumes():
     assert not np.array_equal(batches[0], batches[1])  # steps differ
 
     resumed = SyntheticSource(SYN, 64, seed=3)
-    resumed.set_state(json.loads(json.dumps({"step": 4})))
+    resumed.set_state(json.loads(json.dumps({"next_batch": 4})))
     np.testing.assert_array_equal(np.asarray(next(resumed)), batches[4])
-    assert resumed.get_state() == {"step": 5}
-    assert a.get_state() == {"step": 6}
+    assert resumed.get_state() == {"next_batch": 5}
+    assert a.get_state() == {"next_batch": 6}
 
     other = SyntheticSource(SYN, 64, seed=4)
     assert not np.array_equal(np.asarray(next(other)), batches[0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from jaxinterp.config import Config
-from jaxinterp.data.npy import DataError, NpySource, open_activations
+from jaxinterp.data.npy import DataError, NpySource, check_finite, open_activations
 from jaxinterp.data.synthetic import SyntheticSource, sample, true_directions, write_npy
 
 if TYPE_CHECKING:
@@ -30,5 +30,5 @@ def make_source(cfg: Config) -> NpySource | CacheSource | ModelSource | Syntheti
     return SyntheticSource(cfg.data.synthetic, cfg.train.batch_size, cfg.train.seed)
 
 
-__all__ = ["DataError", "NpySource", "SyntheticSource", "make_source", "open_activations", "sample",
+__all__ = ["DataError", "NpySource", "SyntheticSource", "check_finite", "make_source", "open_activations", "sample",
            "true_directions", "write_npy"]

@@ -13,7 +13,7 @@ Chunk i holds the contexts `visit_order(N, seed, 0)[i*C : (i+1)*C]` with its row
 `chunk_rows`, so it equals chunk i of a `ModelSource` with the same settings. `harvest` writes each
 chunk under a temporary name and renames it, then rewrites the manifest the same way: a chunk
 counts once the manifest lists it, and a re-run carries on after the last one. `CacheSource` reads
-rows shuffled across all chunks with grain, a new order each epoch.
+rows shuffled across all chunks, a new order each epoch, ahead of the step (`batches.py`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-import grain
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
 from jaxinterp.config import Config, DataConfig
 from jaxinterp.data.activations import chunk_rows, eval_activation_batches, open_site_model, visit_order
+from jaxinterp.data.batches import IndexedSource, batch_rows
 from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents, token_contexts
 from jaxinterp.data.npy import DataError, memmap_npy
 
@@ -187,12 +187,9 @@ def open_chunk(directory: Path, entry: dict, manifest: dict) -> np.ndarray:
     return arr
 
 
-class CacheSource:
+class CacheSource(IndexedSource):
     """Shuffled, batched, resumable rows of an activation cache; the cache's model (when it loads)
     gives the held-out evaluation and loss recovered."""
-
-    host_side = True
-    """Batches are read on the host (NumPy), so reading the next one may overlap a train step."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int):
         assert cfg.path is not None
@@ -214,28 +211,32 @@ class CacheSource:
         if self.n_rows < batch_size:
             raise DataError(f"activation cache {str(self.path)!r} holds {self.n_rows} rows, fewer than "
                             f"train.batch_size={batch_size}; lower the batch size or harvest more contexts")
-        ds = grain.MapDataset.range(self.n_rows)
-        if cfg.shuffle:
-            ds = ds.shuffle(seed=seed)
-        self._it = iter(ds.repeat(None).batch(batch_size).map(self._read))
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, cfg.shuffle
 
-    def _read(self, idx: np.ndarray) -> np.ndarray:
-        """Rows [B, D] at global indices `idx`, read chunk by chunk in sorted order."""
-        idx = np.sort(idx)
-        which = np.searchsorted(self._starts, idx, side="right") - 1
+    def rows(self, i: int) -> np.ndarray:
+        """Global row indices [B] (over the chunks in order) of training batch `i`, ascending."""
+        return np.sort(batch_rows(i, self.batch_size, self.n_rows, self.seed, self.shuffle))
+
+    def _chunk_of(self, idx: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._starts, idx, side="right") - 1
+
+    def batch(self, i: int) -> np.ndarray:
+        """Rows [B, D] of training batch `i`, read chunk by chunk in ascending order."""
+        idx = self.rows(i)
+        which = self._chunk_of(idx)
         cuts = np.flatnonzero(np.diff(which)) + 1
         parts = [np.asarray(self._chunks[c][part - self._starts[c]], np.float32)
                  for part, c in zip(np.split(idx, cuts), which[np.r_[0, cuts]])]
         return np.concatenate(parts)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> np.ndarray:
-        return next(self._it)
+    def describe(self, i: int, row: int) -> str:
+        g = int(self.rows(i)[row])
+        c = int(self._chunk_of(np.array([g]))[0])
+        return (f"{self.path / self.manifest['chunks'][c]['file']} row {g - int(self._starts[c])} "
+                f"(training batch {i}, row {row} of the batch)")
 
     def get_state(self) -> dict:
-        return {**self._it.get_state(), "cache_rows": self.n_rows}
+        return {**super().get_state(), "cache_rows": self.n_rows}
 
     def set_state(self, state: dict) -> None:
         state = dict(state)
@@ -243,7 +244,7 @@ class CacheSource:
         if rows != self.n_rows:
             raise DataError(f"the checkpoint read a cache of {rows} rows, {str(self.path)!r} now holds {self.n_rows}; "
                             "point data.path at the cache the run started with, or train afresh")
-        self._it.set_state(state)
+        super().set_state(state)
 
     @functools.cached_property
     def _language_model(self) -> tuple[object, np.ndarray] | None:

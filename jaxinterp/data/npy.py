@@ -1,26 +1,37 @@
 """Activations on disk: a `.npy` matrix [tokens, d_in] read through a memory map with grain.
 
 The train split is the first `1 - eval_fraction` of the rows, the eval split the rest. Rows are
-shuffled (a new order each epoch), batched, and read with one sorted fancy-index per batch. The
-iterator's state (grain's `next_index`) is saved with each checkpoint, so a resumed run reads the
-same batches an uninterrupted one would.
+shuffled (a new order each epoch), batched, and read with one sorted fancy-index per batch, ahead
+of the step on a background thread (`batches.py`). The stream's state (the next batch index) is
+saved with each checkpoint, so a resumed run reads the same batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import grain
 import ml_dtypes
 import numpy as np
 
 from jaxinterp.config import DataConfig
+from jaxinterp.data.batches import IndexedSource, batch_rows
 
 _DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 class DataError(ValueError):
     """Unreadable or mismatched activation data; the message names the file and the fix."""
+
+
+def check_finite(x: np.ndarray, where: Callable[[int], str]) -> None:
+    """Raise `DataError` naming (through `where(row)`) the first row of `x` [B, D] that holds a NaN
+    or an infinity."""
+    finite = np.isfinite(x).all(axis=-1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        value = "NaN" if np.isnan(x[row]).any() else "an infinity"
+        raise DataError(f"bad data: {where(row)} holds {value}; remove or repair that row")
 
 
 def memmap_npy(path: Path, fix: str) -> np.ndarray:
@@ -52,14 +63,12 @@ def open_activations(path: str, dtype: str = "auto") -> np.ndarray:
     return arr
 
 
-class NpySource:
+class NpySource(IndexedSource):
     """Shuffled, batched, resumable rows of an activation file."""
-
-    host_side = True
-    """Batches are read on the host (NumPy), so reading the next one may overlap a train step."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int):
         assert cfg.path is not None
+        self.path = cfg.path
         self._arr = open_activations(cfg.path, cfg.dtype)
         n = self._arr.shape[0]
         self.d_in = int(self._arr.shape[1])
@@ -74,26 +83,18 @@ class NpySource:
             raise DataError(
                 f"data.true_directions has width {self.true_directions.shape[-1]}, the activations {self.d_in}"
             )
-        ds = grain.MapDataset.range(self.n_train)
-        if cfg.shuffle:
-            ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(None).batch(batch_size).map(self._read)
-        self._it = iter(ds)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, cfg.shuffle
 
-    def _read(self, idx: np.ndarray) -> np.ndarray:
-        return np.asarray(self._arr[np.sort(idx)], dtype=np.float32)
+    def rows(self, i: int) -> np.ndarray:
+        """File rows [B] of training batch `i`, in the order the batch holds them (ascending, so the
+        memory map is read front to back)."""
+        return np.sort(batch_rows(i, self.batch_size, self.n_train, self.seed, self.shuffle))
 
-    def __iter__(self):
-        return self
+    def batch(self, i: int) -> np.ndarray:
+        return np.asarray(self._arr[self.rows(i)], dtype=np.float32)
 
-    def __next__(self) -> np.ndarray:
-        return next(self._it)
-
-    def get_state(self) -> dict:
-        return dict(self._it.get_state())
-
-    def set_state(self, state: dict) -> None:
-        self._it.set_state(state)
+    def describe(self, i: int, row: int) -> str:
+        return f"{self.path} row {int(self.rows(i)[row])} (training batch {i}, row {row} of the batch)"
 
     def eval_batches(self, n_tokens: int, batch_size: int):
         start, stop = self.n_train, self._arr.shape[0]
@@ -101,4 +102,6 @@ class NpySource:
             start, stop = 0, self.n_train
         stop = min(stop, start + n_tokens)
         for s in range(start, stop, batch_size):
-            yield np.asarray(self._arr[s : min(s + batch_size, stop)], dtype=np.float32)
+            x = np.asarray(self._arr[s : min(s + batch_size, stop)], dtype=np.float32)
+            check_finite(x, lambda r, s=s: f"{self.path} row {s + r} (held out for the final evaluation)")
+            yield x
