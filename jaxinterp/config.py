@@ -185,22 +185,27 @@ class TrainConfig:
     """Training tokens (activation rows); steps = tokens // batch_size."""
     batch_size: int = 4096
     """Rows per step (global, over all devices)."""
-    lr: float = 4e-4
-    """Peak Adam learning rate."""
-    lr_schedule: Literal["constant", "cosine", "linear"] = "linear"
-    """After warm-up: constant; cosine decay to 0; or constant then linear decay to 0 over the last 20%."""
+    optimizer: Literal["adam", "signum"] = "adam"
+    """Update rule: `adam`, or `signum` (the sign of the gradient, each parameter moving by lr)."""
+    lr: float | None = None
+    """Peak learning rate; unset: chosen for the optimizer and d_sae (`train/optimizers.py`)."""
+    lr_schedule: Literal["schedule_free", "constant", "cosine", "linear"] = "linear"
+    """After warm-up: `schedule_free` (Defazio et al.'s averaging in place of a decay; the averaged
+    parameters are evaluated and exported), constant, cosine decay to 0, or constant then linear
+    decay to 0 over the last `lr_decay_fraction` of the steps."""
     lr_warmup_steps: int = 100
     """Linear learning-rate warm-up steps."""
     lr_decay_fraction: float = 0.2
     """Fraction of steps that the linear schedule spends decaying to zero."""
     sparsity_warmup_steps: int = 0
     """Linear warm-up of the sparsity coefficient (relu, gated, jumprelu)."""
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0
     """Global gradient-norm clip (0 disables)."""
-    adam_b1: float = 0.9
-    """Adam beta1."""
+    momentum: float = 0.9
+    """Adam's beta1 or signum's momentum; with `lr_schedule: schedule_free`, the schedule-free
+    interpolation weight instead (the inner update then runs without momentum)."""
     adam_b2: float = 0.999
-    """Adam beta2."""
+    """Adam's beta2."""
     seed: int = 0
     """Seed of parameter init, data order and synthetic samples."""
     resample_every: int = 0
@@ -214,12 +219,17 @@ class TrainConfig:
         _check(self.tokens > 0, "train.tokens", f"must be > 0, got {self.tokens}")
         _check(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.tokens >= self.batch_size, "train.tokens", f"{self.tokens} is less than one batch ({self.batch_size})")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _choice(self.lr_schedule, "train.lr_schedule", ("constant", "cosine", "linear"))
+        _check(self.lr is None or self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _choice(self.optimizer, "train.optimizer", ("adam", "signum"))
+        _choice(self.lr_schedule, "train.lr_schedule", ("schedule_free", "constant", "cosine", "linear"))
         _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
         _check(0 <= self.lr_decay_fraction <= 1, "train.lr_decay_fraction", "must be in [0, 1]")
         _check(self.sparsity_warmup_steps >= 0, "train.sparsity_warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.lr_schedule == "schedule_free":
+            _check(self.momentum > 0, "train.momentum", "must be > 0 with lr_schedule: schedule_free")
+        _check(0 <= self.adam_b2 < 1, "train.adam_b2", f"must be in [0, 1), got {self.adam_b2}")
         _check(self.resample_every >= 0, "train.resample_every", "must be >= 0")
         _check(self.init_batches >= 1, "train.init_batches", "must be >= 1")
         _choice(self.compute_dtype, "train.compute_dtype", ("float32", "bfloat16"))

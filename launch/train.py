@@ -26,7 +26,8 @@ def main() -> int:
     from jaxinterp.train import summary_line, train
 
     cfg = load_config(args.config, args.set)
-    final = train(cfg, resume=args.resume, log=lambda s: print(s, file=sys.stderr))
+    # stderr carries only a failure's one line; progress lines go to stdout unless it holds JSON.
+    final = train(cfg, resume=args.resume, log=(lambda s: None) if args.json else (lambda s: print(s, flush=True)))
     if args.json:
         print(json.dumps(final))
     else:

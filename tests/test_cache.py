@@ -218,7 +218,8 @@ def test_training_on_a_cache_resumes_to_the_same_result(assets, cache, tmp_path)
     logs = []
     final_b = train(cfg_b, resume=True, log=logs.append)
     assert any("resumed from step 10" in line for line in logs)
-    assert final_b == final_a
+    timing = ("seconds", "loop_tokens_per_s")  # wall-clock, differs between runs
+    assert {k: v for k, v in final_b.items() if k not in timing} == {k: v for k, v in final_a.items() if k not in timing}
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 

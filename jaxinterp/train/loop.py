@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -16,11 +18,13 @@ from tqdm import tqdm
 from jaxinterp import dictionaries as dl
 from jaxinterp import evals
 from jaxinterp.config import Config, config_to_dict, load_config
-from jaxinterp.data import make_source
+from jaxinterp.data import check_finite, make_source
 from jaxinterp.interop.saelens import export_saelens, hook_name_for_site
 from jaxinterp.train import sharding
 from jaxinterp.train.checkpoint import Checkpointer, abstract_like
+from jaxinterp.train.health import fault_message, read_fault
 from jaxinterp.train.metrics import MetricsWriter
+from jaxinterp.train.optimizers import resolved_lr
 from jaxinterp.train.step import build_step, init_state, make_spec, place_state, resample_dead
 from jaxinterp.train.state import TrainState
 
@@ -59,14 +63,43 @@ def _check_batch(cfg: Config, mesh) -> None:
         )
 
 
+class _Clock:
+    """Wall seconds per phase of a run, reported with the final evaluation."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+
+
+def _where(cfg: Config, source, batch_index: int) -> Callable[[int], str]:
+    """Names row `r` of the source's batch `batch_index` in an error message."""
+    if hasattr(source, "describe"):
+        return lambda r: source.describe(batch_index, r)
+    return lambda r: f"data.source {cfg.data.source} ({cfg.data.model} at {cfg.data.site}), batch {batch_index}, row {r}"
+
+
+def _stream_index(source, default: int) -> int:
+    stream = getattr(source, "stream", None)
+    return stream.next_index if stream is not None else default
+
+
 def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | None = None) -> dict:
     """Train a dictionary as configured; returns the final evaluation (also the last line of
-    `<output.dir>/metrics.jsonl`)."""
+    `<output.dir>/metrics.jsonl`), with the seconds spent in each phase of the run."""
+    clock = _Clock()
     run = Path(cfg.output.dir)
     ckpt_dir = run / "checkpoints"
-    source = make_source(cfg)
-    spec = make_spec(cfg, source.d_in)
-    mesh = sharding.make_mesh(cfg.mesh)
+    with clock("setup"):
+        source = make_source(cfg)
+        spec = make_spec(cfg, source.d_in)
+        mesh = sharding.make_mesh(cfg.mesh)
     _check_batch(cfg, mesh)
 
     existing = Checkpointer(ckpt_dir, keep=cfg.output.keep_checkpoints) if ckpt_dir.exists() else None
@@ -84,21 +117,29 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     (run / "dictionary.json").write_text(json.dumps(_spec_to_json(spec), indent=2) + "\n")
     ckpt = existing or Checkpointer(ckpt_dir, keep=cfg.output.keep_checkpoints)
 
-    if latest is not None:
-        dummy = [np.zeros((1, spec.d_in), np.float32)]
-        abstract = jax.eval_shape(lambda: init_state(cfg, spec, dummy))
-        fns = build_step(cfg, spec, mesh, abstract, max_traces=max_traces)
-        state, data_state = ckpt.restore(abstract_like(abstract, fns.state_sharding), latest)
-        source.set_state(data_state)
-        log(f"resumed from step {latest} of {cfg.train.steps}")
-    else:
-        init_batches = [next(source) for _ in range(cfg.train.init_batches)]
-        state = init_state(cfg, spec, init_batches)
-        fns = build_step(cfg, spec, mesh, state, max_traces=max_traces)
-        state = place_state(state, fns)
+    with clock("init"):
+        if latest is not None:
+            dummy = [np.zeros((1, spec.d_in), np.float32)]
+            abstract = jax.eval_shape(lambda: init_state(cfg, spec, dummy))
+            fns = build_step(cfg, spec, mesh, abstract, max_traces=max_traces)
+            state, data_state = ckpt.restore(abstract_like(abstract, fns.state_sharding), latest)
+            source.set_state(data_state)
+            log(f"resumed from step {latest} of {cfg.train.steps}")
+        else:
+            init_batches = []
+            for i in range(cfg.train.init_batches):
+                index = _stream_index(source, i)
+                batch = np.asarray(next(source), np.float32)
+                check_finite(batch, _where(cfg, source, index))
+                init_batches.append(batch)
+            state = init_state(cfg, spec, init_batches)
+            fns = build_step(cfg, spec, mesh, state, max_traces=max_traces)
+            state = place_state(state, fns)
 
     total = cfg.train.steps
     start = int(state.step)
+    first_batch = _stream_index(source, start)
+    lr = resolved_lr(cfg.train, spec.d_sae)
     writer = MetricsWriter(run, truncate_after_step=start if latest is not None else None)
     resample = None
     if spec.activation == "relu" and cfg.train.resample_every > 0:
@@ -108,59 +149,91 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
             out_shardings=fns.state_sharding,
         )
     log(f"training {spec.activation} d_in={spec.d_in} d_sae={spec.d_sae} for {total} steps "
-        f"({cfg.train.tokens:,} tokens) on {sharding.describe(mesh)}")
+        f"({cfg.train.tokens:,} tokens) on {sharding.describe(mesh)}, {cfg.train.optimizer} lr {lr:.3g} "
+        f"({cfg.train.lr_schedule})")
 
-    bar = tqdm(total=total, initial=start, disable=not cfg.output.progress, unit="step", dynamic_ncols=True)
+    def stop_if_faulty(fault, metrics: dict) -> None:
+        f = read_fault(fault)
+        if f is None:
+            return
+        last = ckpt.latest_step()
+        where = str(ckpt_dir / str(last)) if last is not None else "none written yet"
+        ckpt.close()
+        writer.close()
+        raise TrainingError(fault_message(f, where=_where(cfg, source, first_batch + f.step - start), lr=lr,
+                                          grad_clip=cfg.train.grad_clip, metrics=metrics, checkpoint=where))
+
+    # A bar only on a terminal (disable=None): piped stderr stays free for errors.
+    bar = tqdm(total=total, initial=start, disable=None if cfg.output.progress else True, unit="step",
+               dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), start
     metrics = None
+    in_flight: collections.deque = collections.deque()
+    loop_start, loop_steps = None, 0
     for step in range(start, total):
         if metrics is not None and not source.host_side:
-            # A source that runs its own XLA program (synthetic) waits for the step in flight: on a
-            # multi-device CPU, a second program competing for the same thread pool can starve the
-            # step's all-reduce. Host-side sources (npy) read the next batch while the step runs.
+            # A source that runs its own XLA program (the live model) waits for the step in flight:
+            # on a multi-device CPU, a second program competing for the same thread pool can starve
+            # the step's all-reduce. Host-side sources are read ahead by their own thread.
             jax.block_until_ready(metrics)
-        x = jax.device_put(next(source), fns.batch_sharding)
-        state, metrics = fns.step(state, x)
+        with clock("compile" if step == start else "loop"):
+            x = jax.device_put(next(source), fns.batch_sharding)
+            state, metrics = fns.step(state, x)
+            if step == start:
+                jax.block_until_ready(metrics)  # the compile and first step, timed on their own
+            in_flight.append(metrics)
+            if len(in_flight) > 2:
+                # Dispatch runs at most two steps ahead: the device never waits, and host memory
+                # does not fill with queued batches.
+                jax.block_until_ready(in_flight.popleft())
+        if step == start:
+            loop_start = time.perf_counter()
+        else:
+            loop_steps += 1
         done = step + 1
         if resample is not None and done % cfg.train.resample_every == 0:
             state = resample(state, x, jax.random.fold_in(jax.random.key(cfg.train.seed), done))
         if done % cfg.output.log_every == 0 or done == total:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m, fault = jax.device_get((metrics, state.fault))
+            m = {k: float(v) for k, v in m.items()}
+            stop_if_faulty(fault, m)
             now = time.perf_counter()
             m["tokens_per_s"] = (done - step_last) * cfg.train.batch_size / max(now - t_last, 1e-9)
             t_last, step_last = now, done
-            if not math.isfinite(m["loss"]):
-                ckpt.close()
-                raise TrainingError(
-                    f"loss became {m['loss']} at step {done}; lower train.lr or raise train.grad_clip "
-                    f"(the last good checkpoint is in {ckpt_dir})"
-                )
             writer.write({"step": done, "tokens": done * cfg.train.batch_size, **m})
             bar.set_postfix(tok_s=f"{m['tokens_per_s']:.0f}", loss=f"{m['loss']:.4g}", l0=f"{m['l0']:.1f}",
                             dead=f"{m['dead_fraction']:.3f}", refresh=False)
         if done % cfg.output.checkpoint_every == 0 and done != total:
-            jax.block_until_ready(state)
-            ckpt.save(done, state, source.get_state())
+            stop_if_faulty(state.fault, {})  # never checkpoint a state past a fault
+            with clock("checkpoint"):
+                ckpt.save(done, state, source.get_state())
         bar.update(1)
     bar.close()
     jax.block_until_ready(state)
-    if ckpt.latest_step() != total:
-        ckpt.save(total, state, source.get_state(), force=True)
-    ckpt.wait()
+    loop_seconds = time.perf_counter() - loop_start if loop_start is not None else 0.0
+    with clock("checkpoint"):
+        if ckpt.latest_step() != total:
+            ckpt.save(total, state, source.get_state(), force=True)
+        ckpt.wait()
 
-    final = final_evaluation(cfg, spec, state, source)
+    with clock("eval"):
+        final = final_evaluation(cfg, spec, state, source)
+    with clock("export"):
+        if cfg.output.export_saelens:
+            export_saelens(
+                run / "export" / "saelens",
+                spec,
+                jax.device_get(state.dictionary),
+                hook_name=hook_name_for_site(source_site(cfg, source)),
+                model_name=cfg.data.model if cfg.data.source == "model" else getattr(source, "model_name", "unknown"),
+                extra_metadata={"data_source": cfg.data.source},
+            )
+    final["lr"] = lr
+    final["loop_tokens_per_s"] = loop_steps * cfg.train.batch_size / loop_seconds if loop_steps else None
+    final["seconds"] = {k: round(v, 3) for k, v in clock.seconds.items()}
     writer.write(final)
     writer.close()
     ckpt.close()
-    if cfg.output.export_saelens:
-        export_saelens(
-            run / "export" / "saelens",
-            spec,
-            jax.device_get(state.dictionary),
-            hook_name=hook_name_for_site(source_site(cfg, source)),
-            model_name=cfg.data.model if cfg.data.source == "model" else getattr(source, "model_name", "unknown"),
-            extra_metadata={"data_source": cfg.data.source},
-        )
     return final
 
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxinterp import dictionaries as dl
 from jaxinterp.config import Config
-from jaxinterp.train import sharding
+from jaxinterp.train import health, optimizers, sharding
 from jaxinterp.train.schedules import lr_schedule, sparsity_warmup
 from jaxinterp.train.state import TrainState
 
@@ -48,10 +48,8 @@ def make_spec(cfg: Config, d_in: int) -> dl.DictionarySpec:
     )
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    t = cfg.train
-    adam = optax.adam(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adam) if t.grad_clip > 0 else adam
+def make_optimizer(cfg: Config, spec: dl.DictionarySpec) -> optax.GradientTransformation:
+    return optimizers.make_optimizer(cfg.train, spec.d_sae)
 
 
 def loss_weights(cfg: Config, step) -> dl.LossWeights:
@@ -94,13 +92,14 @@ def init_state(cfg: Config, spec: dl.DictionarySpec, init_batches: list[jax.Arra
         params["b_dec"] = xn[: cfg.train.batch_size].mean(0)
     params["norm_scale"] = scale.astype(jnp.float32)
     trainable, buffers = dl.split_params(spec, params)
-    opt_state = make_optimizer(cfg).init(trainable)
+    opt_state = make_optimizer(cfg, spec).init(trainable)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=trainable,
         buffers=buffers,
         opt_state=opt_state,
         tokens_since_fired=jnp.zeros((spec.d_sae,), jnp.int32),
+        fault=health.healthy(),
     )
 
 
@@ -160,15 +159,19 @@ def train_step(
     fired, l0 = _fired(spec, out)
     batch = x_bd.shape[0]
     since = jnp.where(fired, 0, jnp.minimum(state.tokens_since_fired, INT_MAX - batch) + batch)
+    xn = x_bd.astype(jnp.float32) * state.buffers["norm_scale"]
+    variance = jnp.mean(jnp.sum((xn - xn.mean(0)) ** 2, -1))
+    grad_norm = optax.tree.norm(grads)
+    fault = health.update_fault(state.fault, state.step, x_bd, out.losses.total, grad_norm, out.losses.mse,
+                                jnp.mean(jnp.sum(xn**2, -1)))
     new_state = TrainState(
         step=state.step + 1,
         params=params,
         buffers=buffers,
         opt_state=opt_state,
         tokens_since_fired=since.astype(jnp.int32),
+        fault=fault,
     )
-    xn = x_bd.astype(jnp.float32) * state.buffers["norm_scale"]
-    variance = jnp.mean(jnp.sum((xn - xn.mean(0)) ** 2, -1))
     metrics = {
         "loss": out.losses.total,
         "mse": out.losses.mse,
@@ -177,8 +180,8 @@ def train_step(
         "fvu": out.losses.mse / jnp.maximum(variance, 1e-12),
         "l0": l0,
         "dead_fraction": jnp.mean(dead),
-        "grad_norm": optax.tree.norm(grads),
-        "lr": lr_schedule(cfg.train)(state.step),
+        "grad_norm": grad_norm,
+        "lr": lr_schedule(cfg.train, optimizers.resolved_lr(cfg.train, spec.d_sae))(state.step),
     }
     return new_state, metrics
 
@@ -187,7 +190,7 @@ def build_step(
     cfg: Config, spec: dl.DictionarySpec, mesh: Mesh, abstract_state: TrainState, *, max_traces: int | None = None
 ) -> StepFns:
     """Jit `train_step` over `mesh` with declared shardings; `max_traces` makes retracing an error."""
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, spec)
     state_sh = sharding.tree_shardings(mesh, abstract_state)
     batch_sh = sharding.batch_sharding(mesh, cfg.train.batch_size)
 
@@ -216,7 +219,8 @@ def place_state(state: TrainState, fns: StepFns) -> TrainState:
 def resample_dead(cfg: Config, spec: dl.DictionarySpec, state: TrainState, x_bd: jax.Array, key: jax.Array) -> TrainState:
     """Anthropic's resampling (Towards Monosemanticity, 2023): each dead feature gets the direction
     of an input drawn with probability proportional to its squared reconstruction error; encoder
-    columns are scaled to 0.2x the mean alive encoder norm, b_enc and Adam moments are reset."""
+    columns are scaled to 0.2x the mean alive encoder norm, b_enc and the optimizer's moments are
+    reset (a schedule-free iterate restarts at the new parameters)."""
     d = state.dictionary
     dead = state.tokens_since_fired >= cfg.dictionary.dead_tokens
     xn = x_bd.astype(jnp.float32) * d["norm_scale"]
@@ -242,6 +246,8 @@ def resample_dead(cfg: Config, spec: dl.DictionarySpec, state: TrainState, x_bd:
         if "d_sae" not in axes or len(axes) != leaf.ndim:
             return leaf
         mask = jnp.expand_dims(dead, [i for i in range(leaf.ndim) if axes[i] != "d_sae"])
+        if any(getattr(entry, "name", None) == "z" for entry in path):  # schedule-free iterate: restart there
+            return jnp.where(mask, new[name], leaf).astype(leaf.dtype)
         return jnp.where(mask, 0.0, leaf).astype(leaf.dtype)
 
     opt_state = jax.tree_util.tree_map_with_path(reset, state.opt_state)
