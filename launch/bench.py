@@ -19,7 +19,14 @@ configure_host_devices()
 
 
 def _train(args) -> dict:
-    from jaxinterp.benchmarks import train_throughput
+    from jaxinterp.benchmarks import train_loop, train_throughput
+
+    if args.loop:
+        res = train_loop.run(d_in=args.d_in, d_sae=args.d_sae, k=args.k, batch_size=args.batch_size,
+                             steps=args.train_steps, n_features=args.n_features, p_active=args.p_active,
+                             compare=args.compare, sparsify_python=args.sparsify_python, work_dir=args.work_dir,
+                             step_repeats=args.steps)
+        return res, train_loop.format_human
 
     res = train_throughput.run(steps=args.steps, compare=args.compare, sparsify_python=args.sparsify_python)
     return res, train_throughput.format_human
@@ -59,6 +66,16 @@ def main() -> int:
     t.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
     t.add_argument("--compare", choices=["sparsify"], help="run the same work through EleutherAI's sparsify")
     t.add_argument("--sparsify-python", help="python of an environment where sparsify is installed")
+    t.add_argument("--loop", action="store_true",
+                   help="run launch/train.py end to end on an npy file: loop, whole-process and step tokens/s")
+    t.add_argument("--d-in", type=int, default=256, help="--loop: activation width")
+    t.add_argument("--d-sae", type=int, default=2048, help="--loop: features")
+    t.add_argument("--k", type=int, default=32, help="--loop: active features per row")
+    t.add_argument("--batch-size", type=int, default=4096, help="--loop: rows per step")
+    t.add_argument("--train-steps", type=int, default=512, help="--loop: steps (the file holds steps x batch rows)")
+    t.add_argument("--n-features", type=int, default=1024, help="--loop: true directions in the file")
+    t.add_argument("--p-active", type=float, default=0.01, help="--loop: firing probability of a true feature")
+    t.add_argument("--work-dir", help="--loop: where the activation file and runs go (default: a temp folder)")
     h = sub.add_parser("harvest", help="activations/s up to a site vs the full forward; forward tokens/s at batch 1, 16")
     h.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF directory")
     h.add_argument("--site", default="blocks.15.resid_post")

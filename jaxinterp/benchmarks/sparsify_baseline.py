@@ -9,7 +9,9 @@ dependencies of jaxinterp: they are imported only inside the functions below, an
     /work/sparsify-venv/bin/pip install eai-sparsify
 
 and run ``python -m jaxinterp.benchmarks.sparsify_baseline --d-in 256 --d-sae 2048``
-from the repository root with that environment's python; it prints one JSON line.
+from the repository root with that environment's python; it prints one JSON line. With
+``--fit-npy ACTS.npy --order ORDER.npy --out DIR`` it instead runs sparsify's own training call,
+`Trainer.fit`, on the rows of an activation file (see `fit_npy`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import io
 import os
 import time
+from pathlib import Path
 
 
 def _import_sparsify():
@@ -136,6 +139,71 @@ def sparsify_tokens_per_s(
     return batch_size * steps / elapsed
 
 
+def fit_npy(path: str, order_path: str, out_dir: str, d_sae: int, k: int, batch_size: int, *,
+            seq_len: int = 128, seed: int = 0) -> dict:
+    """Train sparsify's TopK SAE with `sparsify.Trainer.fit`, its defaults otherwise, on rows of
+    the activation file `path` [N, D], visited in the order of `order_path` (int64 row indices,
+    one batch after another); returns `{"tokens_per_s", "fit_seconds", "weights"}`.
+
+    sparsify trains on a language model's activations, read by a forward hook at a module it is
+    told to watch. Here the "model" is one `nn.Embedding` whose table is the memory-mapped file:
+    token ids are row indices, so the hooked module outputs exactly the listed rows. The dataset
+    is those ids cut into sequences of `seq_len`, `batch_size // seq_len` sequences a batch, so a
+    batch is `batch_size` rows. Everything else is sparsify's default: `TrainConfig` with
+    `loss_fn="fvu"`, its default optimizer (signum, schedule-free) and learning rate
+    (5e-3 / sqrt(d_sae / 2^14)), `auxk_alpha=0`, `b_dec` set to the first batch's mean; the SAE as
+    `Trainer.fit` saves it at the end (the schedule-free average) goes to `out_dir`.
+    Times the `fit()` call only (what sparsify's users wait for), not loading the file.
+    """
+    import warnings
+
+    import numpy as np
+
+    torch, sparsify = _import_sparsify()
+    import transformers
+
+    if batch_size % seq_len:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of seq_len {seq_len}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only memory map becomes a read-only tensor
+        table = torch.from_numpy(np.load(path, mmap_mode="r"))
+    if table.dtype != torch.float32:
+        table = table.float()
+    order = np.load(order_path).astype(np.int64)
+    n_seq = len(order) // seq_len
+    dataset = [{"input_ids": torch.from_numpy(order[i * seq_len : (i + 1) * seq_len])} for i in range(n_seq)]
+
+    class RowsConfig(transformers.PretrainedConfig):
+        model_type = "activation_rows"
+
+    class Rows(transformers.PreTrainedModel):
+        config_class = RowsConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.rows = torch.nn.Embedding.from_pretrained(table, freeze=True)
+
+        def forward(self, input_ids, **_):
+            return self.rows(input_ids)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    model = Rows(RowsConfig(num_hidden_layers=1))
+    cfg = sparsify.TrainConfig(
+        sparsify.SparseCoderConfig(activation="topk", num_latents=d_sae, k=k),
+        batch_size=batch_size // seq_len, hookpoints=["rows"], log_to_wandb=False, save_dir=out_dir,
+        run_name="sae", save_every=10**9, init_seeds=[seed],
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = sparsify.Trainer(cfg, dataset, model)
+        start = time.perf_counter()
+        trainer.fit()
+        elapsed = time.perf_counter() - start
+    steps = n_seq // cfg.batch_size
+    return {"tokens_per_s": steps * batch_size / elapsed, "fit_seconds": elapsed, "steps": steps,
+            "weights": str(Path(out_dir) / "sae" / "rows" / "sae.safetensors")}
+
+
 def _main() -> None:
     import argparse
     import json
@@ -149,10 +217,18 @@ def _main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--auxk", action="store_true", help="time the AuxK pass too (all latents dead)")
+    p.add_argument("--fit-npy", help="run sparsify.Trainer.fit on this activation file instead")
+    p.add_argument("--order", help="with --fit-npy: .npy of the row indices to visit, batch after batch")
+    p.add_argument("--out", help="with --fit-npy: where sparsify saves the trained SAE")
     a = p.parse_args()
     if not available():
         raise SystemExit("sparsify and torch are not importable in this environment")
     torch, sparsify = _import_sparsify()
+    if a.fit_npy:
+        res = fit_npy(a.fit_npy, a.order, a.out, a.d_sae, a.k, a.batch_size, seed=a.seed)
+        print(json.dumps({**res, "sparsify": sparsify.__version__, "torch": torch.__version__,
+                          "threads": os.cpu_count()}))
+        return
     tps = sparsify_tokens_per_s(
         a.d_in, a.d_sae, a.k, a.batch_size, steps=a.steps, warmup=a.warmup, seed=a.seed, auxk=a.auxk
     )
