@@ -32,6 +32,14 @@ def _train(args) -> dict:
     return res, train_throughput.format_human
 
 
+def _convergence(args):
+    from jaxinterp.benchmarks import convergence
+
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    res = convergence.run(tasks=args.tasks, sparsify_python=args.sparsify_python, work_dir=args.work_dir, log=log)
+    return res, convergence.format_human
+
+
 def _harvest(args):
     from jaxinterp.benchmarks import harvest
 
@@ -76,6 +84,11 @@ def main() -> int:
     t.add_argument("--n-features", type=int, default=1024, help="--loop: true directions in the file")
     t.add_argument("--p-active", type=float, default=0.01, help="--loop: firing probability of a true feature")
     t.add_argument("--work-dir", help="--loop: where the activation file and runs go (default: a temp folder)")
+    c = sub.add_parser("convergence", help="mmcs, explained variance, dead fraction on synthetic tasks: "
+                                          "earlier defaults, project defaults, sparsify")
+    c.add_argument("--tasks", nargs="+", help="task names (default: all; see jaxinterp/benchmarks/convergence.py)")
+    c.add_argument("--sparsify-python", help="python of an environment where sparsify is installed")
+    c.add_argument("--work-dir", help="where the activation files and runs go (default: a temp folder)")
     h = sub.add_parser("harvest", help="activations/s up to a site vs the full forward; forward tokens/s at batch 1, 16")
     h.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF directory")
     h.add_argument("--site", default="blocks.15.resid_post")
@@ -94,10 +107,10 @@ def main() -> int:
     kn = sub.add_parser("kernels", help="top-k decode: Pallas / sparse loops vs dense and XLA gather; train sparse vs dense")
     kn.add_argument("--repeats", type=int, default=5)
     kn.add_argument("--no-train", action="store_true", help="skip the train-step comparison")
-    for p in (t, h, g, d, kn):
+    for p in (t, c, h, g, d, kn):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    res, fmt = {"train": _train, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels}[args.area](args)
+    res, fmt = {"train": _train, "convergence": _convergence, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

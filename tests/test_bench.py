@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import subprocess_env
 
 from jaxinterp.benchmarks import kernels
@@ -39,3 +40,31 @@ def test_timing_helpers_count_calls():
     seen = []
     med = interleaved_medians({"a": 1, "b": 2}, seen.append, 2)
     assert set(med) == {"a", "b"} and seen == [1, 2, 1, 2, 1, 2]
+
+
+def test_train_loop_bench_runs_launch_train_and_prints_its_keys(tmp_path):
+    cmd = [sys.executable, "launch/bench.py", "train", "--loop", "--d-in", "16", "--d-sae", "64", "--k", "4",
+           "--batch-size", "256", "--train-steps", "12", "--n-features", "32", "--p-active", "0.05", "--steps", "2",
+           "--work-dir", str(tmp_path), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert {"loop_tokens_per_s", "process_tokens_per_s", "step_tokens_per_s", "loop_vs_step", "seconds"} <= set(res)
+    assert res["task"]["rows"] == 12 * 256 and res["process_tokens_per_s"] < res["loop_tokens_per_s"]
+    assert {"setup", "compile", "loop", "eval", "export", "process_start"} <= set(res["seconds"])
+    assert 0 < res["mmcs"] <= 1 and "sparsify_tokens_per_s" not in res  # no --compare
+
+
+def test_convergence_bench_row_trains_before_and_after_on_one_file(tmp_path):
+    from jaxinterp.benchmarks import convergence
+
+    task = convergence.Task("tiny", 16, 32, 0.05, "uniform", 6)
+    row = convergence.run_task(task, tmp_path, sparsify_python=None)
+    assert row["before"]["lr"] == convergence.BEFORE["lr"] and row["after"]["lr"] != row["before"]["lr"]
+    for side in ("before", "after"):
+        assert 0 < row[side]["mmcs"] <= 1 and 0 <= row[side]["dead_fraction"] <= 1
+    assert len(list((tmp_path / "data").glob("acts_*.npy"))) == 2  # one file (and its directions) for both runs
+    line = convergence.format_row(row)
+    assert line.startswith("| tiny (d_in 16") and line.count("|") == 5
+    with pytest.raises(ValueError, match="unknown task"):
+        convergence.run(tasks=["nope"])

@@ -70,13 +70,14 @@ def sparsify_fit(acts: Path, source: NpySource, steps: int, d_sae: int, k: int, 
                  python: str | None) -> dict | None:
     """sparsify's `Trainer.fit` on the first `steps` batches of `source` (in-process when sparsify
     is importable, else through `python`); None when neither is possible."""
+    if python is None and not sparsify_baseline.available():
+        return None
+    work.mkdir(parents=True, exist_ok=True)
     order = work / "sparsify_order.npy"
     np.save(order, np.concatenate([source.rows(i) for i in range(steps)]))
     out_dir = work / "sparsify"
     if python is None and sparsify_baseline.available():
         return sparsify_baseline.fit_npy(str(acts), str(order), str(out_dir), d_sae, k, batch_size)
-    if python is None:
-        return None
     res = subprocess.run([python, "-m", "jaxinterp.benchmarks.sparsify_baseline", "--fit-npy", str(acts), "--order",
                           str(order), "--out", str(out_dir), "--d-sae", str(d_sae), "--k", str(k), "--batch-size",
                           str(batch_size)], capture_output=True, text=True, cwd=REPO)
