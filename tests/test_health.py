@@ -55,7 +55,7 @@ def _row_at_step(path, step: int, row: int = 5) -> int:
     return int(src.rows(step)[row])
 
 
-@pytest.mark.parametrize("value,word", [(np.nan, "NaN"), (np.inf, "an infinity")])
+@pytest.mark.parametrize("value,word", [(np.nan, "NaN"), (np.inf, "an infinity"), (3e30, "too large for float32")])
 def test_a_bad_row_stops_the_run_naming_file_row_and_step(tmp_path, repo_root, value, word):
     clean = _acts(tmp_path)
     bad = _row_at_step(clean, 7)
@@ -106,3 +106,17 @@ def test_the_first_fault_is_kept():
     assert health.read_fault(g) == (5, health.NONFINITE, 0)
     h = health.update_fault(health.healthy(), jnp.int32(6), jnp.ones((4, 3)), one, one, jnp.float32(1e9), one)
     assert health.read_fault(h) == (6, health.DIVERGED_CAUSE, 0)
+
+
+def test_a_file_that_is_not_npy_is_named(tmp_path, repo_root):
+    acts = tmp_path / "acts.npy"
+    acts.write_text("0.1, 0.2, 0.3\n")
+    code, line = _train(repo_root, _config(tmp_path, acts))
+    assert code == 2 and str(acts) in line and "not a .npy file" in line and "numpy.save" in line
+
+
+def test_an_overflowing_row_is_bad_input_on_the_device():
+    one = jnp.float32(1.0)
+    x = jnp.ones((4, 3)).at[1, 0].set(3e30)  # finite, but its square is not
+    f = health.update_fault(health.healthy(), jnp.int32(2), x, one, one, one, one)
+    assert health.read_fault(f) == (2, health.HUGE_INPUT, 1)

@@ -26,17 +26,32 @@ class DataError(ValueError):
 
 def check_finite(x: np.ndarray, where: Callable[[int], str]) -> None:
     """Raise `DataError` naming (through `where(row)`) the first row of `x` [B, D] that holds a NaN
-    or an infinity."""
+    or an infinity, or values so large that its squared norm overflows float32."""
+    x = np.asarray(x, np.float32)
     finite = np.isfinite(x).all(axis=-1)
     if not finite.all():
         row = int(np.argmin(finite))
         value = "NaN" if np.isnan(x[row]).any() else "an infinity"
         raise DataError(f"bad data: {where(row)} holds {value}; remove or repair that row")
+    with np.errstate(over="ignore"):
+        sq = np.einsum("bd,bd->b", x, x)
+    if not np.isfinite(sq).all():
+        row = int(np.argmin(np.isfinite(sq)))
+        raise DataError(f"bad data: {where(row)} holds values too large for float32 (|x| up to "
+                        f"{float(np.abs(x[row]).max()):.3g}; its squared norm overflows); rescale the activations "
+                        f"or remove that row")
 
 
 def memmap_npy(path: Path, fix: str) -> np.ndarray:
     """Memory-map a .npy file; 2-byte raw values (how numpy saves bfloat16) come back as bfloat16.
     An unreadable file is a DataError naming it and `fix`."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror}); {fix}") from None
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path} is not a .npy file (it lacks the .npy header); {fix}")
     try:
         arr = np.load(path, mmap_mode="r")
     except Exception as e:  # numpy raises several types for corrupt headers

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NAN_INPUT, INF_INPUT, NONFINITE, DIVERGED_CAUSE = 1, 2, 3, 4
+NAN_INPUT, INF_INPUT, NONFINITE, DIVERGED_CAUSE, HUGE_INPUT = 1, 2, 3, 4, 5
 DIVERGED = 1e6
 """A step whose mean squared reconstruction error exceeds this many times the batch's mean squared
 input norm has diverged (a reconstruction 1000 times longer than its input)."""
@@ -32,9 +32,11 @@ def healthy() -> jax.Array:
 def update_fault(fault: jax.Array, step: jax.Array, x_bd: jax.Array, loss: jax.Array, grad_norm: jax.Array,
                  mse: jax.Array, x_sq: jax.Array) -> jax.Array:
     """`fault` with this step's problem recorded, unless an earlier one already is."""
-    finite_rows = jnp.all(jnp.isfinite(x_bd), axis=-1)
+    # a finite row whose squared norm overflows float32 is as unusable as an infinite one
+    finite_rows = jnp.isfinite(jnp.sum(jnp.square(x_bd.astype(jnp.float32)), axis=-1))
     row = jnp.argmin(finite_rows).astype(jnp.int32)
-    input_cause = jnp.where(jnp.any(jnp.isnan(x_bd[row])), NAN_INPUT, INF_INPUT)
+    input_cause = jnp.where(jnp.any(jnp.isnan(x_bd[row])), NAN_INPUT,
+                            jnp.where(jnp.any(jnp.isinf(x_bd[row])), INF_INPUT, HUGE_INPUT))
     blew_up = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     diverged = mse > DIVERGED * jnp.maximum(x_sq, 1e-30)
     cause = jnp.where(~finite_rows[row], input_cause,
@@ -63,8 +65,9 @@ def fault_message(f: Fault, *, where: Callable[[int], str], lr: float, grad_clip
     """One line: what went wrong at which step, whether the data or the optimisation is to blame,
     what to change, and the last good checkpoint. `where(row)` names the source row of a bad input."""
     at = f"step {f.step + 1}"
-    if f.cause in (NAN_INPUT, INF_INPUT):
-        value = "NaN" if f.cause == NAN_INPUT else "an infinity"
+    if f.cause in (NAN_INPUT, INF_INPUT, HUGE_INPUT):
+        value = {NAN_INPUT: "NaN", INF_INPUT: "an infinity",
+                 HUGE_INPUT: "values too large for float32 (its squared norm overflows)"}[f.cause]
         return (f"bad data, not the optimisation: {where(f.row)} holds {value} (training batch of {at}); "
                 f"remove or repair that row and train again (last good checkpoint: {checkpoint})")
     clip = "set train.grad_clip (e.g. 1.0)" if grad_clip == 0 else f"lower train.grad_clip (now {grad_clip:g})"
