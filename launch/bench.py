@@ -25,7 +25,7 @@ def _train(args) -> dict:
         res = train_loop.run(d_in=args.d_in, d_sae=args.d_sae, k=args.k, batch_size=args.batch_size,
                              steps=args.train_steps, n_features=args.n_features, p_active=args.p_active,
                              compare=args.compare, sparsify_python=args.sparsify_python, work_dir=args.work_dir,
-                             step_repeats=args.steps)
+                             step_repeats=args.steps, sources=tuple(args.source))
         return res, train_loop.format_human
 
     res = train_throughput.run(steps=args.steps, compare=args.compare, sparsify_python=args.sparsify_python)
@@ -83,6 +83,8 @@ def main() -> int:
     t.add_argument("--train-steps", type=int, default=512, help="--loop: steps (the file holds steps x batch rows)")
     t.add_argument("--n-features", type=int, default=1024, help="--loop: true directions in the file")
     t.add_argument("--p-active", type=float, default=0.01, help="--loop: firing probability of a true feature")
+    t.add_argument("--source", nargs="+", default=["npy"], choices=["npy", "cache", "synthetic"],
+                   help="--loop: data sources to train from (the first gives the whole-process figure)")
     t.add_argument("--work-dir", help="--loop: where the activation file and runs go (default: a temp folder)")
     c = sub.add_parser("convergence", help="mmcs, explained variance, dead fraction on synthetic tasks: "
                                           "earlier defaults, project defaults, sparsify")

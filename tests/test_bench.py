@@ -45,7 +45,7 @@ def test_timing_helpers_count_calls():
 def test_train_loop_bench_runs_launch_train_and_prints_its_keys(tmp_path):
     cmd = [sys.executable, "launch/bench.py", "train", "--loop", "--d-in", "16", "--d-sae", "64", "--k", "4",
            "--batch-size", "256", "--train-steps", "12", "--n-features", "32", "--p-active", "0.05", "--steps", "2",
-           "--work-dir", str(tmp_path), "--json"]
+           "--work-dir", str(tmp_path), "--source", "npy", "cache", "synthetic", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
@@ -53,6 +53,8 @@ def test_train_loop_bench_runs_launch_train_and_prints_its_keys(tmp_path):
     assert res["task"]["rows"] == 12 * 256 and res["process_tokens_per_s"] < res["loop_tokens_per_s"]
     assert {"setup", "compile", "loop", "eval", "export", "process_start"} <= set(res["seconds"])
     assert 0 < res["mmcs"] <= 1 and "sparsify_tokens_per_s" not in res  # no --compare
+    assert set(res["by_source"]) == {"npy", "cache", "synthetic"}
+    assert all(r["loop_tokens_per_s"] > 0 and r["loop_vs_step"] > 0 for r in res["by_source"].values())
 
 
 def test_convergence_bench_row_trains_before_and_after_on_one_file(tmp_path):

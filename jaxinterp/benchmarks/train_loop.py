@@ -51,6 +51,27 @@ def activation_file(directory: Path, syn: SyntheticConfig, rows: int) -> tuple[P
     return path, dirs
 
 
+def cache_from_npy(acts: Path, directory: Path, chunk_rows: int = 65536) -> Path:
+    """The rows of `acts` as an activation cache (chunk files and a manifest), written once. Its
+    manifest names no loadable model, so a run on it evaluates on its last chunk."""
+    from jaxinterp.data.cache import FORMAT, chunk_name, write_manifest
+
+    if (directory / "manifest.json").is_file():
+        return directory
+    x = np.load(acts, mmap_mode="r")
+    directory.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for i, start in enumerate(range(0, len(x), chunk_rows)):
+        np.save(directory / chunk_name(i), np.asarray(x[start : start + chunk_rows]))
+        chunks.append({"file": chunk_name(i), "n_rows": int(min(chunk_rows, len(x) - start)), "contexts": [i]})
+    write_manifest(directory, {
+        "format": FORMAT, "model": "synthetic (no model)", "site": "synthetic", "corpus": "none",
+        "context_length": 1, "eval_fraction": 0.0, "seed": 0, "chunk_contexts": 1, "dtype": "float32",
+        "train_contexts": len(chunks), "contexts_digest": "", "contexts_planned": len(chunks),
+        "d_model": int(x.shape[1]), "chunks": chunks})
+    return directory
+
+
 def run_train_process(config: dict, run_dir: Path, python: str = sys.executable) -> dict:
     """`launch/train.py` on `config` in a fresh process; its final metrics and its wall seconds."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,25 +123,39 @@ def evaluate_sparsify(weights: str, source: NpySource, k: int, eval_tokens: int,
 def run(*, d_in: int = 256, d_sae: int = 2048, k: int = 32, batch_size: int = 4096, steps: int = 512,
         n_features: int = 1024, p_active: float = 0.01, compare: str | None = None,
         sparsify_python: str | None = None, work_dir: str | None = None, step_repeats: int = 10,
-        overrides: dict | None = None) -> dict:
+        overrides: dict | None = None, sources: tuple[str, ...] = ("npy",)) -> dict:
     rows = steps * batch_size
     work = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "jaxinterp-bench-loop"
     syn = SyntheticConfig(n_features=n_features, d_in=d_in, p_active=p_active, seed=1)
     acts, dirs = activation_file(work / "data", syn, rows)
 
-    step_s = time_case(Case(d_in, d_sae, k, batch_size), step_repeats)
-    config = {
-        "data": {"source": "npy", "path": str(acts), "true_directions": str(dirs)},
-        "dictionary": {"activation": "topk", "d_sae": d_sae, "k": k},
-        "train": {"batch_size": batch_size, "tokens": rows, **(overrides or {})},
-        "output": {"dir": str(work / "run"), "progress": False},
+    data = {
+        "npy": {"source": "npy", "path": str(acts), "true_directions": str(dirs)},
+        "cache": {"source": "cache", "path": str(cache_from_npy(acts, work / "data" / f"cache_{acts.stem}"))
+                  if "cache" in sources else None},
+        "synthetic": {"source": "synthetic", "synthetic": {"n_features": n_features, "d_in": d_in,
+                                                           "p_active": p_active, "seed": 1}},
     }
-    run_dir = work / "run"
-    if run_dir.exists():
-        import shutil
+    unknown = set(sources) - set(data)
+    if unknown:
+        raise ValueError(f"unknown source(s) {sorted(unknown)}; choose from {sorted(data)}")
 
-        shutil.rmtree(run_dir)
-    ours = run_train_process(config, run_dir)
+    step_s = time_case(Case(d_in, d_sae, k, batch_size), step_repeats)
+    runs = {}
+    for src in sources:
+        config = {
+            "data": data[src],
+            "dictionary": {"activation": "topk", "d_sae": d_sae, "k": k},
+            "train": {"batch_size": batch_size, "tokens": rows, **(overrides or {})},
+            "output": {"dir": str(work / f"run_{src}"), "progress": False},
+        }
+        run_dir = work / f"run_{src}"
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        runs[src] = run_train_process(config, run_dir)
+    ours = runs[sources[0]]
     out = {
         "benchmark": "train_loop",
         "device": jax.devices()[0].device_kind,
@@ -141,6 +176,10 @@ def run(*, d_in: int = 256, d_sae: int = 2048, k: int = 32, batch_size: int = 40
         "dead_fraction": ours["dead_fraction"],
     }
     out["loop_vs_step"] = out["loop_tokens_per_s"] / out["step_tokens_per_s"]
+    out["source"] = sources[0]
+    out["by_source"] = {src: {"loop_tokens_per_s": r["loop_tokens_per_s"],
+                              "loop_vs_step": r["loop_tokens_per_s"] / out["step_tokens_per_s"],
+                              "process_tokens_per_s": rows / r["process_seconds"]} for src, r in runs.items()}
     if compare == "sparsify":
         source = NpySource(DataConfig(source="npy", path=str(acts), true_directions=str(dirs)), batch_size, 0)
         sp = sparsify_fit(acts, source, steps, d_sae, k, batch_size, work, sparsify_python)
@@ -165,8 +204,10 @@ def format_human(res: dict) -> str:
              f"jax {res['jax']}): topk d_in={t['d_in']} d_sae={t['d_sae']} k={t['k']} batch={t['batch_size']}, "
              f"{t['steps']} steps on {t['rows']:,} rows",
              f"  step alone:     {res['step_tokens_per_s']:,.0f} tokens/s",
-             f"  training loop:  {res['loop_tokens_per_s']:,.0f} tokens/s = {res['loop_vs_step']:.2f}x the step",
-             f"  whole process:  {res['process_tokens_per_s']:,.0f} tokens/s ({res['process_seconds']:.1f} s)",
+             *(f"  training loop ({src}): {r['loop_tokens_per_s']:,.0f} tokens/s = {r['loop_vs_step']:.2f}x the step; "
+               f"whole process {r['process_tokens_per_s']:,.0f} tokens/s" for src, r in res["by_source"].items()),
+             f"  whole process ({res['source']}): {res['process_tokens_per_s']:,.0f} tokens/s "
+             f"({res['process_seconds']:.1f} s)",
              "  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["seconds"].items()),
              f"  quality: mmcs {res['mmcs']:.4f}, explained variance {res['explained_variance']:.4f}, "
              f"dead {res['dead_fraction']:.3f}"]
