@@ -33,10 +33,19 @@ def _train(args) -> dict:
 
 
 def _convergence(args):
+    import yaml
+
     from jaxinterp.benchmarks import convergence
 
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    res = convergence.run(tasks=args.tasks, sparsify_python=args.sparsify_python, work_dir=args.work_dir, log=log)
+    after = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with a train key, e.g. --set optimizer=signum")
+        after[key.removeprefix("train.")] = yaml.safe_load(value)
+    res = convergence.run(tasks=args.tasks, sparsify_python=args.sparsify_python, work_dir=args.work_dir, log=log,
+                          after=after)
     return res, convergence.format_human
 
 
@@ -89,6 +98,7 @@ def main() -> int:
     c = sub.add_parser("convergence", help="mmcs, explained variance, dead fraction on synthetic tasks: "
                                           "earlier defaults, project defaults, sparsify")
     c.add_argument("--tasks", nargs="+", help="task names (default: all; see jaxinterp/benchmarks/convergence.py)")
+    c.add_argument("--set", action="append", default=[], help="KEY=VALUE: a train setting of the after column")
     c.add_argument("--sparsify-python", help="python of an environment where sparsify is installed")
     c.add_argument("--work-dir", help="where the activation files and runs go (default: a temp folder)")
     h = sub.add_parser("harvest", help="activations/s up to a site vs the full forward; forward tokens/s at batch 1, 16")

@@ -9,7 +9,8 @@ activation files with known sparse directions, three ways on the same rows in th
 
 The tasks vary the ratio of true features to dimensions (2 to 8), the firing probability
 (0.005 to 0.05), the magnitude distribution, d_in (64 to 768) and the steps (256 to 1024).
-`python launch/bench.py convergence [--tasks NAME ...] [--sparsify-python PY] [--json]`.
+`python launch/bench.py convergence [--tasks NAME ...] [--set KEY=VALUE ...] [--sparsify-python PY] [--json]`
+(`--set` changes the train settings of the `after` column, e.g. `--set optimizer=signum`).
 """
 
 from __future__ import annotations
@@ -71,13 +72,13 @@ def _ours(task: Task, acts: Path, dirs: Path, train_overrides: dict, out: Path) 
             "dead_fraction": 1 - final["frac_alive"], "lr": final["lr"], "seconds": time.perf_counter() - start}
 
 
-def run_task(task: Task, work: Path, sparsify_python: str | None) -> dict:
+def run_task(task: Task, work: Path, sparsify_python: str | None, after: dict | None = None) -> dict:
     syn = SyntheticConfig(n_features=task.n_features, d_in=task.d_in, p_active=task.p_active,
                           magnitude=task.magnitude, seed=1)
     acts, dirs = activation_file(work / "data", syn, task.steps * BATCH)
     row = {"task": asdict(task),
            "before": _ours(task, acts, dirs, BEFORE, work / f"{task.name}-before"),
-           "after": _ours(task, acts, dirs, {}, work / f"{task.name}-after")}
+           "after": _ours(task, acts, dirs, after or {}, work / f"{task.name}-after")}
     source = NpySource(DataConfig(source="npy", path=str(acts), true_directions=str(dirs)), BATCH, 0)
     sp = sparsify_fit(acts, source, task.steps, D_SAE, K, BATCH, work / f"{task.name}-sparsify", sparsify_python)
     if sp is None:
@@ -90,7 +91,8 @@ def run_task(task: Task, work: Path, sparsify_python: str | None) -> dict:
 
 
 def run(tasks: list[str] | None = None, sparsify_python: str | None = None, work_dir: str | None = None,
-        log=print) -> dict:
+        log=print, after: dict | None = None) -> dict:
+    """`after`: train settings that replace the project defaults in the `after` column."""
     chosen = [t for t in TASKS if not tasks or t.name in tasks]
     unknown = set(tasks or ()) - {t.name for t in TASKS}
     if unknown:
@@ -98,11 +100,12 @@ def run(tasks: list[str] | None = None, sparsify_python: str | None = None, work
     work = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "jaxinterp-bench-convergence"
     rows = []
     for t in chosen:
-        rows.append(run_task(t, work, sparsify_python))
+        rows.append(run_task(t, work, sparsify_python, after))
         log(format_row(rows[-1]))
     return {"benchmark": "convergence", "device": jax.devices()[0].device_kind,
             "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "jax": jax.__version__, "d_sae": D_SAE, "k": K, "batch_size": BATCH, "before": BEFORE, "rows": rows}
+            "jax": jax.__version__, "d_sae": D_SAE, "k": K, "batch_size": BATCH, "before": BEFORE, "after": after or {},
+            "rows": rows}
 
 
 def _cell(r: dict | None, key: str) -> str:
@@ -121,6 +124,6 @@ def format_row(row: dict) -> str:
 def format_human(res: dict) -> str:
     head = [f"convergence on {res['device']} ({res['cpu_cores']} cores, jax {res['jax']}): topk d_sae {res['d_sae']}, "
             f"k {res['k']}, batch {res['batch_size']}; each cell before / after / sparsify; dead: never fired "
-            f"on {EVAL_ROWS:,} held-out rows",
+            f"on {EVAL_ROWS:,} held-out rows" + (f"; after = defaults with {res['after']}" if res.get("after") else ""),
             "| task | mmcs | explained variance | dead fraction |", "|---|---|---|---|"]
     return "\n".join(head + [format_row(r) for r in res["rows"]])
