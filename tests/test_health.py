@@ -96,15 +96,15 @@ def test_the_first_fault_is_kept():
     f = health.healthy()
     x = jnp.ones((4, 3)).at[2, 1].set(jnp.nan)
     one = jnp.float32(1.0)
-    f = health.update_fault(f, jnp.int32(0), jnp.ones((4, 3)), one, one, one, one)
+    f = health.update_fault(f, jnp.int32(0), jnp.ones((4, 3)), one, one, one)
     assert health.read_fault(f) is None
-    f = health.update_fault(f, jnp.int32(3), x, one, one, one, one)
+    f = health.update_fault(f, jnp.int32(3), x, one, one, one)
     assert health.read_fault(f) == (3, health.NAN_INPUT, 2)
-    f = health.update_fault(f, jnp.int32(4), jnp.ones((4, 3)), jnp.float32(jnp.inf), one, one, one)
+    f = health.update_fault(f, jnp.int32(4), jnp.ones((4, 3)), jnp.float32(jnp.inf), one, one)
     assert health.read_fault(f) == (3, health.NAN_INPUT, 2)
-    g = health.update_fault(health.healthy(), jnp.int32(5), jnp.ones((4, 3)), one, jnp.float32(jnp.nan), one, one)
+    g = health.update_fault(health.healthy(), jnp.int32(5), jnp.ones((4, 3)), one, jnp.float32(jnp.nan), one)
     assert health.read_fault(g) == (5, health.NONFINITE, 0)
-    h = health.update_fault(health.healthy(), jnp.int32(6), jnp.ones((4, 3)), one, one, jnp.float32(1e9), one)
+    h = health.update_fault(health.healthy(), jnp.int32(6), jnp.ones((4, 3)), one, one, jnp.float32(1e9))
     assert health.read_fault(h) == (6, health.DIVERGED_CAUSE, 0)
 
 
@@ -118,5 +118,5 @@ def test_a_file_that_is_not_npy_is_named(tmp_path, repo_root):
 def test_an_overflowing_row_is_bad_input_on_the_device():
     one = jnp.float32(1.0)
     x = jnp.ones((4, 3)).at[1, 0].set(3e30)  # finite, but its square is not
-    f = health.update_fault(health.healthy(), jnp.int32(2), x, one, one, one, one)
+    f = health.update_fault(health.healthy(), jnp.int32(2), x, one, one, one)
     assert health.read_fault(f) == (2, health.HUGE_INPUT, 1)

@@ -30,14 +30,17 @@ def healthy() -> jax.Array:
 
 
 def update_fault(fault: jax.Array, step: jax.Array, x_bd: jax.Array, loss: jax.Array, grad_norm: jax.Array,
-                 mse: jax.Array, x_sq: jax.Array) -> jax.Array:
+                 mse: jax.Array, norm_scale: jax.Array | float = 1.0) -> jax.Array:
     """`fault` with this step's problem recorded, unless an earlier one already is."""
     # a finite row whose squared norm overflows float32 is as unusable as an infinite one
-    finite_rows = jnp.isfinite(jnp.sum(jnp.square(x_bd.astype(jnp.float32)), axis=-1))
+    row_sq = jnp.sum(jnp.square(x_bd.astype(jnp.float32)), axis=-1)
+    finite_rows = jnp.isfinite(row_sq)
     row = jnp.argmin(finite_rows).astype(jnp.int32)
     input_cause = jnp.where(jnp.any(jnp.isnan(x_bd[row])), NAN_INPUT,
                             jnp.where(jnp.any(jnp.isinf(x_bd[row])), INF_INPUT, HUGE_INPUT))
     blew_up = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    # mse is in normalised units: compare it with the inputs' mean squared norm in the same units
+    x_sq = jnp.mean(jnp.where(finite_rows, row_sq, 0.0)) * jnp.square(norm_scale)
     diverged = mse > DIVERGED * jnp.maximum(x_sq, 1e-30)
     cause = jnp.where(~finite_rows[row], input_cause,
                       jnp.where(blew_up, NONFINITE, jnp.where(diverged, DIVERGED_CAUSE, 0)))

@@ -163,7 +163,7 @@ def train_step(
     variance = jnp.mean(jnp.sum((xn - xn.mean(0)) ** 2, -1))
     grad_norm = optax.tree.norm(grads)
     fault = health.update_fault(state.fault, state.step, x_bd, out.losses.total, grad_norm, out.losses.mse,
-                                jnp.mean(jnp.sum(xn**2, -1)))
+                                state.buffers["norm_scale"])
     new_state = TrainState(
         step=state.step + 1,
         params=params,
