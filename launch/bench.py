@@ -80,7 +80,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
     t = sub.add_parser("train", help="training throughput (tokens/s), fraction of matmul peak, vs sparsify")
-    t.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
+    t.add_argument("--steps", type=int, default=30, help="timed steps per case (back to back; total time over steps)")
     t.add_argument("--compare", choices=["sparsify"], help="run the same work through EleutherAI's sparsify")
     t.add_argument("--sparsify-python", help="python of an environment where sparsify is installed")
     t.add_argument("--loop", action="store_true",

@@ -122,7 +122,7 @@ def evaluate_sparsify(weights: str, source: NpySource, k: int, eval_tokens: int,
 
 def run(*, d_in: int = 256, d_sae: int = 2048, k: int = 32, batch_size: int = 4096, steps: int = 512,
         n_features: int = 1024, p_active: float = 0.01, compare: str | None = None,
-        sparsify_python: str | None = None, work_dir: str | None = None, step_repeats: int = 10,
+        sparsify_python: str | None = None, work_dir: str | None = None, step_repeats: int = 50,
         overrides: dict | None = None, sources: tuple[str, ...] = ("npy",)) -> dict:
     rows = steps * batch_size
     work = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "jaxinterp-bench-loop"
@@ -141,6 +141,7 @@ def run(*, d_in: int = 256, d_sae: int = 2048, k: int = 32, batch_size: int = 40
         raise ValueError(f"unknown source(s) {sorted(unknown)}; choose from {sorted(data)}")
 
     step_s = time_case(Case(d_in, d_sae, k, batch_size), step_repeats)
+    step_aux_s = time_case(Case(d_in, d_sae, k, batch_size, aux_active=True), step_repeats)
     runs = {}
     for src in sources:
         config = {
@@ -166,6 +167,7 @@ def run(*, d_in: int = 256, d_sae: int = 2048, k: int = 32, batch_size: int = 40
         "task": {"d_in": d_in, "d_sae": d_sae, "k": k, "batch_size": batch_size, "steps": steps,
                  "n_features": n_features, "p_active": p_active, "rows": rows, "file": str(acts)},
         "step_tokens_per_s": batch_size / step_s,
+        "step_aux_tokens_per_s": batch_size / step_aux_s,
         "loop_tokens_per_s": ours["loop_tokens_per_s"],
         "process_tokens_per_s": rows / ours["process_seconds"],
         "process_seconds": ours["process_seconds"],
@@ -203,7 +205,8 @@ def format_human(res: dict) -> str:
     lines = [f"train loop on {res['device']} ({res['platform']}, {res['n_devices']} device(s), {res['cpu_cores']} cores, "
              f"jax {res['jax']}): topk d_in={t['d_in']} d_sae={t['d_sae']} k={t['k']} batch={t['batch_size']}, "
              f"{t['steps']} steps on {t['rows']:,} rows",
-             f"  step alone:     {res['step_tokens_per_s']:,.0f} tokens/s",
+             f"  step alone:     {res['step_tokens_per_s']:,.0f} tokens/s while no latent is dead, "
+             f"{res['step_aux_tokens_per_s']:,.0f} once aux-k runs (some latent dead)",
              *(f"  training loop ({src}): {r['loop_tokens_per_s']:,.0f} tokens/s = {r['loop_vs_step']:.2f}x the step; "
                f"whole process {r['process_tokens_per_s']:,.0f} tokens/s" for src, r in res["by_source"].items()),
              f"  whole process ({res['source']}): {res['process_tokens_per_s']:,.0f} tokens/s "

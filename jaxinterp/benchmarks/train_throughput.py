@@ -2,8 +2,9 @@
 optionally, EleutherAI's sparsify doing the same work in the same run.
 
 A timed step is the whole jitted train step of `jaxinterp.train.step` (forward, backward, decoder
-projection, Adam, renormalisation, dead-feature counters) on a fixed batch already on the device,
-after one compile-and-warm-up step.
+projection, Adam, renormalisation, dead-feature counters, fault checks) on batches already on the
+device, after a compile and warm-up; steps are dispatched back to back and the figure is total time
+over steps, as for sparsify and the training loop.
 
 Model FLOPs of a TopK step: the encoder matmul 2*B*D*F, plus the sparse decode forward and backward
 (6*B*K*D) and the sparse encoder backward (4*B*K*D). Dense kinds: 2*B*D*F for each of the encoder
@@ -42,6 +43,8 @@ class Case:
     activation: str = "topk"
     dtype: str = "float32"
     topk_path: str = "auto"
+    aux_active: bool = False
+    """Time the step as it runs once some latent is dead (aux-k on every step), not a fresh one."""
 
     @property
     def name(self) -> str:
@@ -80,28 +83,32 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
 
 
 def time_case(case: Case, steps: int) -> float:
-    """Seconds per train step (median of `steps`)."""
+    """Seconds per train step: `steps` steps dispatched back to back on two batches already on the
+    device, total time over `steps` (a throughput, measured as sparsify's is and as the training
+    loop's is, so the three compare; a median of blocking steps would flatter a noisy machine)."""
     raw = {
         "data": {"source": "synthetic", "synthetic": {"d_in": case.d_in, "n_features": case.d_sae}},
-        "dictionary": {"activation": case.activation, "d_sae": case.d_sae, "k": case.k, "topk_path": case.topk_path},
+        "dictionary": {"activation": case.activation, "d_sae": case.d_sae, "k": case.k, "topk_path": case.topk_path,
+                       # dead after one batch without firing: some latent always is
+                       **({"dead_tokens": 1} if case.aux_active else {})},
         "train": {"batch_size": case.batch_size, "tokens": case.batch_size * 1000, "compute_dtype": case.dtype},
     }
     cfg = config_from_dict(raw)
     spec = make_spec(cfg, case.d_in)
-    x = np.asarray(jax.random.normal(jax.random.key(0), (case.batch_size, case.d_in), jnp.float32))
-    state = init_state(cfg, spec, [x])
+    keys = jax.random.split(jax.random.key(0), 2)
+    xs = [np.asarray(jax.random.normal(k, (case.batch_size, case.d_in), jnp.float32)) for k in keys]
+    state = init_state(cfg, spec, xs[:1])
     fns = build_step(cfg, spec, sharding.make_mesh(cfg.mesh), state)
     state = place_state(state, fns)
-    xb = jax.device_put(x, fns.batch_sharding)
-    state, m = fns.step(state, xb)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = fns.step(state, xb)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    xbs = [jax.device_put(x, fns.batch_sharding) for x in xs]
+    for x in xbs:  # compile, then one warm step per batch
+        state, m = fns.step(state, x)
+    jax.block_until_ready((state, m))
+    start = time.perf_counter()
+    for i in range(steps):
+        state, m = fns.step(state, xbs[i % 2])
+    jax.block_until_ready((state, m))
+    return (time.perf_counter() - start) / steps
 
 
 def sparsify_tokens_per_s(case: Case, steps: int, python: str | None) -> float | None:

@@ -8,9 +8,11 @@ from jaxinterp.dictionaries.sae import (
     LossTerms,
     LossWeights,
     Params,
+    aux_k_loss,
     decode,
     encode,
     forward,
+    has_aux_k,
     init,
     normalise_decoder,
     project_decoder_grad,
@@ -27,7 +29,7 @@ from jaxinterp.dictionaries.sparse import (
 
 __all__ = [
     "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
-    "decode", "encode", "forward", "init", "normalise_decoder", "project_decoder_grad",
+    "aux_k_loss", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
     "reconstruct", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",
     "scatter_dense", "topk_decode", "topk_decode_reference", "topk_encode", "topk_encode_reference",
 ]

@@ -221,19 +221,30 @@ def _aux_k_loss(
     return scale * jnp.sum((e_hat - e) ** 2) / jnp.maximum(variance, 1e-12)
 
 
+def has_aux_k(spec: DictionarySpec) -> bool:
+    return spec.activation in ("topk", "batchtopk") and spec.aux_k > 0
+
+
+def aux_k_loss(spec: DictionarySpec, params: Params, x: jax.Array, recon: jax.Array, dead_mask: jax.Array) -> jax.Array:
+    """The (unweighted) aux-k loss of raw inputs `x` [B, D] given the main reconstruction `recon`
+    (raw units, treated as a constant) and the dead features `dead_mask` [F]."""
+    xn = _normalise(params, x)
+    residual = xn - jax.lax.stop_gradient(recon) * params["norm_scale"]
+    return _aux_k_loss(spec, params, _pre_acts(spec, params, xn), residual, dead_mask)
+
+
 def forward(
     spec: DictionarySpec,
     params: Params,
     x: jax.Array,
     weights: LossWeights = LossWeights(),
     *,
-    dead_mask: jax.Array | None = None,
     training: bool = True,
 ) -> ForwardOutput:
-    """Encode, decode and compute the loss terms for raw inputs `x` [B, D].
+    """Encode, decode and compute the loss terms for raw inputs `x` [B, D] (aux-k apart: it is
+    `aux_k_loss`, differentiated on its own only while some feature is dead).
 
-    `training=True` uses batch top-k for batchtopk (otherwise its EMA threshold). `dead_mask` [F]
-    marks dead features for the aux-k loss.
+    `training=True` uses batch top-k for batchtopk (otherwise its EMA threshold).
     """
     xn = _normalise(params, x)
     a = spec.activation
@@ -280,16 +291,6 @@ def forward(
             aux = weights.aux * _mse(xn, gate_hat)
 
     mse = _mse(xn, xn_hat)
-    if a in ("topk", "batchtopk") and spec.aux_k > 0 and dead_mask is not None:
-        # Skipped at run time (not just multiplied by 0) while no feature is dead: it costs a
-        # second top-k over [B, F]. Rematerialised, so that the cond's residuals are its small
-        # inputs rather than [B, F] arrays that the untaken branch would have to fill with zeros.
-        aux_fn = jax.checkpoint(lambda p, xn_, e_: _aux_k_loss(spec, p, _pre_acts(spec, p, xn_), e_, dead_mask))
-        aux = weights.aux * jax.lax.cond(
-            jnp.any(dead_mask),
-            lambda: aux_fn(params, xn, xn - xn_hat),
-            lambda: jnp.zeros((), jnp.float32),
-        )
     losses = LossTerms(total=mse + sparsity + aux, mse=mse, sparsity=sparsity, aux=aux)
     return ForwardOutput(
         recon=xn_hat / params["norm_scale"],

@@ -36,8 +36,11 @@ def update_fault(fault: jax.Array, step: jax.Array, x_bd: jax.Array, loss: jax.A
     row_sq = jnp.sum(jnp.square(x_bd.astype(jnp.float32)), axis=-1)
     finite_rows = jnp.isfinite(row_sq)
     row = jnp.argmin(finite_rows).astype(jnp.int32)
-    input_cause = jnp.where(jnp.any(jnp.isnan(x_bd[row])), NAN_INPUT,
-                            jnp.where(jnp.any(jnp.isinf(x_bd[row])), INF_INPUT, HUGE_INPUT))
+    # per-row flags first, then one entry of each: indexing x_bd[row] would gather the whole
+    # (data-sharded) batch onto every device at every step
+    nan_rows = jnp.any(jnp.isnan(x_bd), axis=-1)
+    inf_rows = jnp.any(jnp.isinf(x_bd), axis=-1)
+    input_cause = jnp.where(nan_rows[row], NAN_INPUT, jnp.where(inf_rows[row], INF_INPUT, HUGE_INPUT))
     blew_up = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     # mse is in normalised units: compare it with the inputs' mean squared norm in the same units
     x_sq = jnp.mean(jnp.where(finite_rows, row_sq, 0.0)) * jnp.square(norm_scale)

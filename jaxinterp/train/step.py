@@ -77,7 +77,13 @@ def geometric_median(x_bd: jax.Array, iters: int = 50) -> jax.Array:
 
 
 def init_state(cfg: Config, spec: dl.DictionarySpec, init_batches: list[jax.Array]) -> TrainState:
-    """Fresh state: random params, input scale and b_dec estimated from `init_batches`."""
+    """Fresh state: random params, input scale and b_dec estimated from `init_batches`.
+
+    One compiled program (op-by-op dispatch of the same work takes seconds on a CPU)."""
+    return jax.jit(lambda batches: _init_state(cfg, spec, batches))(list(init_batches))
+
+
+def _init_state(cfg: Config, spec: dl.DictionarySpec, init_batches: list[jax.Array]) -> TrainState:
     d = cfg.dictionary
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
     params = dl.init(key, spec, threshold=d.jumprelu_init_threshold)
@@ -136,10 +142,23 @@ def train_step(
     dead = state.tokens_since_fired >= d.dead_tokens
 
     def loss_fn(trainable):
-        out = dl.forward(spec, trainable | state.buffers, x_bd, weights, dead_mask=dead, training=True)
+        out = dl.forward(spec, trainable | state.buffers, x_bd, weights, training=True)
         return out.losses.total, out
 
     (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if dl.has_aux_k(spec):
+        # Its own forward and backward, run only while some feature is dead: a cond inside the main
+        # loss would sit on the step's critical path even when not taken (20% of a TopK step on CPU).
+        def aux_value_and_grad():
+            return jax.value_and_grad(
+                lambda p: weights.aux * dl.aux_k_loss(spec, p | state.buffers, x_bd, out.recon, dead)
+            )(state.params)
+
+        aux, aux_grads = jax.lax.cond(
+            jnp.any(dead), aux_value_and_grad, lambda: (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, grads))
+        )
+        grads = jax.tree.map(jnp.add, grads, aux_grads)
+        out = out._replace(losses=out.losses._replace(total=out.losses.total + aux, aux=aux))
     if d.unit_norm_decoder:
         grads = dl.project_decoder_grad(grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
