@@ -49,7 +49,8 @@ def test_train_loop_bench_runs_launch_train_and_prints_its_keys(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
-    assert {"loop_tokens_per_s", "process_tokens_per_s", "step_tokens_per_s", "loop_vs_step", "seconds"} <= set(res)
+    assert {"loop_tokens_per_s", "process_tokens_per_s", "step_tokens_per_s", "step_aux_tokens_per_s", "loop_vs_step",
+            "seconds"} <= set(res)
     assert res["task"]["rows"] == 12 * 256 and res["process_tokens_per_s"] < res["loop_tokens_per_s"]
     assert {"setup", "compile", "loop", "eval", "export", "process_start"} <= set(res["seconds"])
     assert 0 < res["mmcs"] <= 1 and "sparsify_tokens_per_s" not in res  # no --compare

@@ -89,7 +89,7 @@ def time_case(case: Case, steps: int) -> float:
     raw = {
         "data": {"source": "synthetic", "synthetic": {"d_in": case.d_in, "n_features": case.d_sae}},
         "dictionary": {"activation": case.activation, "d_sae": case.d_sae, "k": case.k, "topk_path": case.topk_path,
-                       # dead after one batch without firing: some latent always is
+                       # dead after one batch without firing
                        **({"dead_tokens": 1} if case.aux_active else {})},
         "train": {"batch_size": case.batch_size, "tokens": case.batch_size * 1000, "compute_dtype": case.dtype},
     }
@@ -98,6 +98,9 @@ def time_case(case: Case, steps: int) -> float:
     keys = jax.random.split(jax.random.key(0), 2)
     xs = [np.asarray(jax.random.normal(k, (case.batch_size, case.d_in), jnp.float32)) for k in keys]
     state = init_state(cfg, spec, xs[:1])
+    if case.aux_active and "b_enc" in state.params:  # a quarter of the latents that never fire
+        b_enc = state.params["b_enc"].at[: case.d_sae // 4].set(-1e4)
+        state = state._replace(params=state.params | {"b_enc": b_enc})
     fns = build_step(cfg, spec, sharding.make_mesh(cfg.mesh), state)
     state = place_state(state, fns)
     xbs = [jax.device_put(x, fns.batch_sharding) for x in xs]
