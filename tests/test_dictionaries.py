@@ -336,3 +336,35 @@ def test_spec_rejects_bad_values():
         dl.DictionarySpec("sparse", D, F)
     with pytest.raises(ValueError, match=r"k=33 must be in \[1, d_sae=32\]"):
         dl.DictionarySpec("topk", D, F, k=33)
+
+
+def test_aux_k_loss_and_its_gradient_equal_the_dense_formula():
+    spec = dl.DictionarySpec(activation="topk", d_in=8, d_sae=32, k=4, aux_k=6)
+    keys = jax.random.split(jax.random.key(3), 6)
+    params = dl.init(keys[0], spec) | {
+        "b_enc": 0.3 * jax.random.normal(keys[1], (32,)),
+        "b_dec": 0.2 * jax.random.normal(keys[2], (8,)),
+        "norm_scale": jnp.float32(1.3),
+    }
+    x = jax.random.normal(keys[3], (16, 8))
+    recon = 0.5 * jax.random.normal(keys[4], (16, 8))
+    dead = jax.random.bernoulli(keys[5], 0.5, (32,))
+
+    def dense(p):
+        xn = x * p["norm_scale"]
+        e = xn - recon * p["norm_scale"]
+        pre = (xn - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        vals, idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), spec.aux_k)
+        vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
+        e_hat = jnp.einsum("bk,bkd->bd", vals, p["W_dec"][idx])
+        scale = jnp.minimum(jnp.sum(dead) / spec.aux_k, 1.0)
+        return scale * jnp.sum((e_hat - e) ** 2) / jnp.sum((e - e.mean(0)) ** 2)
+
+    trainable = {k: v for k, v in params.items() if k != "norm_scale"}
+    ours, g_ours = jax.value_and_grad(lambda t: dl.aux_k_loss(spec, t | {"norm_scale": params["norm_scale"]}, x, recon,
+                                                              dead))(trainable)
+    ref, g_ref = jax.value_and_grad(lambda t: dense(t | {"norm_scale": params["norm_scale"]}))(trainable)
+    assert float(ref) > 0
+    np.testing.assert_allclose(ours, ref, **TOL)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-5, err_msg=name)

@@ -207,13 +207,16 @@ def _mse(xn: jax.Array, xn_hat: jax.Array) -> jax.Array:
 
 
 def _aux_k_loss(
-    spec: DictionarySpec, params: Params, pre: jax.Array, residual: jax.Array, dead_mask: jax.Array
+    spec: DictionarySpec, params: Params, xn: jax.Array, residual: jax.Array, dead_mask: jax.Array
 ) -> jax.Array:
     """Aux-k (Gao et al. 2024): the top `aux_k` dead features reconstruct the main model's
-    residual; normalised by the residual's variance and scaled down when fewer are dead."""
-    masked = jnp.where(dead_mask, pre, -jnp.inf)
-    vals, idx = ops.topk(masked, spec.aux_k)
-    vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
+    residual; normalised by the residual's variance and scaled down when fewer are dead.
+
+    Live features get a bias far below zero, so they are never selected with a positive value, and
+    the selection goes through `topk_encode`: its backward touches only the selected columns where
+    XLA's would differentiate the top-k and the encoder matmul densely."""
+    b_enc = jnp.where(dead_mask, params["b_enc"], -1e30)
+    vals, idx = topk_encode(xn, params["b_dec"], params["W_enc"], b_enc, spec.aux_k, spec.compute_dtype)
     e_hat = topk_decode(vals, idx, params["W_dec"])
     e = jax.lax.stop_gradient(residual)
     variance = jnp.sum((e - e.mean(0)) ** 2)
@@ -230,7 +233,7 @@ def aux_k_loss(spec: DictionarySpec, params: Params, x: jax.Array, recon: jax.Ar
     (raw units, treated as a constant) and the dead features `dead_mask` [F]."""
     xn = _normalise(params, x)
     residual = xn - jax.lax.stop_gradient(recon) * params["norm_scale"]
-    return _aux_k_loss(spec, params, _pre_acts(spec, params, xn), residual, dead_mask)
+    return _aux_k_loss(spec, params, xn, residual, dead_mask)
 
 
 def forward(
