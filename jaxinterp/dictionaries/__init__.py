@@ -9,6 +9,7 @@ from jaxinterp.dictionaries.sae import (
     LossWeights,
     Params,
     aux_k_loss,
+    clamp_params,
     decode,
     encode,
     forward,
@@ -17,6 +18,8 @@ from jaxinterp.dictionaries.sae import (
     normalise_decoder,
     project_decoder_grad,
     reconstruct,
+    selects_k,
+    sparsity_penalty,
     split_params,
 )
 from jaxinterp.dictionaries.sparse import (
@@ -29,7 +32,7 @@ from jaxinterp.dictionaries.sparse import (
 
 __all__ = [
     "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
-    "aux_k_loss", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
-    "reconstruct", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",
+    "aux_k_loss", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
+    "reconstruct", "selects_k", "sparsity_penalty", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",
     "scatter_dense", "topk_decode", "topk_decode_reference", "topk_encode", "topk_encode_reference",
 ]

@@ -35,6 +35,17 @@ BUFFERS = {
 }
 
 
+def selects_k(activation: str) -> bool:
+    """Whether the activation keeps `k` features per row (or per batch average): topk, batchtopk."""
+    return activation in ("topk", "batchtopk")
+
+
+def sparsity_penalty(activation: str) -> str | None:
+    """The penalty that `LossWeights.sparsity` weights: "l1" (relu, gated), "l0" (jumprelu), or
+    None (the top-k kinds, sparse by construction)."""
+    return {"relu": "l1", "gated": "l1", "jumprelu": "l0"}.get(activation)
+
+
 @dataclasses.dataclass(frozen=True)
 class DictionarySpec:
     """The static shape of a dictionary (hashable, so it can be a jit static argument)."""
@@ -57,7 +68,7 @@ class DictionarySpec:
     def __post_init__(self) -> None:
         if self.activation not in BUFFERS:
             raise ValueError(f"activation {self.activation!r} unknown; choose one of {sorted(BUFFERS)}")
-        if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+        if selects_k(self.activation) and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
 
     @property
@@ -225,7 +236,7 @@ def _aux_k_loss(
 
 
 def has_aux_k(spec: DictionarySpec) -> bool:
-    return spec.activation in ("topk", "batchtopk") and spec.aux_k > 0
+    return selects_k(spec.activation) and spec.aux_k > 0
 
 
 def aux_k_loss(spec: DictionarySpec, params: Params, x: jax.Array, recon: jax.Array, dead_mask: jax.Array) -> jax.Array:
@@ -321,3 +332,10 @@ def project_decoder_grad(grads: Params, params: Params) -> Params:
 def normalise_decoder(params: Params) -> Params:
     w = params["W_dec"]
     return params | {"W_dec": w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)}
+
+
+def clamp_params(spec: DictionarySpec, params: Params) -> Params:
+    """Trainable parameters put back in their domain after an update (jumprelu: threshold >= 0)."""
+    if spec.activation == "jumprelu":
+        return params | {"threshold": jnp.maximum(params["threshold"], 0.0)}
+    return params
