@@ -28,31 +28,35 @@ DENSITY_BINS = np.arange(-8.0, 0.5, 0.5)
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def batch_sums(spec: dl.DictionarySpec, params: dl.Params, x_bd: jax.Array) -> dict[str, jax.Array]:
-    """Sums over one batch of everything `finalize` needs."""
+def batch_sums(spec: dl.DictionarySpec, params: dl.Params, x_bd: jax.Array, n_rows: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """Sums over one batch of everything `finalize` needs; only the first `n_rows` rows count (all
+    when None), so a short last batch padded to the batch size reuses the same compiled program."""
     x = x_bd.astype(jnp.float32)
+    row = jnp.ones(x.shape[0], jnp.bool_) if n_rows is None else jnp.arange(x.shape[0]) < n_rows
+    w = row.astype(jnp.float32)
     acts = dl.encode(spec, params, x)
     x_hat = dl.decode(spec, params, acts)
     err = x - x_hat
     in_norm = jnp.linalg.norm(x, axis=-1)
     out_norm = jnp.linalg.norm(x_hat, axis=-1)
     cos = jnp.sum(x * x_hat, -1) / jnp.maximum(in_norm * out_norm, 1e-12)
-    on = acts > 0
+    on = (acts > 0) & row[:, None]
     return {
-        "n": jnp.asarray(x.shape[0], jnp.float32),
-        "sq_err": jnp.sum(err**2),
-        "x_sum": jnp.sum(x, 0),
-        "x_sq": jnp.sum(x**2),
-        "cossim": jnp.sum(cos),
-        "l2_in": jnp.sum(in_norm),
-        "l2_out": jnp.sum(out_norm),
+        "n": jnp.sum(w),
+        "sq_err": jnp.sum(w * jnp.sum(err**2, -1)),
+        "x_sum": jnp.sum(w[:, None] * x, 0),
+        "x_sq": jnp.sum(w * jnp.sum(x**2, -1)),
+        "cossim": jnp.sum(w * cos),
+        "l2_in": jnp.sum(w * in_norm),
+        "l2_out": jnp.sum(w * out_norm),
         # rows with a zero input (possible in synthetic data) have no defined ratio
-        "l2_ratio": jnp.sum(jnp.where(in_norm > 1e-6, out_norm / jnp.maximum(in_norm, 1e-6), 0.0)),
-        "n_nonzero": jnp.sum(in_norm > 1e-6).astype(jnp.float32),
-        "dot_in_out": jnp.sum(x * x_hat),
-        "sq_out": jnp.sum(x_hat**2),
+        "l2_ratio": jnp.sum(jnp.where(row & (in_norm > 1e-6), out_norm / jnp.maximum(in_norm, 1e-6), 0.0)),
+        "n_nonzero": jnp.sum(row & (in_norm > 1e-6)).astype(jnp.float32),
+        "dot_in_out": jnp.sum(w * jnp.sum(x * x_hat, -1)),
+        "sq_out": jnp.sum(w * jnp.sum(x_hat**2, -1)),
         "l0": jnp.sum(on).astype(jnp.float32),
-        "l1": jnp.sum(jnp.abs(acts)),
+        "l1": jnp.sum(jnp.where(row[:, None], jnp.abs(acts), 0.0)),
         "fires": jnp.sum(on, 0).astype(jnp.float32),
     }
 
@@ -105,8 +109,14 @@ def evaluate(
     """Stream `batches` through the dictionary and return the metrics (plus `mmcs` when the true
     directions are known)."""
     acc: dict[str, jax.Array] | None = None
+    width = None
     for x in batches:
-        sums = batch_sums(spec, params, jnp.asarray(x))
+        x = np.asarray(x)
+        n = x.shape[0]
+        width = width or n
+        if n < width:  # the short last batch, zero-padded: one compiled program for all batches
+            x = np.concatenate([x, np.zeros((width - n, *x.shape[1:]), x.dtype)])
+        sums = batch_sums(spec, params, jnp.asarray(x), jnp.int32(n))
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
     if acc is None:
         raise ValueError("evaluate: no batches to evaluate; raise output.eval_tokens or provide held-out data")

@@ -338,21 +338,31 @@ def test_spec_rejects_bad_values():
         dl.DictionarySpec("topk", D, F, k=33)
 
 
-def test_aux_k_loss_and_its_gradient_equal_the_dense_formula():
-    spec = dl.DictionarySpec(activation="topk", d_in=8, d_sae=32, k=4, aux_k=6)
+def _aux_k_case(n_dead):
+    spec = dl.DictionarySpec(activation="topk", d_in=8, d_sae=64, k=4, aux_k=4)
     keys = jax.random.split(jax.random.key(3), 6)
     params = dl.init(keys[0], spec) | {
-        "b_enc": 0.3 * jax.random.normal(keys[1], (32,)),
+        "b_enc": 0.3 * jax.random.normal(keys[1], (64,)),
         "b_dec": 0.2 * jax.random.normal(keys[2], (8,)),
         "norm_scale": jnp.float32(1.3),
     }
-    x = jax.random.normal(keys[3], (16, 8))
-    recon = 0.5 * jax.random.normal(keys[4], (16, 8))
-    dead = jax.random.bernoulli(keys[5], 0.5, (32,))
+    x = jax.random.normal(keys[3], (32, 8))
+    recon = 0.5 * jax.random.normal(keys[4], (32, 8))
+    dead = jnp.zeros(64, jnp.bool_).at[jax.random.permutation(keys[5], 64)[:n_dead]].set(True)
+    trainable = {k: v for k, v in params.items() if k != "norm_scale"}
+    return spec, params, trainable, x, recon, dead
+
+
+def test_aux_k_loss_and_its_gradient_equal_the_dense_formula():
+    # 12 dead features fit in the pool (4 * aux_k = 16): the loss is the full formula, on every
+    # AUX_K_ROW_STRIDE-th row of the batch
+    spec, params, trainable, x, recon, dead = _aux_k_case(12)
+    assert dl.aux_k_pool(spec) == 16
+    rows = slice(None, None, dl.AUX_K_ROW_STRIDE)
 
     def dense(p):
-        xn = x * p["norm_scale"]
-        e = xn - recon * p["norm_scale"]
+        xn = x[rows] * p["norm_scale"]
+        e = xn - recon[rows] * p["norm_scale"]
         pre = (xn - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
         vals, idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), spec.aux_k)
         vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
@@ -360,11 +370,28 @@ def test_aux_k_loss_and_its_gradient_equal_the_dense_formula():
         scale = jnp.minimum(jnp.sum(dead) / spec.aux_k, 1.0)
         return scale * jnp.sum((e_hat - e) ** 2) / jnp.sum((e - e.mean(0)) ** 2)
 
-    trainable = {k: v for k, v in params.items() if k != "norm_scale"}
-    ours, g_ours = jax.value_and_grad(lambda t: dl.aux_k_loss(spec, t | {"norm_scale": params["norm_scale"]}, x, recon,
-                                                              dead))(trainable)
-    ref, g_ref = jax.value_and_grad(lambda t: dense(t | {"norm_scale": params["norm_scale"]}))(trainable)
+    norm = {"norm_scale": params["norm_scale"]}
+    key = jax.random.key(9)
+    ours, g_ours = jax.value_and_grad(lambda t: dl.aux_k_loss(spec, t | norm, x, recon, dead, key))(trainable)
+    ref, g_ref = jax.value_and_grad(lambda t: dense(t | norm))(trainable)
     assert float(ref) > 0
     np.testing.assert_allclose(ours, ref, **TOL)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         np.testing.assert_allclose(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    live = np.asarray(~dead)
+    assert np.all(np.asarray(g_ours["W_dec"])[live] == 0), "live features get no aux-k gradient"
+
+
+def test_aux_k_with_more_dead_features_than_its_pool_trains_a_random_pool_of_dead_ones():
+    spec, params, trainable, x, recon, dead = _aux_k_case(40)
+    norm = {"norm_scale": params["norm_scale"]}
+
+    def touched(seed):
+        g = jax.grad(lambda t: dl.aux_k_loss(spec, t | norm, x, recon, dead, jax.random.key(seed)))(trainable)
+        return set(np.flatnonzero(np.abs(np.asarray(g["W_enc"])).sum(0) > 0))
+
+    a, b = touched(0), touched(1)
+    assert a and b
+    assert a <= set(np.flatnonzero(np.asarray(dead))) and b <= set(np.flatnonzero(np.asarray(dead)))
+    assert len(a) <= dl.aux_k_pool(spec) and len(b) <= dl.aux_k_pool(spec)
+    assert a != b, "another key draws another pool"

@@ -28,8 +28,9 @@ def _fresh_trace_counter():
     chex.clear_trace_counter()
 
 
-def _run_steps(cfg, mesh_cfg, batches, n_steps):
-    """(state, metrics) after `n_steps` steps on `mesh_cfg`, init from batches[0]."""
+def _run_steps(cfg, mesh_cfg, batches, n_steps, aux_k=False):
+    """(state, metrics) after `n_steps` steps on `mesh_cfg`, init from batches[0] (`aux_k`: the
+    step with the aux-k loss)."""
     cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     spec = make_spec(cfg, batches[0].shape[1])
     state = init_state(cfg, spec, [batches[0]])
@@ -37,21 +38,22 @@ def _run_steps(cfg, mesh_cfg, batches, n_steps):
     fns = build_step(cfg, spec, make_mesh(cfg.mesh), state, max_traces=1)
     state = place_state(state, fns)
     metrics = None
+    step = fns.step_aux_k if aux_k and fns.step_aux_k is not None else fns.step
     for b in batches[1 : 1 + n_steps]:
-        state, metrics = fns.step(state, jax.device_put(b, fns.batch_sharding))
+        state, metrics = step(state, jax.device_put(b, fns.batch_sharding))
     return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu"])
 def test_sharded_step_matches_single_device(tmp_path, activation):
-    # dead_tokens = one batch, so from the second step on the aux-k path (a second top-k over the
-    # sharded d_sae axis) runs as well.
+    # The step with aux-k; dead_tokens = one batch, so from the second step on its second top-k
+    # (over the sharded d_sae axis) has dead features to select.
     cfg = tiny_config(tmp_path, dictionary={"activation": activation, "dead_tokens": 256})
     src = make_source(cfg)
     batches = [np.asarray(next(src)) for _ in range(4)]
 
-    one, m_one = _run_steps(cfg, MeshConfig(data=1, model=1), batches, 3)
-    many, m_many = _run_steps(cfg, MeshConfig(data=4, model=2), batches, 3)
+    one, m_one = _run_steps(cfg, MeshConfig(data=1, model=1), batches, 3, aux_k=True)
+    many, m_many = _run_steps(cfg, MeshConfig(data=4, model=2), batches, 3, aux_k=True)
 
     assert int(one.step) == int(many.step) == 3
     for name in one.params:

@@ -104,12 +104,13 @@ def time_case(case: Case, steps: int) -> float:
     fns = build_step(cfg, spec, sharding.make_mesh(cfg.mesh), state)
     state = place_state(state, fns)
     xbs = [jax.device_put(x, fns.batch_sharding) for x in xs]
+    step = fns.step_aux_k if case.aux_active and fns.step_aux_k is not None else fns.step
     for x in xbs:  # compile, then one warm step per batch
-        state, m = fns.step(state, x)
+        state, m = step(state, x)
     jax.block_until_ready((state, m))
     start = time.perf_counter()
     for i in range(steps):
-        state, m = fns.step(state, xbs[i % 2])
+        state, m = step(state, xbs[i % 2])
     jax.block_until_ready((state, m))
     return (time.perf_counter() - start) / steps
 

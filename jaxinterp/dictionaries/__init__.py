@@ -3,12 +3,14 @@
 from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
 from jaxinterp.dictionaries.ops import kth_largest, topk
 from jaxinterp.dictionaries.sae import (
+    AUX_K_ROW_STRIDE,
     DictionarySpec,
     ForwardOutput,
     LossTerms,
     LossWeights,
     Params,
     aux_k_loss,
+    aux_k_pool,
     clamp_params,
     decode,
     encode,
@@ -32,7 +34,7 @@ from jaxinterp.dictionaries.sparse import (
 
 __all__ = [
     "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
-    "aux_k_loss", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
+    "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
     "reconstruct", "selects_k", "sparsity_penalty", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",
     "scatter_dense", "topk_decode", "topk_decode_reference", "topk_encode", "topk_encode_reference",
 ]

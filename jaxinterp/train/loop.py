@@ -169,26 +169,40 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     t_last, step_last = time.perf_counter(), start
     metrics = None
     in_flight: collections.deque = collections.deque()
-    loop_start, loop_steps = None, 0
+    loop_start, loop_steps, loop_compile = None, 0, 0.0
+    # The step with aux-k runs while some feature is dead, as read from the metrics of the step two
+    # behind (already waited for, so the choice costs no extra synchronisation).
+    aux_on = fns.step_aux_k is not None and bool(jax.device_get(
+        jax.numpy.any(state.tokens_since_fired >= cfg.dictionary.dead_tokens)))
+    aux_compiled = False
     for step in range(start, total):
         if metrics is not None and not source.host_side:
             # A source that runs its own XLA program (the live model) waits for the step in flight:
             # on a multi-device CPU, a second program competing for the same thread pool can starve
             # the step's all-reduce. Host-side sources are read ahead by their own thread.
             jax.block_until_ready(metrics)
-        with clock("compile" if step == start else "loop"):
+        first_aux = aux_on and not aux_compiled
+        with clock("compile" if step == start or first_aux else "loop"):
+            t_compile = time.perf_counter()
             x = jax.device_put(next(source), fns.batch_sharding)
-            state, metrics = fns.step(state, x)
-            if step == start:
-                jax.block_until_ready(metrics)  # the compile and first step, timed on their own
+            state, metrics = (fns.step_aux_k if aux_on else fns.step)(state, x)
+            if step == start or first_aux:
+                jax.block_until_ready(metrics)  # the compiles and their first steps, timed on their own
+                if step != start:
+                    loop_compile += time.perf_counter() - t_compile
+            aux_compiled = aux_compiled or aux_on
             in_flight.append(metrics)
             if len(in_flight) > 2:
                 # Dispatch runs at most two steps ahead: the device never waits, and host memory
                 # does not fill with queued batches.
-                jax.block_until_ready(in_flight.popleft())
+                behind = in_flight.popleft()
+                if fns.step_aux_k is not None:
+                    aux_on = float(behind["dead_fraction"]) > 0
+                else:
+                    jax.block_until_ready(behind)
         if step == start:
             loop_start = time.perf_counter()
-        else:
+        elif not first_aux:
             loop_steps += 1
         done = step + 1
         if resample is not None and done % cfg.train.resample_every == 0:
@@ -210,7 +224,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         bar.update(1)
     bar.close()
     jax.block_until_ready(state)
-    loop_seconds = time.perf_counter() - loop_start if loop_start is not None else 0.0
+    loop_seconds = time.perf_counter() - loop_start - loop_compile if loop_start is not None else 0.0
     with clock("checkpoint"):
         if ckpt.latest_step() != total:
             ckpt.save(total, state, source.get_state(), force=True)

@@ -116,7 +116,9 @@ def _init_state(cfg: Config, spec: dl.DictionarySpec, init_batches: list[jax.Arr
 
 class StepFns(NamedTuple):
     step: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
-    """Jitted (state, batch) -> (state, metrics); the state is donated."""
+    """Jitted (state, batch) -> (state, metrics) without the aux-k loss; the state is donated."""
+    step_aux_k: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]] | None
+    """The same step with the aux-k loss (compiled on first use); None for kinds without one."""
     state_sharding: Any
     """Pytree of NamedShardings of the state."""
     batch_sharding: NamedSharding
@@ -135,32 +137,35 @@ def _fired(spec: dl.DictionarySpec, out: dl.ForwardOutput) -> tuple[jax.Array, j
 
 
 def train_step(
-    cfg: Config, spec: dl.DictionarySpec, tx: optax.GradientTransformation, state: TrainState, x_bd: jax.Array
+    cfg: Config,
+    spec: dl.DictionarySpec,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    x_bd: jax.Array,
+    *,
+    aux_k: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step (pure; `build_step` jits it)."""
+    """One optimizer step (pure; `build_step` jits it).
+
+    `aux_k=True` adds the aux-k loss of the dead features (kinds that have one): a second top-k over
+    the encoder's outputs and its backward. It is a static choice, not a `lax.cond` on the dead
+    mask: on a 2-device CPU mesh an untaken cond still cost ~25% of a TopK step, so the loop keeps
+    two compiled steps and picks one from the dead fraction it reads when it logs."""
     d = cfg.dictionary
     weights = loss_weights(cfg, state.step)
     dead = state.tokens_since_fired >= d.dead_tokens
+    with_aux = aux_k and dl.has_aux_k(spec)
+    aux_key = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
 
     def loss_fn(trainable):
-        out = dl.forward(spec, trainable | state.buffers, x_bd, weights, training=True)
+        p = trainable | state.buffers
+        out = dl.forward(spec, p, x_bd, weights, training=True)
+        if with_aux:
+            aux = weights.aux * dl.aux_k_loss(spec, p, x_bd, out.recon, dead, aux_key)
+            out = out._replace(losses=out.losses._replace(total=out.losses.total + aux, aux=aux))
         return out.losses.total, out
 
     (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if dl.has_aux_k(spec):
-        # Its own forward and backward, run only while some feature is dead (the main loss stays
-        # free of control flow; on a 2-device CPU mesh the untaken cond still costs ~25% of a
-        # TopK step, wherever it sits).
-        def aux_value_and_grad():
-            return jax.value_and_grad(
-                lambda p: weights.aux * dl.aux_k_loss(spec, p | state.buffers, x_bd, out.recon, dead)
-            )(state.params)
-
-        aux, aux_grads = jax.lax.cond(
-            jnp.any(dead), aux_value_and_grad, lambda: (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, grads))
-        )
-        grads = jax.tree.map(jnp.add, grads, aux_grads)
-        out = out._replace(losses=out.losses._replace(total=out.losses.total + aux, aux=aux))
     if d.unit_norm_decoder:
         grads = dl.project_decoder_grad(grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -214,18 +219,25 @@ def build_step(
     state_sh = sharding.tree_shardings(mesh, abstract_state)
     batch_sh = sharding.batch_sharding(mesh, cfg.train.batch_size)
 
-    def step(state, x_bd):
+    def plain(state, x_bd):
         return train_step(cfg, spec, tx, state, x_bd)
 
-    if max_traces is not None:
-        step = chex.assert_max_traces(step, n=max_traces)
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    def with_aux_k(state, x_bd):
+        return train_step(cfg, spec, tx, state, x_bd, aux_k=True)
 
-    def run(state, x_bd):
-        with jax.set_mesh(mesh):
-            return jitted(state, x_bd)
+    def compile_(fn):
+        if max_traces is not None:
+            fn = chex.assert_max_traces(fn, n=max_traces)
+        jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
-    return StepFns(step=run, state_sharding=state_sh, batch_sharding=batch_sh, mesh=mesh)
+        def run(state, x_bd):
+            with jax.set_mesh(mesh):
+                return jitted(state, x_bd)
+
+        return run
+
+    return StepFns(step=compile_(plain), step_aux_k=compile_(with_aux_k) if dl.has_aux_k(spec) else None,
+                   state_sharding=state_sh, batch_sharding=batch_sh, mesh=mesh)
 
 
 def place_state(state: TrainState, fns: StepFns) -> TrainState:
