@@ -231,7 +231,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         ckpt.wait()
 
     with clock("eval"):
-        final = final_evaluation(cfg, spec, state, source)
+        final = final_evaluation(cfg, spec, state, source, mesh)
     with clock("export"):
         if cfg.output.export_saelens:
             export_saelens(
@@ -256,10 +256,10 @@ def source_site(cfg: Config, source) -> str | None:
     return getattr(source, "site", None) or cfg.data.site
 
 
-def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, source) -> dict:
+def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, source, mesh=None) -> dict:
     params = jax.device_get(state.dictionary)
     batches = source.eval_batches(cfg.output.eval_tokens, cfg.train.batch_size)
-    result = evals.evaluate(spec, params, batches, true_directions=source.true_directions)
+    result = evals.evaluate(spec, params, batches, true_directions=source.true_directions, mesh=mesh)
     site = source_site(cfg, source)
     if getattr(source, "eval_contexts", None) is not None and site is not None:
         ctx = source.eval_contexts[: cfg.output.ce_eval_contexts]
