@@ -52,7 +52,7 @@ def test_train_loop_bench_runs_launch_train_and_prints_its_keys(tmp_path):
     assert {"loop_tokens_per_s", "process_tokens_per_s", "step_tokens_per_s", "step_aux_tokens_per_s", "loop_vs_step",
             "seconds"} <= set(res)
     assert res["task"]["rows"] == 12 * 256 and res["process_tokens_per_s"] < res["loop_tokens_per_s"]
-    assert {"setup", "compile", "loop", "eval", "export", "process_start"} <= set(res["seconds"])
+    assert {"setup", "compile", "loop", "eval", "export", "start_and_exit"} <= set(res["seconds"])
     assert 0 < res["mmcs"] <= 1 and "sparsify_tokens_per_s" not in res  # no --compare
     assert set(res["by_source"]) == {"npy", "cache", "synthetic"}
     assert all(r["loop_tokens_per_s"] > 0 and r["loop_vs_step"] > 0 for r in res["by_source"].values())

@@ -82,7 +82,10 @@ def run_train_process(config: dict, run_dir: Path, python: str = sys.executable)
                          capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - start
     if out.returncode != 0:
-        raise RuntimeError(f"launch/train.py failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
+        (run_dir / "stderr.txt").write_text(out.stderr)
+        lines = [l for l in out.stderr.strip().splitlines() if not l.lstrip().startswith("@ ")]
+        raise RuntimeError(f"launch/train.py failed ({out.returncode}): {lines[-3:]} (all of stderr: "
+                           f"{run_dir / 'stderr.txt'})")
     final = json.loads(out.stdout.strip().splitlines()[0])
     return {**final, "process_seconds": wall}
 
@@ -172,7 +175,8 @@ def run(*, d_in: int = 256, d_sae: int = 2048, k: int = 32, batch_size: int = 40
         "process_tokens_per_s": rows / ours["process_seconds"],
         "process_seconds": ours["process_seconds"],
         "seconds": {**ours["seconds"],
-                    "process_start": ours["process_seconds"] - sum(ours["seconds"].values())},
+                    # imports, backend start, process exit: the wall time outside `train()`'s phases
+                    "start_and_exit": ours["process_seconds"] - sum(ours["seconds"].values())},
         "mmcs": ours.get("mmcs"),
         "explained_variance": ours["explained_variance"],
         "dead_fraction": ours["dead_fraction"],

@@ -182,24 +182,25 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
             # the step's all-reduce. Host-side sources are read ahead by their own thread.
             jax.block_until_ready(metrics)
         first_aux = aux_on and not aux_compiled
-        with clock("compile" if step == start or first_aux else "loop"):
+        compiling = step == start or first_aux
+        with clock("compile") if compiling else contextlib.nullcontext():
             t_compile = time.perf_counter()
             x = jax.device_put(next(source), fns.batch_sharding)
             state, metrics = (fns.step_aux_k if aux_on else fns.step)(state, x)
-            if step == start or first_aux:
+            if compiling:
                 jax.block_until_ready(metrics)  # the compiles and their first steps, timed on their own
                 if step != start:
                     loop_compile += time.perf_counter() - t_compile
-            aux_compiled = aux_compiled or aux_on
-            in_flight.append(metrics)
-            if len(in_flight) > 2:
-                # Dispatch runs at most two steps ahead: the device never waits, and host memory
-                # does not fill with queued batches.
-                behind = in_flight.popleft()
-                if fns.step_aux_k is not None:
-                    aux_on = float(behind["dead_fraction"]) > 0
-                else:
-                    jax.block_until_ready(behind)
+        aux_compiled = aux_compiled or aux_on
+        in_flight.append(metrics)
+        if len(in_flight) > 2:
+            # Dispatch runs at most two steps ahead: the device never waits, and host memory does
+            # not fill with queued batches.
+            behind = in_flight.popleft()
+            if fns.step_aux_k is not None:
+                aux_on = float(behind["dead_fraction"]) > 0
+            else:
+                jax.block_until_ready(behind)
         if step == start:
             loop_start = time.perf_counter()
         elif not first_aux:
@@ -225,6 +226,9 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     bar.close()
     jax.block_until_ready(state)
     loop_seconds = time.perf_counter() - loop_start - loop_compile if loop_start is not None else 0.0
+    # The loop's phase: its wall time after the first step, less compiles and mid-run checkpoints
+    # (their own phases), so that the phases add up to the run.
+    clock.seconds["loop"] = max(loop_seconds - clock.seconds.get("checkpoint", 0.0), 0.0)
     with clock("checkpoint"):
         if ckpt.latest_step() != total:
             ckpt.save(total, state, source.get_state(), force=True)
