@@ -395,3 +395,46 @@ def test_aux_k_with_more_dead_features_than_its_pool_trains_a_random_pool_of_dea
     assert a <= set(np.flatnonzero(np.asarray(dead))) and b <= set(np.flatnonzero(np.asarray(dead)))
     assert len(a) <= dl.aux_k_pool(spec) and len(b) <= dl.aux_k_pool(spec)
     assert a != b, "another key draws another pool"
+
+
+# ---------------------------------------------------------------------------------------------
+# activations as values
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_selected_features_encode_as_their_columns_of_the_full_encoder(kind):
+    spec = dl.DictionarySpec(activation=kind, d_in=D, d_sae=F, k=K)
+    pn = random_params(kind)
+    p = {k: jnp.asarray(v) for k, v in pn.items()}
+    x = jnp.asarray(random_x()).reshape(2, B // 2, D)
+    ids = jnp.asarray([[3, 0, 17, 31, 8], [5, 5, 30, 1, 12]])
+    got = np.asarray(dl.encode_selected(spec, p, x, ids))
+    ref = numpy_forward(kind, pn, random_x(), k=K, sparsity=0, aux=0, training=False)
+    if spec.kind.row_topk:  # the value a feature takes when selected: relu of its pre-activation
+        full = np.maximum(ref["pre"], 0.0).reshape(2, B // 2, F)
+    else:
+        full = np.asarray(ref["acts"]).reshape(2, B // 2, F)
+    want = np.take_along_axis(full, np.broadcast_to(np.asarray(ids)[:, None, :], got.shape), axis=-1)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert np.count_nonzero(want) > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folding_an_input_shift_into_the_biases_encodes_shifted_inputs(kind):
+    spec = dl.DictionarySpec(activation=kind, d_in=D, d_sae=F, k=K)
+    p = {k: jnp.asarray(v) for k, v in random_params(kind).items()} | {"norm_scale": jnp.float32(1.0)}
+    x = jnp.asarray(random_x())
+    shift = jnp.linspace(-0.5, 0.7, D)
+    folded = spec.kind.fold_input_shift(p, shift)
+    np.testing.assert_allclose(dl.encode(spec, folded, x), dl.encode(spec, p, x - shift), **TOL)
+
+
+def test_every_activation_is_one_registry_entry_with_its_own_parameters():
+    assert set(dl.ACTIVATIONS) == set(KINDS)
+    for name, kind in dl.ACTIVATIONS.items():
+        spec = dl.DictionarySpec(activation=name, d_in=D, d_sae=F, k=K)
+        params = dl.init(jax.random.key(0), spec)
+        assert set(params) == {"W_enc", "W_dec", "b_dec", "norm_scale", *kind.feature_params}
+        assert kind.encoder_bias in kind.feature_params
+    with pytest.raises(ValueError, match="activation 'sparse' unknown"):
+        dl.activation("sparse")

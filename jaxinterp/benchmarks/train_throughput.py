@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp import dictionaries as dl
 from jaxinterp.config import config_from_dict
 from jaxinterp.train import sharding
 from jaxinterp.train.step import build_step, init_state, make_spec, place_state
@@ -52,7 +53,7 @@ class Case:
 
     def flops(self) -> float:
         b, d, f, k = self.batch_size, self.d_in, self.d_sae, self.k
-        if self.activation == "topk":
+        if dl.activation(self.activation).row_topk:  # sparse decode and backward
             return 2 * b * d * f + 10 * b * k * d
         return 10 * b * d * f
 
@@ -153,7 +154,7 @@ def run(*, steps: int = 10, compare: str | None = None, sparsify_python: str | N
         }
         if peak is not None and case.dtype == "bfloat16":
             r["mfu"] = case.flops() / sec / peak
-        if compare == "sparsify" and case.dtype == "float32" and case.activation == "topk":
+        if compare == "sparsify" and case.dtype == "float32" and dl.activation(case.activation).row_topk:  # sparsify trains TopK
             sp = sparsify_tokens_per_s(case, steps, sparsify_python)
             if sp is not None:
                 r["sparsify_tokens_per_s"] = sp

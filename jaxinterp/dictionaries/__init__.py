@@ -1,6 +1,7 @@
 """Sparse dictionaries as pure functions over parameter dicts."""
 
 from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
+from jaxinterp.dictionaries.kinds import ACTIVATIONS, Activation, activation, from_saelens_architecture
 from jaxinterp.dictionaries.ops import kth_largest, topk
 from jaxinterp.dictionaries.sae import (
     AUX_K_ROW_STRIDE,
@@ -14,6 +15,7 @@ from jaxinterp.dictionaries.sae import (
     clamp_params,
     decode,
     encode,
+    encode_selected,
     forward,
     has_aux_k,
     init,
@@ -34,7 +36,7 @@ from jaxinterp.dictionaries.sparse import (
 
 __all__ = [
     "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
-    "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
+    "ACTIVATIONS", "Activation", "activation", "from_saelens_architecture", "encode_selected", "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
     "reconstruct", "selects_k", "sparsity_penalty", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",
     "scatter_dense", "topk_decode", "topk_decode_reference", "topk_encode", "topk_encode_reference",
 ]

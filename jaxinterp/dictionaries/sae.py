@@ -20,30 +20,21 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.dictionaries import ops
+from jaxinterp.dictionaries import kinds, ops
 from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
 from jaxinterp.dictionaries.sparse import scatter_dense, topk_decode, topk_encode
 
 Params = dict[str, jax.Array]
 
-BUFFERS = {
-    "relu": ("norm_scale",),
-    "topk": ("norm_scale",),
-    "batchtopk": ("norm_scale", "threshold"),
-    "jumprelu": ("norm_scale",),
-    "gated": ("norm_scale",),
-}
-
-
 def selects_k(activation: str) -> bool:
     """Whether the activation keeps `k` features per row (or per batch average): topk, batchtopk."""
-    return activation in ("topk", "batchtopk")
+    return kinds.activation(activation).selects_k
 
 
 def sparsity_penalty(activation: str) -> str | None:
     """The penalty that `LossWeights.sparsity` weights: "l1" (relu, gated), "l0" (jumprelu), or
     None (the top-k kinds, sparse by construction)."""
-    return {"relu": "l1", "gated": "l1", "jumprelu": "l0"}.get(activation)
+    return kinds.activation(activation).sparsity_penalty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +57,17 @@ class DictionarySpec:
     """topk decoding: auto, pallas, sparse or dense (see `DictionaryConfig.topk_path`)."""
 
     def __post_init__(self) -> None:
-        if self.activation not in BUFFERS:
-            raise ValueError(f"activation {self.activation!r} unknown; choose one of {sorted(BUFFERS)}")
-        if selects_k(self.activation) and not 0 < self.k <= self.d_sae:
+        if self.kind.selects_k and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
 
     @property
+    def kind(self) -> kinds.Activation:
+        """The activation as a value (raises on an unknown name)."""
+        return kinds.activation(self.activation)
+
+    @property
     def buffer_names(self) -> tuple[str, ...]:
-        return BUFFERS[self.activation]
+        return self.kind.buffers
 
 
 class LossWeights(NamedTuple):
@@ -130,19 +124,7 @@ def init(key: jax.Array, spec: DictionarySpec, *, threshold: float = 0.0) -> Par
         "b_dec": jnp.zeros((spec.d_in,), jnp.float32),
         "norm_scale": jnp.ones((), jnp.float32),
     }
-    if spec.activation == "gated":
-        p |= {
-            "b_gate": jnp.zeros((spec.d_sae,), jnp.float32),
-            "b_mag": jnp.zeros((spec.d_sae,), jnp.float32),
-            "r_mag": jnp.zeros((spec.d_sae,), jnp.float32),
-        }
-    else:
-        p["b_enc"] = jnp.zeros((spec.d_sae,), jnp.float32)
-    if spec.activation == "jumprelu":
-        p["threshold"] = jnp.full((spec.d_sae,), threshold, jnp.float32)
-    if spec.activation == "batchtopk":
-        p["threshold"] = jnp.zeros((spec.d_sae,), jnp.float32)
-    return p
+    return p | spec.kind.init_features(spec.d_sae, threshold)
 
 
 def split_params(spec: DictionarySpec, params: Params) -> tuple[Params, Params]:
@@ -165,27 +147,31 @@ def _normalise(params: Params, x: jax.Array) -> jax.Array:
 
 
 def _pre_acts(spec: DictionarySpec, params: Params, xn: jax.Array) -> jax.Array:
-    xc = xn - params["b_dec"]
-    if spec.activation == "gated":
-        return _mm(xc, params["W_enc"], spec) + params["b_gate"]
-    return _mm(xc, params["W_enc"], spec) + params["b_enc"]
+    return _mm(xn - params["b_dec"], params["W_enc"], spec) + params[spec.kind.encoder_bias]
+
+
+def _features(spec: DictionarySpec, params: Params) -> dict[str, jax.Array]:
+    return {name: params[name] for name in spec.kind.feature_params}
 
 
 def _encode_normalised(spec: DictionarySpec, params: Params, xn: jax.Array) -> jax.Array:
     """Inference-time feature activations [B, F] from normalised inputs."""
-    pre = _pre_acts(spec, params, xn)
-    a = spec.activation
-    if a == "relu":
-        return jax.nn.relu(pre)
-    if a == "topk":
-        vals, idx = ops.topk(pre, spec.k)
+    if spec.kind.row_topk:
+        vals, idx = ops.topk(_pre_acts(spec, params, xn), spec.k)
         return scatter_dense(jax.nn.relu(vals), idx, spec.d_sae)
-    if a in ("batchtopk", "jumprelu"):
-        return jnp.where(pre > params["threshold"], pre, 0.0)
-    # gated
-    xc = xn - params["b_dec"]
-    mag = _mm(xc, params["W_enc"] * jnp.exp(params["r_mag"]), spec) + params["b_mag"]
-    return jnp.where(pre > 0, jax.nn.relu(mag), 0.0)
+    raw = _mm(xn - params["b_dec"], params["W_enc"], spec)
+    return spec.kind.activate(raw, _features(spec, params))
+
+
+def encode_selected(spec: DictionarySpec, params: Params, x_btd: jax.Array, ids_bs: jax.Array) -> jax.Array:
+    """Activations [B, T, S] of features `ids_bs` [B, S] (per row of the batch) of raw inputs
+    `x_btd`, from their encoder columns only: the formula of `encode`, restricted to those columns
+    (top-k: the value a feature takes when selected, as the row-wise selection needs every column)."""
+    xc = _normalise(params, x_btd) - params["b_dec"]
+    w = jnp.take(params["W_enc"], ids_bs, axis=1)  # [D, B, S]
+    raw = jnp.einsum("btd,dbs->bts", xc, w)
+    feat = {name: v[ids_bs][:, None, :] for name, v in _features(spec, params).items()}
+    return spec.kind.activate(raw, feat)
 
 
 def encode(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
@@ -202,7 +188,7 @@ def decode(spec: DictionarySpec, params: Params, feature_acts: jax.Array) -> jax
 def reconstruct(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
     """decode(encode(x)) at inference; topk decodes its K selected rows only (the Pallas kernel on
     GPU/TPU, per `spec.topk_path`), never a dense [B, F] product."""
-    if spec.activation == "topk" and spec.topk_path != "dense":
+    if spec.kind.row_topk and spec.topk_path != "dense":
         vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, x)), spec.k)
         xn_hat = topk_decode(jax.nn.relu(vals), idx, params["W_dec"], path=spec.topk_path) + params["b_dec"]
         return xn_hat / params["norm_scale"]
@@ -358,6 +344,4 @@ def normalise_decoder(params: Params) -> Params:
 
 def clamp_params(spec: DictionarySpec, params: Params) -> Params:
     """Trainable parameters put back in their domain after an update (jumprelu: threshold >= 0)."""
-    if spec.activation == "jumprelu":
-        return params | {"threshold": jnp.maximum(params["threshold"], 0.0)}
-    return params
+    return params | {name: jnp.maximum(params[name], 0.0) for name in spec.kind.nonnegative}

@@ -21,9 +21,6 @@ from safetensors.numpy import load_file, save_file
 
 from jaxinterp import dictionaries as dl
 
-ARCHITECTURES = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
-
-
 def hook_name_for_site(site: str | None) -> str:
     """`blocks.8.resid_post` -> TransformerLens' `blocks.8.hook_resid_post`."""
     if not site:
@@ -45,12 +42,7 @@ def folded_weights(spec: dl.DictionarySpec, params: dl.Params) -> dict[str, np.n
         "W_dec": params["W_dec"] / s,
         "b_dec": params["b_dec"] / s,
     }
-    if spec.activation == "gated":
-        out |= {k: params[k] for k in ("b_gate", "b_mag", "r_mag")}
-    else:
-        out["b_enc"] = params["b_enc"]
-    if spec.activation in ("jumprelu", "batchtopk"):
-        out["threshold"] = params["threshold"]
+    out |= {name: params[name] for name in spec.kind.feature_params}
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
@@ -75,7 +67,7 @@ def export_saelens(
         weights = {k: v.astype(np_dtype) for k, v in weights.items()}
     save_file(weights, str(out / "sae_weights.safetensors"))
     cfg = {
-        "architecture": ARCHITECTURES[spec.activation],
+        "architecture": spec.kind.saelens_architecture,
         "d_in": spec.d_in,
         "d_sae": spec.d_sae,
         "dtype": dtype,
@@ -94,7 +86,7 @@ def export_saelens(
             **(extra_metadata or {}),
         },
     }
-    if spec.activation == "topk":
+    if spec.kind.saelens_k:
         cfg["k"] = spec.k
     (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
@@ -109,20 +101,18 @@ def load_saelens(directory: str | Path) -> tuple[dl.DictionarySpec, dl.Params, d
             raise FileNotFoundError(f"{p} not found; a SAELens directory holds cfg.json and sae_weights.safetensors")
     cfg = json.loads(cfg_path.read_text())
     arch = cfg.get("architecture", "standard")
-    kinds = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
-    if arch not in kinds:
-        raise ValueError(f"{cfg_path}: architecture {arch!r} not supported; expected one of {sorted(kinds)}")
+    kind = dl.from_saelens_architecture(arch)
+    if kind is None:
+        known = sorted({a.saelens_architecture for a in dl.ACTIVATIONS.values() if a.saelens_native})
+        raise ValueError(f"{cfg_path}: architecture {arch!r} not supported; expected one of {known}")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ValueError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
                          "fold the normalisation into the weights first")
     weights = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in load_file(str(w_path)).items()}
-    spec = dl.DictionarySpec(activation=kinds[arch], d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]),
+    spec = dl.DictionarySpec(activation=kind.name, d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]),
                              k=int(cfg.get("k") or 1))
     params = dict(weights) | {"norm_scale": jnp.ones((), jnp.float32)}
     if not cfg.get("apply_b_dec_to_input", True):
         # Our encoder always subtracts b_dec; fold it back out of the encoder bias instead.
-        bias = "b_gate" if spec.activation == "gated" else "b_enc"
-        params[bias] = params[bias] + params["b_dec"] @ params["W_enc"]
-        if spec.activation == "gated":
-            params["b_mag"] = params["b_mag"] + params["b_dec"] @ (params["W_enc"] * jnp.exp(params["r_mag"]))
+        params = kind.fold_input_shift(params, -params["b_dec"])
     return spec, params, cfg

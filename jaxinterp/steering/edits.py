@@ -74,29 +74,13 @@ def _in_window(pos_bt, lo_bs, hi_bs, modes_bs):
     return (modes_bs[:, None, :] != OFF) & (p >= lo_bs[:, None, :]) & (p < hi_bs[:, None, :])
 
 
-def _selected_acts(spec: dl.DictionarySpec, params: dl.Params, xn_btd, ids_bs):
-    """Activations [B, T, S] of the slots' features from their encoder columns only."""
-    w = jnp.take(params["W_enc"], ids_bs, axis=1)  # [D, B, S]
-    xc = xn_btd - params["b_dec"]
-    lin = jnp.einsum("btd,dbs->bts", xc, w)
-    if spec.activation == "gated":
-        gate = lin + params["b_gate"][ids_bs][:, None, :]
-        mag_w = w * jnp.exp(params["r_mag"][ids_bs])[None]
-        mag = jnp.einsum("btd,dbs->bts", xc, mag_w) + params["b_mag"][ids_bs][:, None, :]
-        return jnp.where(gate > 0, jax.nn.relu(mag), 0.0)
-    pre = lin + params["b_enc"][ids_bs][:, None, :]
-    if spec.activation in ("jumprelu", "batchtopk"):
-        return jnp.where(pre > params["threshold"][ids_bs][:, None, :], pre, 0.0)
-    return jax.nn.relu(pre)
-
-
 def feature_delta(spec: dl.DictionarySpec, params: dl.Params, x_btd, pos_bt, slots: FeatureSlots,
                   encode: str) -> jax.Array:
     """decode(f') - decode(f) [B, T, D] in the site's raw units."""
     b, t, d = x_btd.shape
     x32 = x_btd.astype(jnp.float32)
     if encode == "selected":
-        f = _selected_acts(spec, params, x32 * params["norm_scale"], slots.ids)
+        f = dl.encode_selected(spec, params, x32, slots.ids)
     else:
         dense = dl.encode(spec, params, x32.reshape(b * t, d)).reshape(b, t, -1)
         f = jnp.take_along_axis(dense, jnp.broadcast_to(slots.ids[:, None, :], (b, t, slots.ids.shape[1])), axis=-1)

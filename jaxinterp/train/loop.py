@@ -142,7 +142,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     lr = resolved_lr(cfg.train, spec.d_sae)
     writer = MetricsWriter(run, truncate_after_step=start if latest is not None else None)
     resample = None
-    if spec.activation == "relu" and cfg.train.resample_every > 0:
+    if spec.kind.resamples_dead and cfg.train.resample_every > 0:
         resample = jax.jit(
             lambda s, x, k: resample_dead(cfg, spec, s, x, k),
             in_shardings=(fns.state_sharding, fns.batch_sharding, None),
