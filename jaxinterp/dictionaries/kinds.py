@@ -22,7 +22,31 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxinterp.dictionaries import ops
+from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
+from jaxinterp.dictionaries.sparse import scatter_dense, topk_decode, topk_encode
+
 FeatureParams = dict[str, jax.Array]
+
+
+class TrainTerms(NamedTuple):
+    """What an activation contributes to a training forward (normalised units)."""
+
+    acts: jax.Array
+    """Feature activations [B, F] (zero where inactive)."""
+    xn_hat: jax.Array
+    """Reconstruction [B, D], b_dec included."""
+    pre_acts: jax.Array
+    """Encoder pre-activations [B, F] (gated: the gate's)."""
+    sparsity: jax.Array | float = 0.0
+    """Weighted sparsity penalty."""
+    aux: jax.Array | float = 0.0
+    """Weighted auxiliary loss of the activation itself (gated's gate reconstruction)."""
+    top_idx: jax.Array | None = None
+    """Per-row top-k selections [B, K] (saves a dense pass over [B, F])."""
+    top_vals: jax.Array | None = None
+    batch_threshold: jax.Array | None = None
+    """batchtopk: the smallest selected activation of this batch (feeds the inference threshold)."""
 
 
 class Activation(NamedTuple):
@@ -53,6 +77,9 @@ class Activation(NamedTuple):
     """SAELens' cfg.json carries `k`."""
     nonnegative: tuple[str, ...] = ()
     """Trainable parameters clamped at zero after each update."""
+    train: Callable[..., TrainTerms] | None = None
+    """(spec, params, xn, weights, training) -> TrainTerms; None: `activate` on every column and
+    the decoder, no penalty."""
 
     def fold_input_shift(self, params: FeatureParams, shift_d: jax.Array) -> FeatureParams:
         """Parameters that give on inputs `x` what `params` give on `x - shift` (the biases absorb it)."""
@@ -82,19 +109,89 @@ def _gated(raw, feat):
     return jnp.where(gate > 0, jax.nn.relu(mag), 0.0)
 
 
+# ---------------------------------------------------------------------------------------------
+# training forwards: (spec, params, xn, weights, training) -> TrainTerms
+
+
+def _raw(spec, p, xn):
+    return ops.mm(xn - p["b_dec"], p["W_enc"], spec.compute_dtype)
+
+
+def _decode(spec, p, acts):
+    return ops.mm(acts, p["W_dec"], spec.compute_dtype) + p["b_dec"]
+
+
+def _l1(weights, p, acts):
+    """Decoder-norm-weighted L1 (Anthropic, April 2024 update)."""
+    norms = jnp.linalg.norm(p["W_dec"], axis=-1)
+    return weights.sparsity * jnp.mean(jnp.sum(acts * norms, axis=-1))
+
+
+def _train_relu(spec, p, xn, weights, training):
+    pre = _raw(spec, p, xn) + p["b_enc"]
+    acts = jax.nn.relu(pre)
+    return TrainTerms(acts, _decode(spec, p, acts), pre, sparsity=_l1(weights, p, acts))
+
+
+def _train_topk(spec, p, xn, weights, training):
+    if spec.topk_path == "dense":
+        pre = _raw(spec, p, xn) + p["b_enc"]
+        _, idx = ops.topk(jax.lax.stop_gradient(pre), spec.k)
+        vals = jax.nn.relu(jnp.take_along_axis(pre, idx, axis=-1))
+        acts = scatter_dense(vals, idx, spec.d_sae)
+        return TrainTerms(acts, _decode(spec, p, acts), pre, top_idx=idx, top_vals=vals)
+    # differentiated through `topk_encode`'s sparse backward; pre_acts carry no gradient
+    pre = _raw(spec, jax.lax.stop_gradient(p), xn) + jax.lax.stop_gradient(p["b_enc"])
+    vals, idx = topk_encode(xn, p["b_dec"], p["W_enc"], p["b_enc"], spec.k, spec.compute_dtype)
+    xn_hat = topk_decode(vals, idx, p["W_dec"], path=spec.topk_path) + p["b_dec"]
+    return TrainTerms(scatter_dense(vals, idx, spec.d_sae), xn_hat, pre, top_idx=idx, top_vals=vals)
+
+
+def _train_batchtopk(spec, p, xn, weights, training):
+    raw = _raw(spec, p, xn)
+    pre = raw + p["b_enc"]
+    if not training:  # the inference threshold
+        acts = _thresholded(raw, p)
+        return TrainTerms(acts, _decode(spec, p, acts), pre)
+    relu_pre = jax.nn.relu(pre)
+    kth = ops.kth_largest(jax.lax.stop_gradient(relu_pre), spec.k * xn.shape[0])
+    acts = jnp.where(relu_pre >= jnp.maximum(kth, 1e-12), relu_pre, 0.0)
+    return TrainTerms(acts, _decode(spec, p, acts), pre, batch_threshold=kth)
+
+
+def _train_jumprelu(spec, p, xn, weights, training):
+    pre = _raw(spec, p, xn) + p["b_enc"]
+    acts = jumprelu_ste(pre, p["threshold"], spec.jumprelu_bandwidth)
+    l0 = jnp.mean(jnp.sum(heaviside_ste(pre, p["threshold"], spec.jumprelu_bandwidth), axis=-1))
+    return TrainTerms(acts, _decode(spec, p, acts), pre, sparsity=weights.sparsity * l0)
+
+
+def _train_gated(spec, p, xn, weights, training):
+    raw = _raw(spec, p, xn)
+    pre = raw + p["b_gate"]
+    acts = _gated(raw, p)
+    gate = jax.nn.relu(pre)
+    # the gate learns to reconstruct through a frozen decoder (Rajamanoharan et al. 2024)
+    sg = jax.lax.stop_gradient
+    gate_hat = ops.mm(gate, sg(p["W_dec"]), spec.compute_dtype) + sg(p["b_dec"])
+    aux = weights.aux * jnp.mean(jnp.sum((xn - gate_hat) ** 2, axis=-1))
+    return TrainTerms(acts, _decode(spec, p, acts), pre, sparsity=_l1(weights, p, gate), aux=aux)
+
+
 RELU = Activation("relu", ("b_enc",), ("norm_scale",), "b_enc", _relu, lambda f, t: _zeros(f, "b_enc"),
-                  sparsity_penalty="l1", resamples_dead=True)
+                  sparsity_penalty="l1", resamples_dead=True, train=_train_relu)
 TOPK = Activation("topk", ("b_enc",), ("norm_scale",), "b_enc", _relu, lambda f, t: _zeros(f, "b_enc"),
-                  selects_k=True, row_topk=True, saelens_architecture="topk", saelens_k=True)
+                  selects_k=True, row_topk=True, saelens_architecture="topk", saelens_k=True, train=_train_topk)
 BATCHTOPK = Activation("batchtopk", ("b_enc", "threshold"), ("norm_scale", "threshold"), "b_enc", _thresholded,
                        lambda f, t: _zeros(f, "b_enc", "threshold"), selects_k=True,
-                       saelens_architecture="jumprelu", saelens_native=False)
+                       saelens_architecture="jumprelu", saelens_native=False, train=_train_batchtopk)
 JUMPRELU = Activation("jumprelu", ("b_enc", "threshold"), ("norm_scale",), "b_enc", _thresholded,
                       lambda f, t: _zeros(f, "b_enc") | {"threshold": jnp.full((f,), t, jnp.float32)},
-                      sparsity_penalty="l0", saelens_architecture="jumprelu", nonnegative=("threshold",))
+                      sparsity_penalty="l0", saelens_architecture="jumprelu", nonnegative=("threshold",),
+                      train=_train_jumprelu)
 GATED = Activation("gated", ("b_gate", "b_mag", "r_mag"), ("norm_scale",), "b_gate", _gated,
                    lambda f, t: _zeros(f, "b_gate", "b_mag", "r_mag"), sparsity_penalty="l1",
-                   saelens_architecture="gated")
+                   saelens_architecture="gated", train=_train_gated)
 
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (RELU, TOPK, BATCHTOPK, JUMPRELU, GATED)}
 """Every activation by name (the config's `dictionary.activation` choices)."""

@@ -17,6 +17,12 @@ from jax.sharding import PartitionSpec as P
 DATA, MODEL = "data", "model"
 
 
+def mm(a: jax.Array, b: jax.Array, compute_dtype: str = "float32") -> jax.Array:
+    """a @ b with both operands in `compute_dtype`, accumulated in float32."""
+    dt = jnp.dtype(compute_dtype)
+    return jnp.matmul(a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32)
+
+
 def mesh_axis_size(name: str) -> int:
     """Size of mesh axis `name` in the abstract mesh in scope (1 when absent)."""
     mesh = jax.sharding.get_abstract_mesh()

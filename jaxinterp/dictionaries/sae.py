@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinterp.dictionaries import kinds, ops
-from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
-from jaxinterp.dictionaries.sparse import scatter_dense, topk_decode, topk_encode
+from jaxinterp.dictionaries.sparse import scatter_dense, topk_decode
 
 Params = dict[str, jax.Array]
 
@@ -138,8 +137,7 @@ def split_params(spec: DictionarySpec, params: Params) -> tuple[Params, Params]:
 
 
 def _mm(a: jax.Array, b: jax.Array, spec: DictionarySpec) -> jax.Array:
-    dt = jnp.dtype(spec.compute_dtype)
-    return jnp.matmul(a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32)
+    return ops.mm(a, b, spec.compute_dtype)
 
 
 def _normalise(params: Params, x: jax.Array) -> jax.Array:
@@ -229,7 +227,7 @@ def _aux_k_loss(
     priority = dead_mask.astype(jnp.float32) + 0.5 * jax.random.uniform(key, dead_mask.shape)
     _, pool = jax.lax.top_k(priority, m)
     pool_dead = dead_mask[pool]
-    pre = _mm(xn - params["b_dec"], params["W_enc"][:, pool], spec) + params["b_enc"][pool]
+    pre = _mm(xn - params["b_dec"], params["W_enc"][:, pool], spec) + params[spec.kind.encoder_bias][pool]
     vals, idx = ops.topk(jnp.where(pool_dead, pre, -jnp.inf), spec.aux_k)
     vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
     e_hat = _mm(scatter_dense(vals, idx, m), params["W_dec"][pool], spec)
@@ -269,48 +267,11 @@ def forward(
     `training=True` uses batch top-k for batchtopk (otherwise its EMA threshold).
     """
     xn = _normalise(params, x)
-    a = spec.activation
-    # topk differentiates through `topk_encode`'s sparse backward; its pre_acts carry no gradient.
-    pre = _pre_acts(spec, jax.lax.stop_gradient(params) if a == "topk" else params, xn)
-    norms = jnp.linalg.norm(params["W_dec"], axis=-1)
-    sparsity = jnp.zeros((), jnp.float32)
-    aux = jnp.zeros((), jnp.float32)
-    top_idx = top_vals = batch_threshold = None
-
-    if a == "topk" and spec.topk_path == "dense":
-        pre_d = _pre_acts(spec, params, xn)
-        vals, top_idx = ops.topk(jax.lax.stop_gradient(pre_d), spec.k)
-        top_vals = jax.nn.relu(jnp.take_along_axis(pre_d, top_idx, axis=-1))
-        acts = scatter_dense(top_vals, top_idx, spec.d_sae)
-        xn_hat = _mm(acts, params["W_dec"], spec) + params["b_dec"]
-    elif a == "topk":
-        top_vals, top_idx = topk_encode(
-            xn, params["b_dec"], params["W_enc"], params["b_enc"], spec.k, spec.compute_dtype
-        )
-        xn_hat = topk_decode(top_vals, top_idx, params["W_dec"], path=spec.topk_path) + params["b_dec"]
-        acts = scatter_dense(top_vals, top_idx, spec.d_sae)
-    elif a == "batchtopk" and training:
-        relu_pre = jax.nn.relu(pre)
-        kth = ops.kth_largest(jax.lax.stop_gradient(relu_pre), spec.k * x.shape[0])
-        acts = jnp.where(relu_pre >= jnp.maximum(kth, 1e-12), relu_pre, 0.0)
-        xn_hat = _mm(acts, params["W_dec"], spec) + params["b_dec"]
-        batch_threshold = kth
-    elif a == "jumprelu":
-        acts = jumprelu_ste(pre, params["threshold"], spec.jumprelu_bandwidth)
-        xn_hat = _mm(acts, params["W_dec"], spec) + params["b_dec"]
-        l0 = jnp.mean(jnp.sum(heaviside_ste(pre, params["threshold"], spec.jumprelu_bandwidth), axis=-1))
-        sparsity = weights.sparsity * l0
-    else:
-        acts = _encode_normalised(spec, params, xn)
-        xn_hat = _mm(acts, params["W_dec"], spec) + params["b_dec"]
-        if a == "relu":
-            sparsity = weights.sparsity * jnp.mean(jnp.sum(acts * norms, axis=-1))
-        elif a == "gated":
-            gate = jax.nn.relu(pre)
-            sparsity = weights.sparsity * jnp.mean(jnp.sum(gate * norms, axis=-1))
-            sg = jax.lax.stop_gradient
-            gate_hat = _mm(gate, sg(params["W_dec"]), spec) + sg(params["b_dec"])
-            aux = weights.aux * _mse(xn, gate_hat)
+    t = spec.kind.train(spec, params, xn, weights, training)
+    xn_hat, acts, pre = t.xn_hat, t.acts, t.pre_acts
+    sparsity = jnp.asarray(t.sparsity, jnp.float32)
+    aux = jnp.asarray(t.aux, jnp.float32)
+    top_idx, top_vals, batch_threshold = t.top_idx, t.top_vals, t.batch_threshold
 
     mse = _mse(xn, xn_hat)
     losses = LossTerms(total=mse + sparsity + aux, mse=mse, sparsity=sparsity, aux=aux)
