@@ -140,6 +140,10 @@ class DictionaryConfig:
     """Initial threshold (jumprelu), in units of normalised pre-activations."""
     threshold_ema_decay: float = 0.99
     """EMA decay of the inference threshold kept by batchtopk."""
+    batchtopk_row_warmup: float = 0.5
+    """Fraction of `train.steps` during which batchtopk keeps the top k of each row (as TopK) before
+    selecting the top k x B of the batch: its latents learn their directions first (0 disables;
+    see the README's note on BatchTopK)."""
     aux_k: int | None = None
     """Dead features used by the aux-k loss (topk, batchtopk); `d_in // 2` when unset."""
     aux_k_coefficient: float = 1 / 32
@@ -171,6 +175,7 @@ class DictionaryConfig:
         _check(self.l0_coefficient >= 0, "dictionary.l0_coefficient", "must be >= 0")
         _check(self.jumprelu_bandwidth > 0, "dictionary.jumprelu_bandwidth", "must be > 0")
         _check(0 < self.threshold_ema_decay < 1, "dictionary.threshold_ema_decay", "must be in (0, 1)")
+        _check(0 <= self.batchtopk_row_warmup <= 1, "dictionary.batchtopk_row_warmup", "must be in [0, 1]")
         _check(self.aux_k is None or self.aux_k > 0, "dictionary.aux_k", "must be > 0")
         _check(self.aux_k_coefficient >= 0, "dictionary.aux_k_coefficient", "must be >= 0")
         _check(self.dead_tokens > 0, "dictionary.dead_tokens", "must be > 0")

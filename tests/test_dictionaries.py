@@ -152,6 +152,23 @@ def test_batchtopk_inference_uses_threshold_not_batch(strict_promotion):
     assert not np.allclose(trained, whole), "training (batch top-k) and inference (threshold) must differ here"
 
 
+def test_batchtopk_warm_up_keeps_each_rows_top_k_and_the_batch_threshold():
+    spec = dl.DictionarySpec("batchtopk", D, F, k=K)
+    pn = random_params("batchtopk")
+    params, x = as_jax(pn), jnp.asarray(random_x())
+    warm = dl.forward(spec, params, x, dl.LossWeights(row_topk=True), training=True)
+    batch = dl.forward(spec, params, x, dl.LossWeights(row_topk=False), training=True)
+    pre = numpy_forward("batchtopk", pn, random_x(), k=K, sparsity=0, aux=0, training=False)["pre"]
+    top = np.argsort(-pre, axis=-1)[:, :K]
+    want = np.zeros_like(pre)
+    np.put_along_axis(want, top, np.maximum(np.take_along_axis(pre, top, -1), 0.0), -1)
+    np.testing.assert_allclose(warm.feature_acts, want, **TOL)
+    # both report the batch's k x B-th activation for the inference threshold
+    np.testing.assert_allclose(warm.batch_threshold, batch.batch_threshold)
+    assert np.sort(np.maximum(pre, 0).ravel())[-K * B] == pytest.approx(float(batch.batch_threshold), rel=1e-5)
+    assert not np.allclose(warm.feature_acts, batch.feature_acts)
+
+
 # ---------------------------------------------------------------------------------------------
 # JumpReLU straight-through gradients
 

@@ -76,6 +76,8 @@ class LossWeights(NamedTuple):
     """l1_coefficient (relu, gated) or l0_coefficient (jumprelu)."""
     aux: float | jax.Array = 0.0
     """aux-k (topk, batchtopk) or the gated auxiliary reconstruction loss."""
+    row_topk: bool | jax.Array = False
+    """batchtopk: keep the top k of each row instead of the top k x B of the batch (its warm-up)."""
 
 
 class LossTerms(NamedTuple):

@@ -60,7 +60,8 @@ def loss_weights(cfg: Config, step) -> dl.LossWeights:
         return dl.LossWeights(sparsity=d.l1_coefficient * warm, aux=1.0)
     if penalty == "l0":
         return dl.LossWeights(sparsity=d.l0_coefficient * warm, aux=0.0)
-    return dl.LossWeights(sparsity=0.0, aux=d.aux_k_coefficient)
+    row_topk = step < int(d.batchtopk_row_warmup * cfg.train.steps)
+    return dl.LossWeights(sparsity=0.0, aux=d.aux_k_coefficient, row_topk=row_topk)
 
 
 # ---------------------------------------------------------------------------------------------
