@@ -140,7 +140,7 @@ class DictionaryConfig:
     """Initial threshold (jumprelu), in units of normalised pre-activations."""
     threshold_ema_decay: float = 0.99
     """EMA decay of the inference threshold kept by batchtopk."""
-    batchtopk_row_warmup: float = 0.5
+    batchtopk_row_warmup: float = 0.8
     """Fraction of `train.steps` during which batchtopk keeps the top k of each row (as TopK) before
     selecting the top k x B of the batch: its latents learn their directions first (0 disables;
     see the README's note on BatchTopK)."""

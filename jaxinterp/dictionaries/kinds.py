@@ -158,7 +158,7 @@ def _train_batchtopk(spec, p, xn, weights, training):
     acts = jnp.where(relu_pre >= jnp.maximum(kth, 1e-12), relu_pre, 0.0)
     # During the warm-up each row keeps its own top k, as TopK: selected across the batch from the
     # start, latents that begin weak are rarely selected and never learn a direction (mmcs 0.82
-    # against 0.99 on the toy task of tests/test_recovery.py). The batch threshold still feeds the
+    # against 0.996 on the toy task of tests/test_recovery.py). The batch threshold still feeds the
     # inference threshold.
     _, idx = ops.topk(jax.lax.stop_gradient(pre), spec.k)
     row_acts = scatter_dense(jax.nn.relu(jnp.take_along_axis(pre, idx, axis=-1)), idx, spec.d_sae)
