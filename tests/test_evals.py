@@ -5,8 +5,6 @@ import pytest
 
 from jaxinterp import dictionaries as dl
 from jaxinterp import evals
-from jaxinterp.config import MeshConfig
-from jaxinterp.train.sharding import make_mesh
 
 D, F = 8, 32
 
@@ -33,14 +31,12 @@ def _reference(spec, params, x):
             "l2_ratio": np.mean(np.linalg.norm(x_hat, axis=-1) / np.linalg.norm(x, axis=-1))}
 
 
-@pytest.mark.parametrize("data", [0, 4], ids=["no-mesh", "data4"])
 @pytest.mark.parametrize("kind", ["topk", "relu"])
-def test_evaluate_over_uneven_batches_equals_the_metrics_of_all_rows(kind, data):
+def test_evaluate_over_uneven_batches_equals_the_metrics_of_all_rows(kind):
     spec, params = _dictionary(kind)
     x = np.asarray(jax.random.normal(jax.random.key(1), (23, D)), np.float32) * 2.0 + 0.5
-    mesh = make_mesh(MeshConfig(data=data, model=1)) if data else None
     # the short last batch is zero-padded inside: the padding must not count
-    got = evals.evaluate(spec, params, [x[:8], x[8:16], x[16:]], mesh=mesh)
+    got = evals.evaluate(spec, params, [x[:8], x[8:16], x[16:]])
     ref = _reference(spec, params, x)
     assert got["eval_tokens"] == 23
     for name, value in ref.items():

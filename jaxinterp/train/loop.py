@@ -263,8 +263,6 @@ def source_site(cfg: Config, source) -> str | None:
 def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, source) -> dict:
     params = jax.device_get(state.dictionary)
     batches = source.eval_batches(cfg.output.eval_tokens, cfg.train.batch_size)
-    # On one device: splitting the batches over a multi-device CPU mesh deadlocked once in a few
-    # runs (an all-gather rendezvous whose second device never arrived) for ~0.5 s saved.
     result = evals.evaluate(spec, params, batches, true_directions=source.true_directions)
     site = source_site(cfg, source)
     if getattr(source, "eval_contexts", None) is not None and site is not None:
