@@ -17,6 +17,8 @@ import yaml
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
+Architecture = Literal["sae", "transcoder", "skip_transcoder"]
+ARCHITECTURES: tuple[str, ...] = typing.get_args(Architecture)
 
 
 class ConfigError(ValueError):
@@ -78,6 +80,8 @@ class DataConfig:
     """The `.npy` file of activations (source `npy`), or the cache directory (source `cache`)."""
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     """Dtype stored in the `.npy` file; `auto` reads the header (bfloat16 files need `bfloat16`)."""
+    target_path: str | None = None
+    """Source `npy`, transcoders: the `.npy` file of targets [tokens, d_out], row for row with `path`."""
     true_directions: str | None = None
     """Optional `.npy` [n_features, d_in] of ground-truth directions, to report mmcs for `npy` data."""
     shuffle: bool = True
@@ -88,6 +92,9 @@ class DataConfig:
     site: str | None = None
     """Intercept site the activations are read at (for example `blocks.15.resid_post`); source `cache`
     checks it, when set, against the cache's site."""
+    target_site: str | None = None
+    """Transcoders: the site they reconstruct (for example `blocks.15.mlp_out` from `blocks.15.mlp_in`);
+    source `model` reads both sites in one forward, source `cache` checks it against the cache's."""
     model: str = "smollm2-135m"
     """Source `model` and `launch/harvest.py`: a registry name, a .gguf file or an HF checkpoint directory."""
     corpus: str = "shakespeare"
@@ -110,6 +117,13 @@ class DataConfig:
         _choice(self.dtype, "data.dtype", ("auto", "float16", "bfloat16", "float32"))
         if self.source == "npy":
             _check(self.path is not None, "data.path", "required when data.source is 'npy'")
+        if self.target_path is not None:
+            _check(self.source == "npy", "data.target_path", f"only for data.source 'npy', got {self.source!r}")
+        if self.target_site is not None:
+            _check(self.source in ("model", "cache"), "data.target_site",
+                   f"read from data.source 'model' or 'cache', got {self.source!r} (npy: set data.target_path)")
+            _check(self.target_site != self.site, "data.target_site", f"equals data.site ({self.site!r}); "
+                   "drop it for an SAE")
         if self.source == "cache":
             _check(self.path is not None, "data.path", "required when data.source is 'cache' (a directory "
                    "written by launch/harvest.py)")
@@ -120,6 +134,9 @@ class DataConfig:
 class DictionaryConfig:
     """The sparse dictionary's architecture and its sparsity objective."""
 
+    architecture: Architecture = "sae"
+    """What the dictionary reconstructs: `sae` (its input), `transcoder` (another site, `data.target_site`
+    or `data.target_path`), `skip_transcoder` (a transcoder with a linear skip path)."""
     activation: Activation = "topk"
     """One of relu (with L1), topk, batchtopk, jumprelu, gated."""
     d_in: int | None = None
@@ -163,6 +180,7 @@ class DictionaryConfig:
     autodiff: the baseline the sparse backward is checked against)."""
 
     def __post_init__(self) -> None:
+        _choice(self.architecture, "dictionary.architecture", ARCHITECTURES)
         _choice(self.activation, "dictionary.activation", ACTIVATIONS)
         _choice(self.topk_path, "dictionary.topk_path", ("auto", "pallas", "sparse", "dense"))
         _check(self.d_in is None or self.d_in > 0, "dictionary.d_in", "must be > 0")
@@ -302,6 +320,15 @@ class Config:
         d = self.dictionary
         if d.aux_k is not None and d.d_sae is not None:
             _check(d.aux_k <= d.d_sae, "dictionary.aux_k", f"aux_k={d.aux_k} exceeds d_sae={d.d_sae}")
+        has_target = self.data.target_site is not None or self.data.target_path is not None
+        from jaxinterp.dictionaries.kinds import architecture
+
+        if architecture(d.architecture).reads_target:
+            _check(has_target, "dictionary.architecture", f"{d.architecture} needs a target: set data.target_site "
+                   "(data.source model or cache) or data.target_path (data.source npy)")
+        else:
+            _check(not has_target, "data.target_site", f"a target is set but dictionary.architecture is "
+                   f"{d.architecture!r}; set dictionary.architecture: transcoder")
         if self.data.source == "synthetic" and d.d_in is not None:
             _check(
                 d.d_in == self.data.synthetic.d_in,

@@ -1,7 +1,16 @@
 """Sparse dictionaries as pure functions over parameter dicts."""
 
 from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
-from jaxinterp.dictionaries.kinds import ACTIVATIONS, Activation, activation, from_saelens_architecture
+from jaxinterp.dictionaries.kinds import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    PARAM_AXES,
+    Activation,
+    Architecture,
+    activation,
+    architecture,
+    from_saelens_architecture,
+)
 from jaxinterp.dictionaries.ops import kth_largest, topk
 from jaxinterp.dictionaries.sae import (
     AUX_K_ROW_STRIDE,
@@ -16,6 +25,9 @@ from jaxinterp.dictionaries.sae import (
     decode,
     encode,
     encode_selected,
+    fit_to_data,
+    resample,
+    update_buffers,
     forward,
     has_aux_k,
     init,
@@ -23,8 +35,11 @@ from jaxinterp.dictionaries.sae import (
     project_decoder_grad,
     reconstruct,
     selects_k,
+    skip_out,
     sparsity_penalty,
+    split,
     split_params,
+    target_scale,
 )
 from jaxinterp.dictionaries.sparse import (
     scatter_dense,
@@ -36,7 +51,7 @@ from jaxinterp.dictionaries.sparse import (
 
 __all__ = [
     "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
-    "ACTIVATIONS", "Activation", "activation", "from_saelens_architecture", "encode_selected", "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
+    "ACTIVATIONS", "ARCHITECTURES", "PARAM_AXES", "Activation", "Architecture", "activation", "architecture", "skip_out", "split", "fit_to_data", "resample", "update_buffers", "target_scale", "from_saelens_architecture", "encode_selected", "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
     "reconstruct", "selects_k", "sparsity_penalty", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",
     "scatter_dense", "topk_decode", "topk_decode_reference", "topk_encode", "topk_encode_reference",
 ]

@@ -1,4 +1,9 @@
-"""Activation functions of a dictionary as values.
+"""Dictionary kinds as values: an `Architecture` (what is read and what is reconstructed) and an
+`Activation` (how features fire), combined freely by `DictionarySpec`.
+
+An `Architecture` bundles what differs between a sparse autoencoder, a transcoder and a skip
+transcoder: its extra parameters and their logical axes, the bias subtracted before the encoder,
+the scale of its targets, and the linear skip path added to the reconstruction.
 
 Each `Activation` bundles what differs between relu + L1, topk, batchtopk, jumprelu and gated: the
 per-feature parameters it adds to `W_enc [D, F]`, `W_dec [F, D]`, `b_dec [D]`, how a feature's
@@ -7,7 +12,7 @@ Code outside `jaxinterp/dictionaries/` asks the value (`spec.kind`) instead of t
 
 Axes: `F` d_sae, `S` selected features, `...` any leading axes.
 
-`activate(raw, feat)` is the inference-time activation of features from `raw = (xn - b_dec) @
+`activate(raw, feat)` is the inference-time activation of features from `raw = (xn - b_pre) @
 W_enc[:, cols]` (no bias) and their own per-feature parameters `feat` (each broadcastable to
 `raw`): the full encoder passes every column, steering's `encode="selected"` only the features it
 edits, so both run the same formula. Top-k's per-column view is the value a feature takes when
@@ -111,10 +116,14 @@ def _gated(raw, feat):
 
 # ---------------------------------------------------------------------------------------------
 # training forwards: (spec, params, xn, weights, training) -> TrainTerms
+#
+# `params` also holds, for the forward's duration, `b_pre` (the architecture's pre-encoder bias,
+# the same array as b_dec for an SAE so that gradients reach it), `target` (the normalised target
+# [B, D_out]) and `skip` (the skip path's output, added to the reconstruction by `forward`).
 
 
 def _raw(spec, p, xn):
-    return ops.mm(xn - p["b_dec"], p["W_enc"], spec.compute_dtype)
+    return ops.mm(xn - p["b_pre"], p["W_enc"], spec.compute_dtype)
 
 
 def _decode(spec, p, acts):
@@ -142,7 +151,7 @@ def _train_topk(spec, p, xn, weights, training):
         return TrainTerms(acts, _decode(spec, p, acts), pre, top_idx=idx, top_vals=vals)
     # differentiated through `topk_encode`'s sparse backward; pre_acts carry no gradient
     pre = _raw(spec, jax.lax.stop_gradient(p), xn) + jax.lax.stop_gradient(p["b_enc"])
-    vals, idx = topk_encode(xn, p["b_dec"], p["W_enc"], p["b_enc"], spec.k, spec.compute_dtype)
+    vals, idx = topk_encode(xn, p["b_pre"], p["W_enc"], p["b_enc"], spec.k, spec.compute_dtype)
     xn_hat = topk_decode(vals, idx, p["W_dec"], path=spec.topk_path) + p["b_dec"]
     return TrainTerms(scatter_dense(vals, idx, spec.d_sae), xn_hat, pre, top_idx=idx, top_vals=vals)
 
@@ -180,8 +189,8 @@ def _train_gated(spec, p, xn, weights, training):
     gate = jax.nn.relu(pre)
     # the gate learns to reconstruct through a frozen decoder (Rajamanoharan et al. 2024)
     sg = jax.lax.stop_gradient
-    gate_hat = ops.mm(gate, sg(p["W_dec"]), spec.compute_dtype) + sg(p["b_dec"])
-    aux = weights.aux * jnp.mean(jnp.sum((xn - gate_hat) ** 2, axis=-1))
+    gate_hat = ops.mm(gate, sg(p["W_dec"]), spec.compute_dtype) + sg(p["b_dec"]) + sg(p["skip"])
+    aux = weights.aux * jnp.mean(jnp.sum((p["target"] - gate_hat) ** 2, axis=-1))
     return TrainTerms(acts, _decode(spec, p, acts), pre, sparsity=_l1(weights, p, gate), aux=aux)
 
 
@@ -208,6 +217,79 @@ def activation(name: str) -> Activation:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation {name!r} unknown; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# architectures: what a dictionary reads and what it reconstructs
+
+
+class Architecture(NamedTuple):
+    """What a dictionary reads, what it reconstructs and the parameters that takes.
+
+    Every dictionary holds W_enc [D_in, F], W_dec [F, D_out], b_dec [D_out] and `norm_scale` (the
+    input's scale); an architecture adds `params` and says how they enter the forward."""
+
+    name: str
+    reads_target: bool
+    """A training batch holds input and target side by side, [B, D_in + D_out] (input first):
+    every data source, the shuffle and the batch sharding keep handling one array."""
+    params: dict[str, tuple[tuple[str, ...], str]]
+    """Extra parameters: name -> (logical axes, shape in terms of `d_in` / `d_out`); see `init`."""
+    buffers: tuple[str, ...] = ()
+    """Extra parameters the step sets outside the gradient."""
+    pre_bias: str = "b_dec"
+    """The bias subtracted from the (normalised) input before the encoder: an SAE ties it to its
+    output bias (Bricken et al. 2023), a transcoder has its own (`b_in`)."""
+    target_scale: str = "norm_scale"
+    """The buffer that scales the target: the input's for an SAE, the target's own otherwise."""
+    skip: bool = False
+    """A linear path `W_skip [D_out, D_in]` from the normalised input to the reconstruction (skip
+    transcoders, Paulo, Shabalin and Belrose 2025), zero at initialisation."""
+    saelens_architecture: str | None = None
+    """SAELens' architecture name for the exported dictionary (None: the activation's own)."""
+
+    def init(self, d_in: int, d_out: int) -> dict[str, jax.Array]:
+        """The extra parameters of a fresh dictionary (zeros; scales one)."""
+        dims = {"d_in": d_in, "d_out": d_out}
+        return {name: (jnp.ones if not axes else jnp.zeros)(tuple(dims[d] for d in shape.split()), jnp.float32)
+                for name, (axes, shape) in self.params.items()}
+
+    def skip_out(self, params: dict[str, jax.Array], xn: jax.Array, compute_dtype: str = "float32"):
+        """The skip path's contribution [..., D_out] (normalised target units), 0.0 without one."""
+        if not self.skip:
+            return 0.0
+        return ops.mm(xn, params["W_skip"].T, compute_dtype)
+
+
+SAE = Architecture("sae", reads_target=False, params={})
+TRANSCODER = Architecture(
+    "transcoder", reads_target=True,
+    params={"b_in": (("d_model",), "d_in"), "norm_scale_out": ((), "")},
+    buffers=("norm_scale_out",), pre_bias="b_in", target_scale="norm_scale_out", saelens_architecture="transcoder")
+SKIP_TRANSCODER = TRANSCODER._replace(
+    name="skip_transcoder", params=TRANSCODER.params | {"W_skip": (("d_model", "d_model"), "d_out d_in")}, skip=True,
+    saelens_architecture="skip_transcoder")
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SAE, TRANSCODER, SKIP_TRANSCODER)}
+"""Every architecture by name (the config's `dictionary.architecture` choices)."""
+
+
+def architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} unknown; choose one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "W_enc": ("d_model", "d_sae"),
+    "W_dec": ("d_sae", "d_model"),
+    "b_dec": ("d_model",),
+    "norm_scale": (),
+    **{name: ("d_sae",) for a in ACTIVATIONS.values() for name in a.feature_params},
+    **{name: axes for a in ARCHITECTURES.values() for name, (axes, _) in a.params.items()},
+}
+"""Logical axes of every parameter any kind creates (`jaxinterp.sharding.LOGICAL_RULES` maps them
+onto the mesh)."""
 
 
 def from_saelens_architecture(architecture: str) -> Activation | None:

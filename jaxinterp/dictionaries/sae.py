@@ -1,20 +1,26 @@
-"""Sparse autoencoders as pure functions over a parameter dict.
+"""Sparse dictionaries (SAEs, transcoders, skip transcoders) as pure functions over a parameter dict.
 
-Axes: `B` batch, `D` d_in (= d_out), `F` d_sae, `K` top-k.
+Axes: `B` batch, `D` d_in, `O` d_out (= d_in for an SAE), `F` d_sae, `K` top-k.
 
 A dictionary is a flat dict of arrays:
-  trainable  W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]
-             (jumprelu: threshold [F]; gated: b_gate, b_mag, r_mag [F] in place of b_enc)
+  trainable  W_enc [D, F], b_enc [F], W_dec [F, O], b_dec [O]
+             (jumprelu: threshold [F]; gated: b_gate, b_mag, r_mag [F] in place of b_enc;
+             transcoders: b_in [D], the pre-encoder bias; skip transcoders: W_skip [O, D])
   buffers    norm_scale [] (inputs are multiplied by it, so that E||x||^2 = d_in),
+             norm_scale_out [] (transcoders: the same for targets),
              threshold [F] for batchtopk (an EMA, the inference-time JumpReLU threshold)
 
-`encode` takes raw inputs and `decode` returns raw units: the normalisation is applied inside and
-undone on the way out. `forward` returns everything a train step and the evals need.
+The kind is two values (`kinds.Architecture`, `kinds.Activation`) that the spec names; nothing
+here branches on a name. `encode` takes raw inputs and `decode` returns raw target units: the
+normalisation is applied inside and undone on the way out. A transcoder trains on batches that hold
+input and target side by side ([B, D + O], see `split`). `forward` returns everything a train step
+and the evals need.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -54,10 +60,19 @@ class DictionarySpec:
     """Dtype of the matmuls."""
     topk_path: str = "auto"
     """topk decoding: auto, pallas, sparse or dense (see `DictionaryConfig.topk_path`)."""
+    architecture: str = "sae"
+    """sae, transcoder or skip_transcoder."""
+    d_out: int | None = None
+    """Width of what is reconstructed (None: d_in)."""
 
     def __post_init__(self) -> None:
         if self.kind.selects_k and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
+        if self.d_out is None:
+            object.__setattr__(self, "d_out", self.d_in)
+        elif not self.arch.reads_target and self.d_out != self.d_in:
+            raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}, but a {self.architecture} "
+                             "reconstructs its input; use a transcoder architecture")
 
     @property
     def kind(self) -> kinds.Activation:
@@ -65,8 +80,18 @@ class DictionarySpec:
         return kinds.activation(self.activation)
 
     @property
+    def arch(self) -> kinds.Architecture:
+        """The architecture as a value (raises on an unknown name)."""
+        return kinds.architecture(self.architecture)
+
+    @property
     def buffer_names(self) -> tuple[str, ...]:
-        return self.kind.buffers
+        return self.kind.buffers + self.arch.buffers
+
+    @property
+    def batch_width(self) -> int:
+        """Width of a training batch: d_in, or d_in + d_out when it carries targets."""
+        return self.d_in + self.d_out if self.arch.reads_target else self.d_in
 
 
 class LossWeights(NamedTuple):
@@ -93,7 +118,7 @@ class LossTerms(NamedTuple):
 
 class ForwardOutput(NamedTuple):
     recon: jax.Array
-    """Reconstruction [B, D] in the input's own units."""
+    """Reconstruction [B, O] of the target in its own units."""
     feature_acts: jax.Array
     """Feature activations [B, F] (zero where inactive)."""
     pre_acts: jax.Array
@@ -113,19 +138,25 @@ class ForwardOutput(NamedTuple):
 
 
 def init(key: jax.Array, spec: DictionarySpec, *, threshold: float = 0.0) -> Params:
-    """Random unit-norm decoder rows, encoder = decoder transposed, zero biases.
+    """Random unit-norm decoder rows, zero biases; an SAE's encoder is its decoder transposed, a
+    transcoder's (which reads another space) has its own random unit-norm columns.
 
     `threshold` initialises the JumpReLU threshold (ignored by other kinds).
     """
-    w_dec = jax.random.normal(key, (spec.d_sae, spec.d_in), jnp.float32)
+    k_dec, k_enc = jax.random.split(key) if spec.arch.reads_target else (key, None)
+    w_dec = jax.random.normal(k_dec, (spec.d_sae, spec.d_out), jnp.float32)
     w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
+    w_enc = w_dec.T
+    if k_enc is not None:
+        w_enc = jax.random.normal(k_enc, (spec.d_in, spec.d_sae), jnp.float32)
+        w_enc = w_enc / jnp.linalg.norm(w_enc, axis=0, keepdims=True)
     p: Params = {
-        "W_enc": w_dec.T,
+        "W_enc": w_enc,
         "W_dec": w_dec,
-        "b_dec": jnp.zeros((spec.d_in,), jnp.float32),
+        "b_dec": jnp.zeros((spec.d_out,), jnp.float32),
         "norm_scale": jnp.ones((), jnp.float32),
     }
-    return p | spec.kind.init_features(spec.d_sae, threshold)
+    return p | spec.arch.init(spec.d_in, spec.d_out) | spec.kind.init_features(spec.d_sae, threshold)
 
 
 def split_params(spec: DictionarySpec, params: Params) -> tuple[Params, Params]:
@@ -142,12 +173,29 @@ def _mm(a: jax.Array, b: jax.Array, spec: DictionarySpec) -> jax.Array:
     return ops.mm(a, b, spec.compute_dtype)
 
 
+def split(spec: DictionarySpec, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(input [..., D], target [..., O]) of a training batch: an SAE's target is its input, a
+    transcoder's batch holds both side by side."""
+    if not spec.arch.reads_target:
+        return batch, batch
+    return batch[..., : spec.d_in], batch[..., spec.d_in :]
+
+
 def _normalise(params: Params, x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32) * params["norm_scale"]
 
 
+def target_scale(spec: DictionarySpec, params: Params) -> jax.Array:
+    """The factor that normalises targets (the input's `norm_scale` for an SAE)."""
+    return params[spec.arch.target_scale]
+
+
+def _pre_bias(spec: DictionarySpec, params: Params) -> jax.Array:
+    return params[spec.arch.pre_bias]
+
+
 def _pre_acts(spec: DictionarySpec, params: Params, xn: jax.Array) -> jax.Array:
-    return _mm(xn - params["b_dec"], params["W_enc"], spec) + params[spec.kind.encoder_bias]
+    return _mm(xn - _pre_bias(spec, params), params["W_enc"], spec) + params[spec.kind.encoder_bias]
 
 
 def _features(spec: DictionarySpec, params: Params) -> dict[str, jax.Array]:
@@ -159,7 +207,7 @@ def _encode_normalised(spec: DictionarySpec, params: Params, xn: jax.Array) -> j
     if spec.kind.row_topk:
         vals, idx = ops.topk(_pre_acts(spec, params, xn), spec.k)
         return scatter_dense(jax.nn.relu(vals), idx, spec.d_sae)
-    raw = _mm(xn - params["b_dec"], params["W_enc"], spec)
+    raw = _mm(xn - _pre_bias(spec, params), params["W_enc"], spec)
     return spec.kind.activate(raw, _features(spec, params))
 
 
@@ -167,7 +215,7 @@ def encode_selected(spec: DictionarySpec, params: Params, x_btd: jax.Array, ids_
     """Activations [B, T, S] of features `ids_bs` [B, S] (per row of the batch) of raw inputs
     `x_btd`, from their encoder columns only: the formula of `encode`, restricted to those columns
     (top-k: the value a feature takes when selected, as the row-wise selection needs every column)."""
-    xc = _normalise(params, x_btd) - params["b_dec"]
+    xc = _normalise(params, x_btd) - _pre_bias(spec, params)
     w = jnp.take(params["W_enc"], ids_bs, axis=1)  # [D, B, S]
     raw = jnp.einsum("btd,dbs->bts", xc, w)
     feat = {name: v[ids_bs][:, None, :] for name, v in _features(spec, params).items()}
@@ -180,19 +228,27 @@ def encode(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
 
 
 def decode(spec: DictionarySpec, params: Params, feature_acts: jax.Array) -> jax.Array:
-    """Reconstruction [B, D] in raw units from feature activations [B, F]."""
+    """Reconstruction [B, O] in raw target units from feature activations [B, F] (a skip
+    transcoder's skip path, which needs the input, is not included: see `reconstruct`)."""
     xn_hat = _mm(feature_acts, params["W_dec"], spec) + params["b_dec"]
-    return xn_hat / params["norm_scale"]
+    return xn_hat / target_scale(spec, params)
+
+
+def skip_out(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array | float:
+    """The skip path's output [B, O] for raw inputs `x` in raw target units (0.0 without one)."""
+    out = spec.arch.skip_out(params, _normalise(params, x), spec.compute_dtype)
+    return out if isinstance(out, float) else out / target_scale(spec, params)
 
 
 def reconstruct(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
-    """decode(encode(x)) at inference; topk decodes its K selected rows only (the Pallas kernel on
-    GPU/TPU, per `spec.topk_path`), never a dense [B, F] product."""
+    """The dictionary's output [B, O] for raw inputs [B, D] at inference: decode(encode(x)) plus the
+    skip path; topk decodes its K selected rows only (the Pallas kernel on GPU/TPU, per
+    `spec.topk_path`), never a dense [B, F] product."""
     if spec.kind.row_topk and spec.topk_path != "dense":
         vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, x)), spec.k)
         xn_hat = topk_decode(jax.nn.relu(vals), idx, params["W_dec"], path=spec.topk_path) + params["b_dec"]
-        return xn_hat / params["norm_scale"]
-    return decode(spec, params, encode(spec, params, x))
+        return xn_hat / target_scale(spec, params) + skip_out(spec, params, x)
+    return decode(spec, params, encode(spec, params, x)) + skip_out(spec, params, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +285,7 @@ def _aux_k_loss(
     priority = dead_mask.astype(jnp.float32) + 0.5 * jax.random.uniform(key, dead_mask.shape)
     _, pool = jax.lax.top_k(priority, m)
     pool_dead = dead_mask[pool]
-    pre = _mm(xn - params["b_dec"], params["W_enc"][:, pool], spec) + params[spec.kind.encoder_bias][pool]
+    pre = _mm(xn - _pre_bias(spec, params), params["W_enc"][:, pool], spec) + params[spec.kind.encoder_bias][pool]
     vals, idx = ops.topk(jnp.where(pool_dead, pre, -jnp.inf), spec.aux_k)
     vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
     e_hat = _mm(scatter_dense(vals, idx, m), params["W_dec"][pool], spec)
@@ -243,42 +299,47 @@ def has_aux_k(spec: DictionarySpec) -> bool:
     return selects_k(spec.activation) and spec.aux_k > 0
 
 
-def aux_k_loss(spec: DictionarySpec, params: Params, x: jax.Array, recon: jax.Array, dead_mask: jax.Array,
+def aux_k_loss(spec: DictionarySpec, params: Params, batch: jax.Array, recon: jax.Array, dead_mask: jax.Array,
                key: jax.Array) -> jax.Array:
-    """The (unweighted) aux-k loss of raw inputs `x` [B, D] given the main reconstruction `recon`
-    (raw units, treated as a constant) and the dead features `dead_mask` [F]; `key` draws the pool
-    when more than `aux_k_pool(spec)` features are dead."""
-    if AUX_K_ROW_STRIDE > 1 and x.shape[0] % AUX_K_ROW_STRIDE == 0:
-        x, recon = (a.reshape(-1, AUX_K_ROW_STRIDE, a.shape[-1])[:, 0] for a in (x, recon))
-    xn = _normalise(params, x)
-    residual = xn - jax.lax.stop_gradient(recon) * params["norm_scale"]
-    return _aux_k_loss(spec, params, xn, residual, dead_mask, key)
+    """The (unweighted) aux-k loss of a raw training batch (see `split`) given the main
+    reconstruction `recon` [B, O] (raw units, treated as a constant) and the dead features
+    `dead_mask` [F]; `key` draws the pool when more than `aux_k_pool(spec)` features are dead."""
+    if AUX_K_ROW_STRIDE > 1 and batch.shape[0] % AUX_K_ROW_STRIDE == 0:
+        batch, recon = (a.reshape(-1, AUX_K_ROW_STRIDE, a.shape[-1])[:, 0] for a in (batch, recon))
+    x, y = split(spec, batch)
+    scale = target_scale(spec, params)
+    residual = y.astype(jnp.float32) * scale - jax.lax.stop_gradient(recon) * scale
+    return _aux_k_loss(spec, params, _normalise(params, x), residual, dead_mask, key)
 
 
 def forward(
     spec: DictionarySpec,
     params: Params,
-    x: jax.Array,
+    batch: jax.Array,
     weights: LossWeights = LossWeights(),
     *,
     training: bool = True,
 ) -> ForwardOutput:
-    """Encode, decode and compute the loss terms for raw inputs `x` [B, D] (aux-k apart: the train
-    step adds `aux_k_loss` while some feature is dead).
+    """Encode, decode and compute the loss terms for a raw batch [B, D] (a transcoder's: [B, D + O],
+    see `split`); aux-k apart: the train step adds `aux_k_loss` while some feature is dead.
 
     `training=True` uses batch top-k for batchtopk (otherwise its EMA threshold).
     """
+    x, y = split(spec, batch)
     xn = _normalise(params, x)
-    t = spec.kind.train(spec, params, xn, weights, training)
-    xn_hat, acts, pre = t.xn_hat, t.acts, t.pre_acts
+    yn = y.astype(jnp.float32) * target_scale(spec, params)
+    skip = spec.arch.skip_out(params, xn, spec.compute_dtype)
+    view = params | {"b_pre": _pre_bias(spec, params), "target": yn, "skip": skip}
+    t = spec.kind.train(spec, view, xn, weights, training)
+    xn_hat, acts, pre = t.xn_hat + skip, t.acts, t.pre_acts
     sparsity = jnp.asarray(t.sparsity, jnp.float32)
     aux = jnp.asarray(t.aux, jnp.float32)
     top_idx, top_vals, batch_threshold = t.top_idx, t.top_vals, t.batch_threshold
 
-    mse = _mse(xn, xn_hat)
+    mse = _mse(yn, xn_hat)
     losses = LossTerms(total=mse + sparsity + aux, mse=mse, sparsity=sparsity, aux=aux)
     return ForwardOutput(
-        recon=xn_hat / params["norm_scale"],
+        recon=xn_hat / target_scale(spec, params),
         feature_acts=acts,
         pre_acts=pre,
         losses=losses,
@@ -286,6 +347,62 @@ def forward(
         top_vals=top_vals,
         batch_threshold=batch_threshold,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# state the step keeps outside the gradient, and data-dependent initialisation
+
+
+def fit_to_data(spec: DictionarySpec, params: Params, batch: jax.Array, *, normalize: bool = True,
+                centre: Callable[[jax.Array], jax.Array] | None = None) -> Params:
+    """`params` fitted to a raw training batch before the first step: each scale set so that the
+    normalised input (and target) has E||x||^2 = its width (when `normalize`), and the output bias
+    (and a transcoder's pre-encoder bias) set to `centre` of the normalised rows (None: kept)."""
+    x, y = split(spec, batch.astype(jnp.float32))
+    out = dict(params)
+    for name, rows, width in ((spec.arch.target_scale, y, spec.d_out), ("norm_scale", x, spec.d_in)):
+        scale = jnp.sqrt(width / jnp.maximum(jnp.mean(jnp.sum(rows**2, -1)), 1e-12)) if normalize else 1.0
+        out[name] = jnp.asarray(scale, jnp.float32)
+    if centre is not None:
+        out["b_dec"] = centre(y * out[spec.arch.target_scale])
+        out[spec.arch.pre_bias] = centre(x * out["norm_scale"])
+    return out
+
+
+def update_buffers(spec: DictionarySpec, buffers: Params, out: ForwardOutput, *, first: jax.Array,
+                   ema_decay: float) -> Params:
+    """Buffers after a train step: batchtopk's inference threshold follows the batch's by an EMA
+    (started at the first batch's)."""
+    if out.batch_threshold is None:
+        return buffers
+    old = buffers["threshold"]
+    new = jnp.where(first, out.batch_threshold, ema_decay * old + (1 - ema_decay) * out.batch_threshold)
+    return buffers | {"threshold": new.astype(old.dtype)}
+
+
+def resample(spec: DictionarySpec, params: Params, batch: jax.Array, dead: jax.Array, key: jax.Array) -> Params:
+    """Anthropic's resampling (Towards Monosemanticity, 2023) of the `dead` features [F]: each gets
+    the direction of a row drawn with probability proportional to its squared reconstruction error
+    (decoder: the target's, centred on b_dec; encoder: the input's, centred on the pre-encoder
+    bias, scaled to 0.2x the mean alive encoder norm); its encoder bias is reset to zero."""
+    x, y = split(spec, batch.astype(jnp.float32))
+    scale = target_scale(spec, params)
+    yn, xn = y * scale, _normalise(params, x)
+    err = jnp.sum((yn - forward(spec, params, batch, training=False).recon * scale) ** 2, -1)
+    picks = jax.random.categorical(key, jnp.log(jnp.maximum(err, 1e-12)), shape=(spec.d_sae,))
+
+    def unit(v):
+        return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+    dec_dirs, enc_dirs = unit(yn[picks] - params["b_dec"]), unit(xn[picks] - _pre_bias(spec, params))
+    enc_norms = jnp.linalg.norm(params["W_enc"], axis=0)
+    alive_norm = jnp.sum(jnp.where(dead, 0.0, enc_norms)) / jnp.maximum(jnp.sum(~dead), 1)
+    bias = spec.kind.encoder_bias
+    return params | {
+        "W_dec": jnp.where(dead[:, None], dec_dirs, params["W_dec"]),
+        "W_enc": jnp.where(dead[None, :], enc_dirs.T * 0.2 * alive_norm, params["W_enc"]),
+        bias: jnp.where(dead, 0.0, params[bias]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,10 @@ def healthy() -> jax.Array:
 
 
 def update_fault(fault: jax.Array, step: jax.Array, x_bd: jax.Array, loss: jax.Array, grad_norm: jax.Array,
-                 mse: jax.Array, norm_scale: jax.Array | float = 1.0) -> jax.Array:
-    """`fault` with this step's problem recorded, unless an earlier one already is."""
+                 mse: jax.Array, norm_scale: jax.Array | float = 1.0, target_sq: jax.Array | None = None
+                 ) -> jax.Array:
+    """`fault` with this step's problem recorded, unless an earlier one already is. `target_sq`: the
+    mean squared norm of the normalised targets, when they are not `x_bd` times `norm_scale`."""
     # a finite row whose squared norm overflows float32 is as unusable as an infinite one
     row_sq = jnp.sum(jnp.square(x_bd.astype(jnp.float32)), axis=-1)
     finite_rows = jnp.isfinite(row_sq)
@@ -43,7 +45,7 @@ def update_fault(fault: jax.Array, step: jax.Array, x_bd: jax.Array, loss: jax.A
     input_cause = jnp.where(nan_rows[row], NAN_INPUT, jnp.where(inf_rows[row], INF_INPUT, HUGE_INPUT))
     blew_up = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     # mse is in normalised units: compare it with the inputs' mean squared norm in the same units
-    x_sq = jnp.mean(jnp.where(finite_rows, row_sq, 0.0)) * jnp.square(norm_scale)
+    x_sq = jnp.mean(jnp.where(finite_rows, row_sq, 0.0)) * jnp.square(norm_scale) if target_sq is None else target_sq
     diverged = mse > DIVERGED * jnp.maximum(x_sq, 1e-30)
     cause = jnp.where(~finite_rows[row], input_cause,
                       jnp.where(blew_up, NONFINITE, jnp.where(diverged, DIVERGED_CAUSE, 0)))

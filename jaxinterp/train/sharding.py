@@ -1,6 +1,6 @@
 """The device mesh, and the logical axes of a dictionary's parameters.
 
-Parameters carry logical axes (`PARAM_AXES`); `jaxinterp.sharding.LOGICAL_RULES` maps each logical
+Parameters carry logical axes (`PARAM_AXES`, declared by the dictionary kinds); `jaxinterp.sharding.LOGICAL_RULES` maps each logical
 axis to a mesh axis (`data`, `model`) or to None (replicated). Optimizer state and any pytree that mirrors the
 parameters get the same shardings by matching the parameter name in their tree path.
 """
@@ -14,21 +14,13 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxinterp import dictionaries as dl
 from jaxinterp.config import ConfigError, MeshConfig
 from jaxinterp.sharding import LOGICAL_RULES, named
 
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "W_enc": ("d_model", "d_sae"),
-    "W_dec": ("d_sae", "d_model"),
-    "b_enc": ("d_sae",),
-    "b_gate": ("d_sae",),
-    "b_mag": ("d_sae",),
-    "r_mag": ("d_sae",),
-    "threshold": ("d_sae",),
-    "b_dec": ("d_model",),
-    "norm_scale": (),
-    "tokens_since_fired": ("d_sae",),
-}
+PARAM_AXES: dict[str, tuple[str, ...]] = dl.PARAM_AXES | {"tokens_since_fired": ("d_sae",)}
+"""Logical axes of the parameters (declared by the dictionary kinds) and of the train state's
+per-feature counters."""
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:

@@ -26,7 +26,8 @@ from jaxinterp.train.state import TrainState
 INT_MAX = jnp.iinfo(jnp.int32).max
 
 
-def make_spec(cfg: Config, d_in: int) -> dl.DictionarySpec:
+def make_spec(cfg: Config, d_in: int, d_out: int | None = None) -> dl.DictionarySpec:
+    """The dictionary's static shape for data of width `d_in` (and targets of width `d_out`)."""
     d = cfg.dictionary
     if d.d_in is not None and d.d_in != d_in:
         raise ValueError(f"dictionary.d_in={d.d_in} but the data has width {d_in}; drop dictionary.d_in")
@@ -45,6 +46,8 @@ def make_spec(cfg: Config, d_in: int) -> dl.DictionarySpec:
         jumprelu_bandwidth=d.jumprelu_bandwidth,
         topk_path=d.topk_path,
         compute_dtype=cfg.train.compute_dtype,
+        architecture=d.architecture,
+        d_out=d_out,
     )
 
 
@@ -89,16 +92,11 @@ def _init_state(cfg: Config, spec: dl.DictionarySpec, init_batches: list[jax.Arr
     d = cfg.dictionary
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
     params = dl.init(key, spec, threshold=d.jumprelu_init_threshold)
-    x = jnp.concatenate([jnp.asarray(b, jnp.float32) for b in init_batches])
-    scale = jnp.ones((), jnp.float32)
-    if d.normalize_activations:
-        scale = jnp.sqrt(spec.d_in / jnp.maximum(jnp.mean(jnp.sum(x**2, -1)), 1e-12))
-    xn = x * scale
-    if d.b_dec_init == "geometric_median":
-        params["b_dec"] = geometric_median(xn[: cfg.train.batch_size])
-    elif d.b_dec_init == "mean":
-        params["b_dec"] = xn[: cfg.train.batch_size].mean(0)
-    params["norm_scale"] = scale.astype(jnp.float32)
+    batch = jnp.concatenate([jnp.asarray(b, jnp.float32) for b in init_batches])
+    centre = {"geometric_median": geometric_median, "mean": lambda a: a.mean(0), "zeros": None}[d.b_dec_init]
+    params = dl.fit_to_data(spec, params, batch,
+                            normalize=d.normalize_activations,
+                            centre=None if centre is None else lambda a: centre(a[: cfg.train.batch_size]))
     trainable, buffers = dl.split_params(spec, params)
     opt_state = make_optimizer(cfg, spec).init(trainable)
     return TrainState(
@@ -175,21 +173,16 @@ def train_step(
         params = dl.normalise_decoder(params)
     params = dl.clamp_params(spec, params)
 
-    buffers = state.buffers
-    if out.batch_threshold is not None:
-        ema = d.threshold_ema_decay
-        old = buffers["threshold"]
-        new = jnp.where(state.step == 0, out.batch_threshold, ema * old + (1 - ema) * out.batch_threshold)
-        buffers = buffers | {"threshold": new.astype(old.dtype)}
+    buffers = dl.update_buffers(spec, state.buffers, out, first=state.step == 0, ema_decay=d.threshold_ema_decay)
 
     fired, l0 = _fired(spec, out)
     batch = x_bd.shape[0]
     since = jnp.where(fired, 0, jnp.minimum(state.tokens_since_fired, INT_MAX - batch) + batch)
-    xn = x_bd.astype(jnp.float32) * state.buffers["norm_scale"]
-    variance = jnp.mean(jnp.sum((xn - xn.mean(0)) ** 2, -1))
+    yn = dl.split(spec, x_bd)[1].astype(jnp.float32) * dl.target_scale(spec, state.buffers)
+    variance = jnp.mean(jnp.sum((yn - yn.mean(0)) ** 2, -1))
     grad_norm = optax.tree.norm(grads)
     fault = health.update_fault(state.fault, state.step, x_bd, out.losses.total, grad_norm, out.losses.mse,
-                                state.buffers["norm_scale"])
+                                target_sq=jnp.mean(jnp.sum(yn**2, -1)))
     new_state = TrainState(
         step=state.step + 1,
         params=params,
@@ -254,22 +247,9 @@ def resample_dead(cfg: Config, spec: dl.DictionarySpec, state: TrainState, x_bd:
     of an input drawn with probability proportional to its squared reconstruction error; encoder
     columns are scaled to 0.2x the mean alive encoder norm, b_enc and the optimizer's moments are
     reset (a schedule-free iterate restarts at the new parameters)."""
-    d = state.dictionary
     dead = state.tokens_since_fired >= cfg.dictionary.dead_tokens
-    xn = x_bd.astype(jnp.float32) * d["norm_scale"]
-    recon = dl.forward(spec, d, x_bd, training=False).recon * d["norm_scale"]
-    err = jnp.sum((xn - recon) ** 2, -1)
-    picks = jax.random.categorical(key, jnp.log(jnp.maximum(err, 1e-12)), shape=(spec.d_sae,))
-    dirs = xn[picks] - d["b_dec"]
-    dirs = dirs / jnp.maximum(jnp.linalg.norm(dirs, axis=-1, keepdims=True), 1e-12)
-    enc_norms = jnp.linalg.norm(d["W_enc"], axis=0)
-    alive_norm = jnp.sum(jnp.where(dead, 0.0, enc_norms)) / jnp.maximum(jnp.sum(~dead), 1)
-    p = state.params
-    new = p | {
-        "W_dec": jnp.where(dead[:, None], dirs, p["W_dec"]),
-        "W_enc": jnp.where(dead[None, :], dirs.T * 0.2 * alive_norm, p["W_enc"]),
-        "b_enc": jnp.where(dead, 0.0, p["b_enc"]),
-    }
+    new = dl.resample(spec, state.dictionary, x_bd, dead, key)
+    new = {name: new[name] for name in state.params}
 
     def reset(path, leaf):
         name = sharding._param_name(path)
