@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from jaxinterp import generation
 
         return getattr(generation, name)
+    if name in ("load_dictionary", "Dictionary"):
+        from jaxinterp.dictionaries import artifact
+
+        return getattr(artifact, name)
     raise AttributeError(f"module 'jaxinterp' has no attribute {name!r}")

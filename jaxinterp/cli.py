@@ -28,9 +28,10 @@ def configure_host_devices() -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     from jaxinterp.config import ConfigError
     from jaxinterp.data import DataError
+    from jaxinterp.errors import JaxinterpError
     from jaxinterp.train import TrainingError
 
-    return (ConfigError, DataError, TrainingError, FileNotFoundError, ValueError)
+    return (JaxinterpError, ConfigError, DataError, TrainingError, FileNotFoundError, ValueError)
 
 
 def run_main(main: Callable[[], int | None]) -> None:

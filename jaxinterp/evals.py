@@ -1,6 +1,9 @@
 """Reconstruction, sparsity and ground-truth metrics of a dictionary.
 
-Axes: `B` batch, `D` d_in, `F` d_sae, `N` true features.
+Axes: `B` batch, `D` d_in, `O` d_out, `F` d_sae, `N` true features.
+
+A transcoder's reconstruction metrics are those of its target (the batch's last `O` columns, see
+`dictionaries.split`), and its loss recovered splices its output into the target site.
 
 Names follow SAEBench's core evaluation where one exists: `mse`, `explained_variance`, `cossim`,
 `l2_ratio`, `relative_reconstruction_bias`, `l0`, `l1`, `frac_alive`, `freq_over_1_percent`,
@@ -32,11 +35,11 @@ def batch_sums(spec: dl.DictionarySpec, params: dl.Params, x_bd: jax.Array, n_ro
                ) -> dict[str, jax.Array]:
     """Sums over one batch of everything `finalize` needs; only the first `n_rows` rows count (all
     when None), so a short last batch padded to the batch size reuses the same compiled program."""
-    x = x_bd.astype(jnp.float32)
+    inputs, x = (a.astype(jnp.float32) for a in dl.split(spec, x_bd))  # x: what is reconstructed
     row = jnp.ones(x.shape[0], jnp.bool_) if n_rows is None else jnp.arange(x.shape[0]) < n_rows
     w = row.astype(jnp.float32)
-    acts = dl.encode(spec, params, x)
-    x_hat = dl.decode(spec, params, acts)
+    acts = dl.encode(spec, params, inputs)
+    x_hat = dl.decode(spec, params, acts) + dl.skip_out(spec, params, inputs)
     err = x - x_hat
     in_norm = jnp.linalg.norm(x, axis=-1)
     out_norm = jnp.linalg.norm(x_hat, axis=-1)
@@ -121,7 +124,7 @@ def evaluate(
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
     if acc is None:
         raise ValueError("evaluate: no batches to evaluate; raise output.eval_tokens or provide held-out data")
-    out = finalize(jax.device_get(acc), spec.d_in)
+    out = finalize(jax.device_get(acc), spec.d_out)
     if true_directions is not None:
         out["mmcs"] = mmcs(true_directions, params["W_dec"])
     return out
@@ -133,14 +136,16 @@ def evaluate(
 
 @functools.lru_cache(maxsize=None)
 def splice_fn(spec: dl.DictionarySpec):
-    """Edit function replacing a site's value by the dictionary's reconstruction (BOS kept).
+    """Edit function replacing a site's value by the dictionary's output (BOS kept): of that same
+    value for an SAE, of the value read at its input site for a transcoder.
 
     Cached per spec, so a `Plan` holding it stays the same static value and never recompiles."""
 
-    def splice(x_btd, params, _positions_bt):
+    def splice(y_btd, params, _positions_bt, x_btd=None):
+        x_btd = y_btd if x_btd is None else x_btd
         b, t, d = x_btd.shape
-        recon = dl.reconstruct(spec, params, x_btd.reshape(-1, d)).reshape(b, t, d).astype(x_btd.dtype)
-        return x_btd.at[:, 1:].set(recon[:, 1:])
+        recon = dl.reconstruct(spec, params, x_btd.reshape(-1, d)).reshape(b, t, -1).astype(y_btd.dtype)
+        return y_btd.at[:, 1:].set(recon[:, 1:])
 
     return splice
 
@@ -159,23 +164,26 @@ def _ce_and_kl(clean_logits, logits, tokens):
 
 
 def loss_recovered(model, spec: dl.DictionarySpec, params: dl.Params, site: str, contexts_nt: np.ndarray,
-                   *, batch_contexts: int = 16) -> dict:
-    """CE and KL with the dictionary spliced in at `site`, clean, and with the site zero-ablated
-    (BOS left alone in both), as SAEBench's `ce_loss_score` and `kl_div_score`:
+                   *, target_site: str | None = None, batch_contexts: int = 16) -> dict:
+    """CE and KL with the dictionary spliced in at `site` (a transcoder: its output, computed from
+    `site`, in place of `target_site`), clean, and with that site zero-ablated (BOS left alone in
+    both), as SAEBench's `ce_loss_score` and `kl_div_score`:
 
       ce_loss_score = (ce_ablated - ce_spliced) / (ce_ablated - ce_clean)
       kl_div_score  = (kl_ablated - kl_spliced) / kl_ablated
     """
     from jaxinterp.models import Plan, forward
 
-    splice_plan = Plan(edits=((site, splice_fn(spec)),))
-    ablate_plan = Plan(edits=((site, _zero_ablate),))
+    written = target_site or site
+    splice_plan = Plan(edits=((site, splice_fn(spec)),) if target_site is None else
+                       ((target_site, splice_fn(spec), site),))
+    ablate_plan = Plan(edits=((written, _zero_ablate),))
     sums = np.zeros(5)
     n = 0
     for s in range(0, len(contexts_nt), batch_contexts):
         tokens = jnp.asarray(contexts_nt[s : s + batch_contexts])
         clean = forward(model, tokens).logits
-        spliced = forward(model, tokens, plan=splice_plan, edit_params={site: params}).logits
+        spliced = forward(model, tokens, plan=splice_plan, edit_params={written: params}).logits
         ablated = forward(model, tokens, plan=ablate_plan).logits
         ce_clean, _ = _ce_and_kl(clean, clean, tokens)
         ce_sp, kl_sp = _ce_and_kl(clean, spliced, tokens)

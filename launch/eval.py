@@ -1,9 +1,11 @@
 """Evaluate a trained dictionary at its site in its language model:
-`python launch/eval.py --checkpoint RUN_DIR [--corpus shakespeare|DIR|FILE.jsonl] [--contexts N] [--json]`.
+`python launch/eval.py --checkpoint RUN_OR_DICTIONARY_DIR [--corpus shakespeare|DIR|FILE.jsonl] [--contexts N] [--json]`.
 
 Prints ce_loss_score / kl_div_score (loss recovered with the dictionary spliced in, against the
-clean model and the zero-ablated site) beside the reconstruction metrics, with the metric names of
-`metrics.jsonl`.
+clean model and the zero-ablated site; a transcoder's output in place of its target site) beside
+the reconstruction metrics, with the metric names of `metrics.jsonl`. A run directory supplies its
+corpus and context length; a dictionary directory alone is evaluated on `--corpus` (default
+shakespeare) with the model it names.
 """
 
 from __future__ import annotations
@@ -23,36 +25,44 @@ configure_host_devices()
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--checkpoint", required=True, help="a run directory written by launch/train.py")
+    ap.add_argument("--checkpoint", required=True,
+                    help="a run directory written by launch/train.py, or a dictionary directory")
     ap.add_argument("--corpus", help="held-out text: shakespeare, a folder of .txt files, or a .jsonl (default: the run's)")
     ap.add_argument("--contexts", type=int, default=32, help="held-out contexts to evaluate")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
     from jaxinterp import evals
-    from jaxinterp.config import load_config
+    from jaxinterp.config import Config, DataConfig, load_config
     from jaxinterp.data.activations import ModelSource
-    from jaxinterp.train import load_dictionary
+    from jaxinterp.dictionaries import DictionaryError, load_dictionary
 
     run = Path(args.checkpoint)
-    cfg = load_config(run / "config.yaml")
+    d = load_dictionary(run)
+    cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else Config()
     data = cfg.data
-    if data.source == "cache":  # the cache's manifest names the model, site and corpus it was read from
+    if data.source == "cache":  # the cache's manifest names the model and corpus it was read from
         from jaxinterp.data.cache import read_manifest
 
         m = read_manifest(data.path)
-        data = dataclasses.replace(data, source="model", model=m["model"], site=m["site"], corpus=m["corpus"],
+        data = dataclasses.replace(data, source="model", model=m["model"], corpus=m["corpus"],
                                    context_length=m["context_length"], eval_fraction=m["eval_fraction"],
                                    chunk_contexts=m["chunk_contexts"])
-    if data.source != "model" or data.site is None:
-        raise ValueError(f"{run} was trained on data.source={data.source!r}; loss recovered needs a model site")
-    spec, params = load_dictionary(run)
-    data = dataclasses.replace(data, corpus=args.corpus or data.corpus)
+    elif data.source != "model":
+        if d.model is None:
+            raise DictionaryError(f"{run}: the dictionary names no model; loss recovered needs the model it was "
+                                  "trained on")
+        data = DataConfig(source="model", model=d.model, site=d.site)
+    if d.site is None:
+        raise DictionaryError(f"{run}: the dictionary names no site; loss recovered needs a model site")
+    data = dataclasses.replace(data, site=d.site, target_site=d.target_site, corpus=args.corpus or data.corpus)
     source = ModelSource(data, cfg.train.batch_size, cfg.train.seed)
+    d.check_model(source.model.cfg.d_model, source.model.cfg.n_layers, model=f"model {data.model!r}")
     per = data.context_length - 1
-    result = {"checkpoint": str(run), "site": data.site, "corpus": data.corpus}
-    result |= evals.evaluate(spec, params, source.eval_batches(args.contexts * per, cfg.train.batch_size))
-    result |= evals.loss_recovered(source.model, spec, params, data.site, source.eval_contexts[: args.contexts])
+    result = {"checkpoint": str(run), "site": d.site, "target_site": d.target_site, "corpus": data.corpus}
+    result |= evals.evaluate(d.spec, d.params, source.eval_batches(args.contexts * per, cfg.train.batch_size))
+    result |= evals.loss_recovered(source.model, d.spec, d.params, d.site, source.eval_contexts[: args.contexts],
+                                   target_site=d.target_site)
     if args.json:
         print(json.dumps(result, default=float))
     else:

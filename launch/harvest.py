@@ -36,7 +36,8 @@ def main() -> int:
     cfg = load_config(args.config, args.set)
     manifest = harvest(cfg, args.out, contexts=args.contexts, dtype=args.dtype, force=args.force)
     rows = sum(c["n_rows"] for c in manifest["chunks"])
-    print(f"cache: {rows:,} rows x {manifest['d_model']} ({manifest['dtype']}) of {manifest['site']} in "
+    sites = manifest["site"] + (f" -> {manifest['target_site']}" if manifest["target_site"] else "")
+    print(f"cache: {rows:,} rows x {manifest['d_model']} ({manifest['dtype']}) of {sites} in "
           f"{len(manifest['chunks'])} chunks at {args.out}")
     return 0
 

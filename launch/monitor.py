@@ -45,7 +45,8 @@ def main() -> int:
     b = sub.add_parser("baseline", help="feature statistics over a corpus, saved as a baseline")
     r = sub.add_parser("report", help="drift of other text against a baseline")
     for p in (b, r):
-        p.add_argument("--dictionary", required=True, help="a run directory written by launch/train.py")
+        p.add_argument("--dictionary", required=True,
+                       help="a run directory written by launch/train.py, or a dictionary directory")
         p.add_argument("--corpus", default=None, help="shakespeare, python-docs, a folder of .txt, or a .jsonl")
         p.add_argument("--contexts", type=int, default=None)
         p.add_argument("--seed", type=int, default=0)
@@ -60,21 +61,26 @@ def main() -> int:
     from jaxinterp.models import load_model
     from jaxinterp.monitor import drift
     from jaxinterp.monitor.baseline import corpus_stats, load_baseline, save_baseline
-    from jaxinterp.train import load_dictionary
+    from jaxinterp.config import Config, DataConfig
+    from jaxinterp.dictionaries import DictionaryError, load_dictionary
 
     run = Path(args.dictionary)
-    cfg = load_config(run / "config.yaml")
-    site = cfg.data.site
+    d = load_dictionary(run)
+    cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else Config(
+        data=DataConfig(source="model", model=d.model or "smollm2-135m", site=d.site))
+    site = d.site
     if site is None:
-        raise ValueError(f"{run} was not trained at a model site (data.site unset); drift needs one")
-    spec, params = load_dictionary(run)
-    model, tok = load_model(cfg.data.model)
+        raise DictionaryError(f"{run}: the dictionary names no model site; drift needs one")
+    spec, params = d.spec, d.params
+    model_name = d.model or cfg.data.model
+    model, tok = load_model(model_name)
+    d.check_model(model.cfg.d_model, model.cfg.n_layers, model=f"model {model_name!r}")
     if args.cmd == "baseline":
         corpus = args.corpus or cfg.data.corpus
         ctx = _contexts(corpus, tok, cfg.data.context_length, cfg.data.eval_fraction, "train", args.contexts or 64,
                         args.seed)
         s = corpus_stats(model, spec, params, site, ctx)
-        out = save_baseline(args.out, s, {"site": site, "model": cfg.data.model, "corpus": corpus,
+        out = save_baseline(args.out, s, {"site": site, "model": model_name, "corpus": corpus,
                                           "dictionary": str(run.resolve()), "contexts": len(ctx)})
         print(f"baseline: {int(s.tokens):,} tokens of {corpus!r} at {site} -> {out}")
         return 0

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from jaxinterp import dictionaries as dl
 from jaxinterp.data import make_source
 from jaxinterp.interop.saelens import export_saelens, hook_name_for_site, load_saelens
-from jaxinterp.train import load_dictionary, train
+from jaxinterp.train import checkpoint_dictionary, train
 
 D_IN, D_SAE, K = 12, 40, 5
 
@@ -156,7 +156,12 @@ def test_trained_run_export_reconstructs_like_checkpoint(tmp_path, activation):
     cfg = tiny_config(tmp_path, dictionary={"activation": activation}, data={"site": "blocks.6.resid_post"},
                       train={"tokens": 256 * 20})
     train(cfg, log=lambda s: None)
-    spec, params = load_dictionary(tmp_path / "run")
+    spec, params = checkpoint_dictionary(tmp_path / "run")
+    saved = dl.load_dictionary(tmp_path / "run")  # the run's artifact holds the checkpoint's dictionary
+    assert saved.spec == spec and saved.site == "blocks.6.resid_post"
+    assert saved.params.keys() == params.keys()
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(saved.params[k]), np.asarray(params[k]), err_msg=k)
     assert abs(float(params["norm_scale"]) - 1.0) > 0.1  # the fold is exercised
     export = tmp_path / "run" / "export" / "saelens"
     x = np.concatenate([np.asarray(b) for b in make_source(cfg).eval_batches(512, 256)])

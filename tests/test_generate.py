@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxinterp import generation
+from jaxinterp.dictionaries import DictionaryError
 from jaxinterp.dictionaries import sae as dl
 from jaxinterp.generation import Sampling, generate
 from jaxinterp.models import Plan, SiteError, forward
@@ -250,7 +251,7 @@ def test_bad_specs_fail_before_compiling():
     with pytest.raises(SteeringError, match="no dictionary attached at 'blocks.0.resid_post'"):
         generate(model, PROMPTS, dictionaries=reg, steering=SteeringVector("blocks.0.resid_post", features={1: 1.0}))
     wide = DictionaryRegistry().add(SITE, *tied_dictionary(48, 64))
-    with pytest.raises(SteeringError, match="d_in=48 but the model's width is 32"):
+    with pytest.raises(DictionaryError, match="d_in=48, d_out=48, but the model has width 32"):
         generate(model, PROMPTS, dictionaries=wide, steering=SteeringVector(SITE, features={1: 1.0}))
     with pytest.raises(SteeringError, match="mode 'boost' unknown"):
         SteeringVector(SITE, features={1: 1.0}, mode="boost")

@@ -2,6 +2,9 @@
 
 Axes: `N` contexts, `T` context length, `D` d_model.
 
+A transcoder reads two sites (`data.site`, `data.target_site`): one forward captures both and
+each row holds their values side by side, [D_in + D_out] (see `dictionaries.split`).
+
 Contexts are visited in a seeded order (new each epoch), `chunk_contexts` at a time: the forward
 runs up to the site only, the BOS position is dropped, and the chunk's rows are shuffled across
 contexts (the mixing buffer) before being cut into batches. The state is (chunk, offset), and a
@@ -21,20 +24,33 @@ from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_doc
 from jaxinterp.models import Plan, forward, load_model, parse_site
 
 
-def open_site_model(name: str, site: str, *, model=None, tokenizer=None):
+Sites = str | tuple[str, ...]
+"""One site, or several whose values a row holds side by side (a transcoder's input and target)."""
+
+
+def site_tuple(cfg: DataConfig) -> tuple[str, ...]:
+    """The sites a source reads for `cfg`: `data.site`, then `data.target_site` when set."""
+    assert cfg.site is not None
+    return (cfg.site,) if cfg.target_site is None else (cfg.site, cfg.target_site)
+
+
+def open_site_model(name: str, site: Sites, *, model=None, tokenizer=None):
     """(model, tokenizer) for reading activations at `site`: loaded by name unless given, checked."""
     if model is None:
         model, tokenizer = load_model(name)
     if tokenizer is None:
         raise ValueError(f"data.model {name!r} has no tokenizer; use a GGUF file or a registry name")
-    parse_site(site, model.cfg.n_layers)
+    for s in (site,) if isinstance(site, str) else site:
+        parse_site(s, model.cfg.n_layers)
     return model, tokenizer
 
 
-def site_activations(model, contexts_nt: np.ndarray, site: str) -> np.ndarray:
-    """Activations [N * (T - 1), D] at `site` for every non-BOS position."""
-    res = forward(model, jnp.asarray(contexts_nt), plan=Plan(capture=(site,), stop_early=True))
-    acts = np.asarray(res.captured[site], np.float32)[:, 1:]
+def site_activations(model, contexts_nt: np.ndarray, site: Sites) -> np.ndarray:
+    """Activations [N * (T - 1), D] at `site` for every non-BOS position (several sites: their
+    values side by side, [N * (T - 1), D1 + D2 + ...], from one forward)."""
+    sites = (site,) if isinstance(site, str) else tuple(site)
+    res = forward(model, jnp.asarray(contexts_nt), plan=Plan(capture=sites, stop_early=True))
+    acts = np.concatenate([np.asarray(res.captured[s], np.float32)[:, 1:] for s in sites], axis=-1)
     return acts.reshape(-1, acts.shape[-1])
 
 
@@ -43,13 +59,13 @@ def visit_order(n_contexts: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_contexts)
 
 
-def chunk_rows(model, contexts_nt: np.ndarray, site: str, seed: int, epoch: int, chunk: int) -> np.ndarray:
+def chunk_rows(model, contexts_nt: np.ndarray, site: Sites, seed: int, epoch: int, chunk: int) -> np.ndarray:
     """The rows [N * (T - 1), D] of one chunk of contexts, shuffled across its contexts."""
     rows = site_activations(model, contexts_nt, site)
     return rows[np.random.default_rng([seed, epoch, chunk, 1]).permutation(len(rows))]
 
 
-def eval_activation_batches(model, contexts_nt: np.ndarray, site: str, chunk_contexts: int, n_tokens: int,
+def eval_activation_batches(model, contexts_nt: np.ndarray, site: Sites, chunk_contexts: int, n_tokens: int,
                             batch_size: int) -> Iterator[np.ndarray]:
     """Batches [<= batch_size, D] of the site's activations over the first contexts covering `n_tokens`."""
     per = contexts_nt.shape[1] - 1
@@ -69,13 +85,15 @@ class ModelSource:
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int, *, model=None, tokenizer=None):
         if cfg.site is None:
             raise ValueError("data.site: required for data.source 'model', for example blocks.15.resid_post")
-        model, tokenizer = open_site_model(cfg.model, cfg.site, model=model, tokenizer=tokenizer)
-        self.model, self.tokenizer, self.site = model, tokenizer, cfg.site
+        self.sites = site_tuple(cfg)
+        model, tokenizer = open_site_model(cfg.model, self.sites, model=model, tokenizer=tokenizer)
+        self.model, self.tokenizer, self.site, self.target_site = model, tokenizer, cfg.site, cfg.target_site
         self.batch_size, self.seed, self.chunk_contexts = batch_size, seed, cfg.chunk_contexts
         train_docs, eval_docs = split_documents(corpus_documents(cfg.corpus), cfg.eval_fraction)
         self.train_contexts = token_contexts(train_docs, tokenizer, cfg.context_length)
         self.eval_contexts = held_out_contexts(train_docs, eval_docs, tokenizer, cfg.context_length)
         self.d_in = model.cfg.d_model
+        self.d_out = model.cfg.d_model if cfg.target_site is not None else None
         self.true_directions = None
         n = len(self.train_contexts)
         self._chunks_per_epoch = max(1, n // self.chunk_contexts)
@@ -85,7 +103,7 @@ class ModelSource:
         epoch, i = divmod(chunk, self._chunks_per_epoch)
         order = visit_order(len(self.train_contexts), self.seed, epoch)
         picked = np.sort(order[i * self.chunk_contexts : (i + 1) * self.chunk_contexts])
-        return chunk_rows(self.model, self.train_contexts[picked], self.site, self.seed, epoch, i)
+        return chunk_rows(self.model, self.train_contexts[picked], self.sites, self.seed, epoch, i)
 
     def __iter__(self):
         return self
@@ -113,5 +131,5 @@ class ModelSource:
         self._rows = None
 
     def eval_batches(self, n_tokens: int, batch_size: int):
-        return eval_activation_batches(self.model, self.eval_contexts, self.site, self.chunk_contexts, n_tokens,
+        return eval_activation_batches(self.model, self.eval_contexts, self.sites, self.chunk_contexts, n_tokens,
                                        batch_size)

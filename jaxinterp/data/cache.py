@@ -10,7 +10,8 @@ A cache directory holds
     ...
 
 Chunk i holds the contexts `visit_order(N, seed, 0)[i*C : (i+1)*C]` with its rows in the order of
-`chunk_rows`, so it equals chunk i of a `ModelSource` with the same settings. `harvest` writes each
+`chunk_rows`, so it equals chunk i of a `ModelSource` with the same settings. A transcoder's cache
+(`target_site` in the manifest) holds both sites side by side, [R, 2 D], harvested in one forward. `harvest` writes each
 chunk under a temporary name and renames it, then rewrites the manifest the same way: a chunk
 counts once the manifest lists it, and a re-run carries on after the last one. `CacheSource` reads
 rows shuffled across all chunks, a new order each epoch, ahead of the step (`batches.py`).
@@ -32,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxinterp.config import Config, DataConfig
-from jaxinterp.data.activations import chunk_rows, eval_activation_batches, open_site_model, visit_order
+from jaxinterp.data.activations import chunk_rows, eval_activation_batches, open_site_model, site_tuple, visit_order
 from jaxinterp.data.batches import IndexedSource, batch_rows
 from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents, token_contexts
 from jaxinterp.data.npy import DataError, memmap_npy
@@ -41,7 +42,7 @@ FORMAT = 1
 """Version of the manifest layout; a cache of another version is refused."""
 MANIFEST = "manifest.json"
 CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-SETTINGS = ("format", "model", "site", "corpus", "context_length", "eval_fraction", "seed", "chunk_contexts",
+SETTINGS = ("format", "model", "site", "target_site", "corpus", "context_length", "eval_fraction", "seed", "chunk_contexts",
             "dtype", "train_contexts", "contexts_digest", "contexts_planned", "d_model")
 """Manifest keys that a resumed harvest must agree with."""
 
@@ -86,6 +87,7 @@ def read_manifest(directory: str | Path) -> dict:
         raise DataError(f"activation cache {str(directory)!r} {what}; {harvest_hint}")
     try:
         manifest = json.loads(path.read_text())
+        manifest.setdefault("target_site", None)  # caches of one site written before transcoders
         missing = [k for k in (*SETTINGS, "chunks") if k not in manifest]
         chunks = manifest["chunks"] if not missing else []
         bad = missing or [c for c in chunks if not {"file", "n_rows", "contexts"} <= set(c)]
@@ -139,7 +141,8 @@ def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype:
         raise DataError("data.site: required to harvest activations, for example blocks.15.resid_post")
     if dtype not in CACHE_DTYPES:
         raise DataError(f"--dtype {dtype!r}: allowed: {', '.join(CACHE_DTYPES)}")
-    model, tokenizer = open_site_model(data.model, data.site, model=model, tokenizer=tokenizer)
+    sites = site_tuple(data)
+    model, tokenizer = open_site_model(data.model, sites, model=model, tokenizer=tokenizer)
     train_docs, _ = split_documents(corpus_documents(data.corpus), data.eval_fraction)
     train_nt = token_contexts(train_docs, tokenizer, data.context_length)
     n_planned = len(train_nt) if contexts is None else contexts
@@ -147,7 +150,8 @@ def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype:
         raise DataError(f"--contexts {contexts}: the corpus has {len(train_nt)} train contexts of "
                         f"{data.context_length} tokens; pass a number from 1 to {len(train_nt)}")
     settings = {
-        "format": FORMAT, "model": data.model, "site": data.site, "corpus": data.corpus,
+        "format": FORMAT, "model": data.model, "site": data.site, "target_site": data.target_site,
+        "corpus": data.corpus,
         "context_length": data.context_length, "eval_fraction": data.eval_fraction, "seed": seed,
         "chunk_contexts": data.chunk_contexts, "dtype": dtype, "train_contexts": len(train_nt),
         "contexts_digest": _digest(train_nt), "contexts_planned": n_planned, "d_model": int(model.cfg.d_model),
@@ -161,9 +165,10 @@ def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype:
     bar = tqdm(total=n_planned, initial=sum(len(c["contexts"]) for c in done), unit="ctx", disable=not progress,
                dynamic_ncols=True)
     for i in range(len(done), len(plan)):
-        rows = chunk_rows(model, train_nt[plan[i]], data.site, seed, 0, i).astype(CACHE_DTYPES[dtype], copy=False)
+        rows = chunk_rows(model, train_nt[plan[i]], sites, seed, 0, i).astype(CACHE_DTYPES[dtype], copy=False)
         if dtype != "float32" and not np.isfinite(rows).all():
-            raise DataError(f"chunk {i}: activations at {data.site} overflow {dtype}; harvest with --dtype float32")
+            raise DataError(f"chunk {i}: activations at {' and '.join(sites)} overflow {dtype}; harvest with "
+                            "--dtype float32")
         _write_atomic(out / chunk_name(i), lambda f: np.save(f, rows))
         done.append({"file": chunk_name(i), "n_rows": len(rows), "contexts": plan[i].tolist()})
         write_manifest(out, manifest)
@@ -180,7 +185,7 @@ def open_chunk(directory: Path, entry: dict, manifest: dict) -> np.ndarray:
         raise DataError(f"{path} is listed in the manifest but missing; {fix}")
     arr = memmap_npy(path, fix)
     want = CACHE_DTYPES.get(manifest["dtype"])
-    expected = (entry["n_rows"], manifest["d_model"])
+    expected = (entry["n_rows"], manifest["d_model"] * (1 if manifest["target_site"] is None else 2))
     if arr.shape != expected or want is None or arr.dtype != np.dtype(want):
         raise DataError(f"{path} holds {arr.dtype} {arr.shape}, the manifest says {manifest['dtype']} {expected}; "
                         f"{fix}")
@@ -198,11 +203,18 @@ class CacheSource(IndexedSource):
         self._chunks = [open_chunk(self.path, c, self.manifest) for c in self.manifest["chunks"]]
         self.site: str = self.manifest["site"]
         self.model_name: str = self.manifest["model"]
+        self.target_site: str | None = self.manifest["target_site"]
+        self.sites = (self.site,) if self.target_site is None else (self.site, self.target_site)
         self.d_in = int(self.manifest["d_model"])
+        self.d_out = None if self.target_site is None else self.d_in
         self.true_directions = None
         if cfg.site is not None and cfg.site != self.site:
             raise DataError(f"data.site is {cfg.site!r}, but the cache {str(self.path)!r} holds {self.site!r}; "
                             "drop data.site or point data.path at a cache of that site")
+        if cfg.target_site != self.target_site:
+            held = "no target site" if self.target_site is None else f"target site {self.target_site!r}"
+            raise DataError(f"data.target_site is {cfg.target_site!r}, but the cache {str(self.path)!r} holds {held}; "
+                            "harvest a cache with that data.target_site, or set it to match")
         self._starts = np.cumsum([0, *(len(c) for c in self._chunks)])
         self.n_rows = int(self._starts[-1])
         if self.n_rows == 0:
@@ -251,7 +263,7 @@ class CacheSource(IndexedSource):
         """(model, held-out contexts) of the cache's model and corpus, or None when they cannot be loaded."""
         m = self.manifest
         try:
-            model, tokenizer = open_site_model(m["model"], m["site"])
+            model, tokenizer = open_site_model(m["model"], self.sites)
             train_docs, eval_docs = split_documents(corpus_documents(m["corpus"]), m["eval_fraction"])
             contexts_nt = held_out_contexts(train_docs, eval_docs, tokenizer, m["context_length"])
         except (OSError, ValueError, ImportError) as e:
@@ -279,7 +291,7 @@ class CacheSource(IndexedSource):
     def eval_batches(self, n_tokens: int, batch_size: int) -> Iterator[np.ndarray]:
         """The held-out contexts' activations, or the last chunk's rows when the model cannot be loaded."""
         if self.model is not None:
-            return eval_activation_batches(self.model, self.eval_contexts, self.site, self.manifest["chunk_contexts"],
+            return eval_activation_batches(self.model, self.eval_contexts, self.sites, self.manifest["chunk_contexts"],
                                            n_tokens, batch_size)
         last = self._chunks[-1][:n_tokens]
         return (np.asarray(last[s : s + batch_size], np.float32) for s in range(0, len(last), batch_size))

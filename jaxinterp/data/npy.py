@@ -1,5 +1,8 @@
 """Activations on disk: a `.npy` matrix [tokens, d_in] read through a memory map with grain.
 
+A transcoder's targets come from a second file (`data.target_path`) of the same number of rows:
+each batch holds input and target rows side by side, [B, D_in + D_out].
+
 The train split is the first `1 - eval_fraction` of the rows, the eval split the rest. Rows are
 shuffled (a new order each epoch), batched, and read with one sorted fancy-index per batch, ahead
 of the step on a background thread (`batches.py`). The stream's state (the next batch index) is
@@ -83,10 +86,15 @@ class NpySource(IndexedSource):
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int):
         assert cfg.path is not None
-        self.path = cfg.path
+        self.path, self.target_path = cfg.path, cfg.target_path
         self._arr = open_activations(cfg.path, cfg.dtype)
         n = self._arr.shape[0]
         self.d_in = int(self._arr.shape[1])
+        self._target = None if cfg.target_path is None else open_activations(cfg.target_path, cfg.dtype)
+        self.d_out = None if self._target is None else int(self._target.shape[1])
+        if self._target is not None and self._target.shape[0] != n:
+            raise DataError(f"data.target_path {cfg.target_path!r} has {self._target.shape[0]} rows, data.path "
+                            f"{cfg.path!r} {n}; the target file needs one row per input row")
         self.n_train = n - int(n * cfg.eval_fraction)
         if self.n_train < batch_size:
             raise DataError(
@@ -105,11 +113,18 @@ class NpySource(IndexedSource):
         memory map is read front to back)."""
         return np.sort(batch_rows(i, self.batch_size, self.n_train, self.seed, self.shuffle))
 
+    def _read(self, rows) -> np.ndarray:
+        x = np.asarray(self._arr[rows], dtype=np.float32)
+        if self._target is None:
+            return x
+        return np.concatenate([x, np.asarray(self._target[rows], dtype=np.float32)], axis=-1)
+
     def batch(self, i: int) -> np.ndarray:
-        return np.asarray(self._arr[self.rows(i)], dtype=np.float32)
+        return self._read(self.rows(i))
 
     def describe(self, i: int, row: int) -> str:
-        return f"{self.path} row {int(self.rows(i)[row])} (training batch {i}, row {row} of the batch)"
+        files = self.path if self.target_path is None else f"{self.path} (or its target file {self.target_path})"
+        return f"{files} row {int(self.rows(i)[row])} (training batch {i}, row {row} of the batch)"
 
     def eval_batches(self, n_tokens: int, batch_size: int):
         start, stop = self.n_train, self._arr.shape[0]
@@ -117,6 +132,6 @@ class NpySource(IndexedSource):
             start, stop = 0, self.n_train
         stop = min(stop, start + n_tokens)
         for s in range(start, stop, batch_size):
-            x = np.asarray(self._arr[s : min(s + batch_size, stop)], dtype=np.float32)
+            x = self._read(slice(s, min(s + batch_size, stop)))
             check_finite(x, lambda r, s=s: f"{self.path} row {s + r} (held out for the final evaluation)")
             yield x

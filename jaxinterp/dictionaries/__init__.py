@@ -1,5 +1,6 @@
-"""Sparse dictionaries as pure functions over parameter dicts."""
+"""Sparse dictionaries as pure functions over parameter dicts, and their artifacts on disk."""
 
+from jaxinterp.dictionaries.artifact import Dictionary, DictionaryError, load_dictionary, save
 from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
 from jaxinterp.dictionaries.kinds import (
     ACTIVATIONS,
@@ -23,6 +24,8 @@ from jaxinterp.dictionaries.sae import (
     aux_k_pool,
     clamp_params,
     decode,
+    decode_selected,
+    decode_sparse,
     encode,
     encode_selected,
     fit_to_data,
@@ -50,8 +53,9 @@ from jaxinterp.dictionaries.sparse import (
 )
 
 __all__ = [
+    "Dictionary", "DictionaryError", "load_dictionary", "save",
     "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
-    "ACTIVATIONS", "ARCHITECTURES", "PARAM_AXES", "Activation", "Architecture", "activation", "architecture", "skip_out", "split", "fit_to_data", "resample", "update_buffers", "target_scale", "from_saelens_architecture", "encode_selected", "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
+    "ACTIVATIONS", "ARCHITECTURES", "PARAM_AXES", "Activation", "Architecture", "activation", "architecture", "skip_out", "split", "decode_selected", "decode_sparse", "fit_to_data", "resample", "update_buffers", "target_scale", "from_saelens_architecture", "encode_selected", "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
     "reconstruct", "selects_k", "sparsity_penalty", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",
     "scatter_dense", "topk_decode", "topk_decode_reference", "topk_encode", "topk_encode_reference",
 ]

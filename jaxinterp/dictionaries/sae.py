@@ -234,6 +234,19 @@ def decode(spec: DictionarySpec, params: Params, feature_acts: jax.Array) -> jax
     return xn_hat / target_scale(spec, params)
 
 
+def decode_selected(spec: DictionarySpec, params: Params, coef_bts: jax.Array, ids_bs: jax.Array) -> jax.Array:
+    """sum_s coef[b, t, s] W_dec[ids[b, s]] [B, T, O] in raw target units (no bias): the change of
+    `decode` when the activations of features `ids_bs` [B, S] change by `coef_bts`."""
+    rows = params["W_dec"][ids_bs]  # [B, S, O]
+    return jnp.einsum("bts,bso->bto", coef_bts, rows) / target_scale(spec, params)
+
+
+def decode_sparse(spec: DictionarySpec, params: Params, vals_bk: jax.Array, ids_bk: jax.Array) -> jax.Array:
+    """`decode` of the sparse code (values [B, K], ids [B, K]) [B, O], without a dense [B, F]."""
+    xn_hat = topk_decode(vals_bk.astype(jnp.float32), ids_bk, params["W_dec"], path=spec.topk_path)
+    return (xn_hat + params["b_dec"]) / target_scale(spec, params)
+
+
 def skip_out(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array | float:
     """The skip path's output [B, O] for raw inputs `x` in raw target units (0.0 without one)."""
     out = spec.arch.skip_out(params, _normalise(params, x), spec.compute_dtype)

@@ -21,9 +21,11 @@ import jax
 POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 """Per-block sites, in the order the forward reaches them. mlp_in is the MLP's normalised input."""
 
-EditFn = Callable[[jax.Array, Any, jax.Array], jax.Array]
+EditFn = Callable[..., jax.Array]
 """`fn(x_btd, params, positions_bt) -> x_btd`: rewrites a site's value; `params` is the site's pytree
-of arrays, `positions_bt` [B, T] the token positions (for edits confined to a window)."""
+of arrays, `positions_bt` [B, T] the token positions (for edits confined to a window). An edit that
+reads an earlier site (a transcoder's, which reads its input site and writes its target) is
+`fn(x_btd, params, positions_bt, read_btd)`, with `read_btd` that site's value."""
 
 
 class SiteError(ValueError):
@@ -64,14 +66,20 @@ class Plan:
 
     capture: tuple[str, ...] = ()
     """Sites whose values are returned (after any edit at that site)."""
-    edits: tuple[tuple[str, EditFn], ...] = ()
-    """(site, fn) pairs: the site's value x becomes fn(x, edit_params[site], positions)."""
+    edits: tuple[tuple[str, EditFn] | tuple[str, EditFn, str], ...] = ()
+    """(site, fn) pairs: the site's value x becomes fn(x, edit_params[site], positions); (site, fn,
+    read_site) triples: fn(x, edit_params[site], positions, value at read_site), the read site
+    coming earlier in the forward."""
     stop_early: bool = False
     """Stop right after the deepest captured site: no logits, no compute beyond it."""
 
     def validate(self, n_layers: int) -> None:
-        for s in self.capture + tuple(s for s, _ in self.edits):
+        for s in self.capture + tuple(e[0] for e in self.edits):
             parse_site(s, n_layers)
+        for site, _, read in (e for e in self.edits if len(e) == 3):
+            if _depth(read, n_layers) >= _depth(site, n_layers):
+                raise SiteError(f"an edit at {site!r} reads {read!r}, which the forward reaches at or after it; "
+                                "read a site that comes before the one edited")
 
     def deepest(self, n_layers: int) -> tuple[int, int] | None:
         if not self.capture:
@@ -93,14 +101,19 @@ class Recorder:
         self.plan = plan
         self.positions_bt = positions_bt
         self.edit_params = edit_params or {}
-        self._edits = dict(plan.edits)
+        self._edits = {e[0]: e[1:] for e in plan.edits}
+        self._reads = {e[2] for e in plan.edits if len(e) == 3}
         self._capture = set(plan.capture)
         self.captured: dict[str, jax.Array] = {}
+        self._read: dict[str, jax.Array] = {}
 
     def __call__(self, site: str, x: jax.Array) -> jax.Array:
-        fn = self._edits.get(site)
-        if fn is not None:
-            x = fn(x, self.edit_params.get(site), self.positions_bt)
+        edit = self._edits.get(site)
+        if edit is not None:
+            fn, *read = edit
+            x = fn(x, self.edit_params.get(site), self.positions_bt, *(self._read[r] for r in read))
+        if site in self._reads:
+            self._read[site] = x
         if site in self._capture:
             self.captured[site] = x
         return x

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp import dictionaries as dl
 from jaxinterp.dictionaries.sae import DictionarySpec, Params
-from jaxinterp.dictionaries.sparse import topk_decode
 
 VALUE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 """Activation dtypes kept as given; others are stored as float32."""
@@ -74,8 +74,7 @@ def decode_sparse(spec: DictionarySpec, params: Params, code: SparseCode) -> jax
     if code.ids.size and code.ids.max() >= spec.d_sae:
         raise ValueError(f"cached feature id {int(code.ids.max())} is out of range for d_sae={spec.d_sae}; "
                          f"reconstruct with the dictionary the code came from")
-    xn_hat = topk_decode(jnp.asarray(code.values, jnp.float32), jnp.asarray(code.ids), params["W_dec"])
-    return (xn_hat + params["b_dec"]) / params["norm_scale"]
+    return dl.decode_sparse(spec, params, jnp.asarray(code.values, jnp.float32), jnp.asarray(code.ids))
 
 
 class FeatureCache:

@@ -10,7 +10,8 @@ new data for the same compiled function; only the number of slots (padded to a m
 
 Feature edits keep the dictionary's reconstruction error: x' = x + decode(f') - decode(f), which
 is sum_s (f'_s - f_s) W_dec[id_s] / norm_scale, with f' = f + v (ADD), v (CLAMP), f * v (SCALE)
-or 0 (ABLATE). With `encode="selected"`, only the steered features' encoder columns are used: exact
+or 0 (ABLATE). Through a transcoder the features are read at its input site and the difference
+is written at its target site (the edit reads the earlier site, see `models.intercept.Plan`). With `encode="selected"`, only the steered features' encoder columns are used: exact
 for relu, jumprelu, batchtopk and gated dictionaries, and for ADD with any; for topk it takes a
 feature as active when its pre-activation is positive, without the top-k competition.
 
@@ -26,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.dictionaries import sae as dl
+from jaxinterp import dictionaries as dl
 
 OFF, ADD, CLAMP, SCALE, ABLATE = 0, 1, 2, 3, 4
 FEATURE_MODES = {"add": ADD, "clamp": CLAMP, "scale": SCALE, "ablate": ABLATE}
@@ -76,7 +77,8 @@ def _in_window(pos_bt, lo_bs, hi_bs, modes_bs):
 
 def feature_delta(spec: dl.DictionarySpec, params: dl.Params, x_btd, pos_bt, slots: FeatureSlots,
                   encode: str) -> jax.Array:
-    """decode(f') - decode(f) [B, T, D] in the site's raw units."""
+    """decode(f') - decode(f) [B, T, O] in the written site's raw units, for features read from
+    `x_btd` [B, T, D]."""
     b, t, d = x_btd.shape
     x32 = x_btd.astype(jnp.float32)
     if encode == "selected":
@@ -87,8 +89,7 @@ def feature_delta(spec: dl.DictionarySpec, params: dl.Params, x_btd, pos_bt, slo
     v, m = slots.values[:, None, :], slots.modes[:, None, :]
     new = jnp.select([m == ADD, m == CLAMP, m == SCALE, m == ABLATE], [f + v, v, f * v, 0.0 * f], f)
     coef = jnp.where(_in_window(pos_bt, slots.lo, slots.hi, slots.modes), new - f, 0.0)
-    rows = params["W_dec"][slots.ids]  # [B, S, D]
-    return jnp.einsum("bts,bsd->btd", coef, rows) / params["norm_scale"]
+    return dl.decode_selected(spec, params, coef, slots.ids)
 
 
 def vector_edit(x_btd, pos_bt, slots: VectorSlots) -> jax.Array:
@@ -115,10 +116,11 @@ def steer_fn(spec: dl.DictionarySpec | None, encode: str):
     """The edit function of a site (cached per static structure, so plans holding it compare equal
     and never recompile)."""
 
-    def steer(x_btd, st: SiteSteering, pos_bt):
+    def steer(x_btd, st: SiteSteering, pos_bt, read_btd=None):
         out = x_btd.astype(jnp.float32)
         if st.features is not None:
-            out = out + feature_delta(spec, st.dictionary, x_btd, pos_bt, st.features, encode)
+            src = x_btd if read_btd is None else read_btd  # a transcoder's input site
+            out = out + feature_delta(spec, st.dictionary, src, pos_bt, st.features, encode)
         if st.vectors is not None:
             out = vector_edit(out, pos_bt, st.vectors)
         return out.astype(x_btd.dtype)

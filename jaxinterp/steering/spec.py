@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxinterp.dictionaries import sae as dl
+from jaxinterp import dictionaries as dl
 from jaxinterp.models.intercept import parse_site
 from jaxinterp.steering.edits import (FEATURE_MODES, NO_END, SLOT_QUANTUM, VECTOR_MODES, FeatureSlots,
                                       SiteSteering, VectorSlots, steer_fn)
@@ -65,6 +65,8 @@ class Entry:
     params: dl.Params
     max_acts: np.ndarray | None = None
     """[F] typical maximum activation per feature (for `units="max_activation"`)."""
+    target_site: str | None = None
+    """A transcoder's target site: feature edits read the entry's site and write this one."""
 
 
 class DictionaryRegistry:
@@ -73,23 +75,27 @@ class DictionaryRegistry:
     def __init__(self):
         self.entries: dict[str, Entry] = {}
 
-    def add(self, site: str, spec: dl.DictionarySpec, params: dl.Params, *, max_acts=None) -> DictionaryRegistry:
-        self.entries[site] = Entry(spec, dict(params), None if max_acts is None else np.asarray(max_acts, np.float32))
+    def add(self, site: str, spec: dl.DictionarySpec, params: dl.Params, *, max_acts=None,
+            target_site: str | None = None) -> DictionaryRegistry:
+        """Attach a dictionary that reads `site` (a transcoder: and writes `target_site`)."""
+        if spec.arch.reads_target and target_site is None:
+            raise SteeringError(f"the {spec.architecture} at {site!r} needs the site it writes: pass target_site")
+        self.entries[site] = Entry(spec, dict(params), None if max_acts is None else np.asarray(max_acts, np.float32),
+                                   target_site=target_site if spec.arch.reads_target else None)
         return self
 
-    def add_run(self, run_dir: str | Path, site: str | None = None) -> DictionaryRegistry:
-        """Attach a trained run's dictionary at its own site (from its config) or at `site`."""
-        from jaxinterp.train.loop import load_dictionary
-
-        run = Path(run_dir)
-        spec, params = load_dictionary(run)
+    def add_dictionary(self, dictionary: dl.Dictionary, site: str | None = None, *, max_acts=None
+                       ) -> DictionaryRegistry:
+        """Attach a dictionary artifact at its own site, or at `site`."""
+        site = site or dictionary.site
         if site is None:
-            import yaml
+            raise SteeringError("the dictionary names no site; attach it with an explicit site")
+        return self.add(site, dictionary.spec, dictionary.params, max_acts=max_acts, target_site=dictionary.target_site)
 
-            site = (yaml.safe_load((run / "config.yaml").read_text()).get("data") or {}).get("site")
-            if site is None:
-                raise SteeringError(f"{run} was not trained at an intercept site; attach it with an explicit site")
-        return self.add(site, spec, params)
+    def add_run(self, path: str | Path, site: str | None = None) -> DictionaryRegistry:
+        """Attach the dictionary saved at `path` (a dictionary directory or a run directory) at its
+        own site or at `site`."""
+        return self.add_dictionary(dl.load_dictionary(path), site)
 
     def get(self, site: str) -> Entry:
         if site not in self.entries:
@@ -100,10 +106,8 @@ class DictionaryRegistry:
 
     def check(self, model_cfg) -> None:
         for site, e in self.entries.items():
-            parse_site(site, model_cfg.n_layers)
-            if e.spec.d_in != model_cfg.d_model:
-                raise SteeringError(f"the dictionary at {site!r} has d_in={e.spec.d_in} but the model's width is "
-                                    f"{model_cfg.d_model}; it was trained on another model or site")
+            dl.Dictionary(e.spec, e.params, site=site, target_site=e.target_site).check_model(
+                model_cfg.d_model, model_cfg.n_layers)
 
 
 def feature_max_acts(model, spec: dl.DictionarySpec, params: dl.Params, site: str, contexts_nt: np.ndarray,
@@ -176,8 +180,17 @@ def compile_steering(steering, registry: DictionaryRegistry | None, model_cfg, p
         fs = _feature_slots(feats, entry, prompt_lens) if any(feats) else None
         vs = _vector_slots(vecs, model_cfg.d_model, prompt_lens) if any(vecs) else None
         dparams = None if entry is None else {k: np.asarray(v) for k, v in entry.params.items()}
+        if entry is not None and entry.target_site is not None:  # a transcoder: read here, write there
+            if entry.target_site in sites:
+                raise SteeringError(f"the transcoder at {site!r} writes {entry.target_site!r}, which is also steered "
+                                    "directly; steer one of them")
+            params[entry.target_site] = SiteSteering(features=fs, vectors=None, dictionary=dparams)
+            edits.append((entry.target_site, steer_fn(entry.spec, encode), site))
+            fs = dparams = None
+            if vs is None:
+                continue
         params[site] = SiteSteering(features=fs, vectors=vs, dictionary=dparams)
-        edits.append((site, steer_fn(None if entry is None else entry.spec, encode)))
+        edits.append((site, steer_fn(None if fs is None else entry.spec, encode)))
     return tuple(edits), params
 
 

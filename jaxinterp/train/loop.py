@@ -37,15 +37,16 @@ def _spec_to_json(spec: dl.DictionarySpec) -> dict:
     return dataclasses.asdict(spec)
 
 
-def load_dictionary(run_dir: str | Path, step: int | None = None) -> tuple[dl.DictionarySpec, dl.Params]:
-    """(spec, params) of a run's latest (or given) checkpoint, unsharded."""
+def checkpoint_dictionary(run_dir: str | Path, step: int | None = None) -> tuple[dl.DictionarySpec, dl.Params]:
+    """(spec, params) of a run's latest (or given) checkpoint, unsharded (a finished run's dictionary
+    is `dl.load_dictionary(run_dir)`, which needs neither the config nor the optimizer state)."""
     run = Path(run_dir)
     spec_path = run / "dictionary.json"
     if not spec_path.is_file():
         raise FileNotFoundError(f"{spec_path} not found; is {str(run)!r} a jaxinterp run directory?")
     spec = dl.DictionarySpec(**json.loads(spec_path.read_text()))
     cfg = load_config(run / "config.yaml")
-    dummy = [np.zeros((1, spec.d_in), np.float32)]
+    dummy = [np.zeros((1, spec.batch_width), np.float32)]
     abstract = jax.eval_shape(lambda: init_state(cfg, spec, dummy))
     ckpt = Checkpointer(run / "checkpoints", keep=cfg.output.keep_checkpoints)
     target = abstract_like(abstract, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract))
@@ -98,7 +99,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     ckpt_dir = run / "checkpoints"
     with clock("setup"):
         source = make_source(cfg)
-        spec = make_spec(cfg, source.d_in)
+        spec = make_spec(cfg, source.d_in, getattr(source, "d_out", None))
         mesh = sharding.make_mesh(cfg.mesh)
     _check_batch(cfg, mesh)
 
@@ -119,7 +120,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
 
     with clock("init"):
         if latest is not None:
-            dummy = [np.zeros((1, spec.d_in), np.float32)]
+            dummy = [np.zeros((1, spec.batch_width), np.float32)]
             abstract = jax.eval_shape(lambda: init_state(cfg, spec, dummy))
             fns = build_step(cfg, spec, mesh, abstract, max_traces=max_traces)
             state, data_state = ckpt.restore(abstract_like(abstract, fns.state_sharding), latest)
@@ -148,7 +149,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
             in_shardings=(fns.state_sharding, fns.batch_sharding, None),
             out_shardings=fns.state_sharding,
         )
-    log(f"training {spec.activation} d_in={spec.d_in} d_sae={spec.d_sae} for {total} steps "
+    log(f"training {spec.architecture} {spec.activation} d_in={spec.d_in} d_out={spec.d_out} d_sae={spec.d_sae} for {total} steps "
         f"({cfg.train.tokens:,} tokens) on {sharding.describe(mesh)}, {cfg.train.optimizer} lr {lr:.3g} "
         f"({cfg.train.lr_schedule})")
 
@@ -237,7 +238,10 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     with clock("eval"):
         final = final_evaluation(cfg, spec, state, source)
     with clock("export"):
-        if cfg.output.export_saelens:
+        dl.save(run / "dictionary", run_dictionary(cfg, spec, jax.device_get(state.dictionary), source))
+        if cfg.output.export_saelens and spec.arch.reads_target:
+            log("export: the SAELens export of transcoders is not written yet; skipped (the checkpoint has the weights)")
+        elif cfg.output.export_saelens:
             export_saelens(
                 run / "export" / "saelens",
                 spec,
@@ -255,6 +259,14 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     return final
 
 
+def run_dictionary(cfg: Config, spec: dl.DictionarySpec, params: dl.Params, source) -> dl.Dictionary:
+    """The artifact of a run: its dictionary with the sites and model its data came from."""
+    model = cfg.data.model if cfg.data.source == "model" else getattr(source, "model_name", None)
+    return dl.Dictionary(spec, params, site=source_site(cfg, source), target_site=getattr(source, "target_site", None),
+                         model=model, metadata={"data_source": cfg.data.source, "step": int(cfg.train.steps),
+                                                "trained_with": "jaxinterp"})
+
+
 def source_site(cfg: Config, source) -> str | None:
     """The site the activations come from: the source's own (a cache records it), else `data.site`."""
     return getattr(source, "site", None) or cfg.data.site
@@ -267,7 +279,8 @@ def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, so
     site = source_site(cfg, source)
     if getattr(source, "eval_contexts", None) is not None and site is not None:
         ctx = source.eval_contexts[: cfg.output.ce_eval_contexts]
-        result |= evals.loss_recovered(source.model, spec, params, site, ctx)
+        result |= evals.loss_recovered(source.model, spec, params, site, ctx,
+                                       target_site=getattr(source, "target_site", None))
     dead = np.asarray(jax.device_get(state.tokens_since_fired)) >= cfg.dictionary.dead_tokens
     return {
         "final": True,

@@ -1,0 +1,193 @@
+"""A trained dictionary on disk: self-describing, loadable without its run's config or optimizer.
+
+A dictionary directory holds
+
+    jaxinterp_dictionary.json   {"format", "spec" (the kind and its static shape), "site",
+                                 "target_site", "model", "metadata"}
+    weights/                    the parameters (normalisation scales included), an Orbax checkpoint
+
+Every training run writes one to `<output.dir>/dictionary/`; `load_dictionary` accepts that
+directory or the run directory. The loaded `Dictionary` encodes, decodes and reconstructs NumPy or
+JAX arrays of raw activations of any leading shape; steering, reads, monitoring, generation and the
+evaluation take it as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp.dictionaries import sae
+from jaxinterp.errors import JaxinterpError
+
+FORMAT = 1
+META = "jaxinterp_dictionary.json"
+WEIGHTS = "weights"
+
+
+class DictionaryError(JaxinterpError):
+    """A dictionary that cannot be read, or that does not fit the model or site it is used with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dictionary:
+    """A dictionary's kind and shape (`spec`), its parameters, and where it reads and writes."""
+
+    spec: sae.DictionarySpec
+    params: sae.Params
+    site: str | None = None
+    """The intercept site it reads (for example `blocks.15.mlp_in`); None when unknown."""
+    target_site: str | None = None
+    """The site a transcoder reconstructs (None: `site`)."""
+    model: str | None = None
+    """The model it was trained on (a registry name or a path), when known."""
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def d_in(self) -> int:
+        return self.spec.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.spec.d_out
+
+    @property
+    def d_sae(self) -> int:
+        return self.spec.d_sae
+
+    @property
+    def writes(self) -> str | None:
+        """The site its output replaces or edits: the target site, else the site it reads."""
+        return self.target_site or self.site
+
+    def encode(self, x) -> jax.Array:
+        """Dense feature activations [..., d_sae] of raw activations [..., d_in]."""
+        return _rowwise(_encode, self, x, self.d_in)
+
+    def decode(self, f) -> jax.Array:
+        """Raw output [..., d_out] of feature activations [..., d_sae] (without a skip path's share,
+        which needs the input: see `reconstruct`)."""
+        return _rowwise(_decode, self, f, self.d_sae)
+
+    def reconstruct(self, x) -> jax.Array:
+        """The dictionary's output [..., d_out] for raw activations [..., d_in]."""
+        return _rowwise(_reconstruct, self, x, self.d_in)
+
+    def check_model(self, d_model: int, n_layers: int, *, site: str | None = None, model: str = "the model") -> None:
+        """Raise a one-line `DictionaryError` when the dictionary cannot be used with a model of
+        width `d_model` and `n_layers` layers at `site` (default: its own)."""
+        from jaxinterp.models.intercept import SiteError, parse_site
+
+        site = site or self.site
+        if site is None:
+            raise DictionaryError("the dictionary names no site; attach it at an explicit site")
+        for s in (site, self.target_site):
+            if s is None:
+                continue
+            try:
+                parse_site(s, n_layers)
+            except SiteError as e:
+                raise DictionaryError(f"the dictionary reads {s!r}, a site {model} ({n_layers} layers) does not "
+                                      f"have: {e}") from None
+        if self.d_in != d_model or self.d_out != d_model:
+            raise DictionaryError(f"the dictionary at {site!r} has d_in={self.d_in}, d_out={self.d_out}, but {model} "
+                                  f"has width {d_model}; it was trained on another model")
+
+
+@partial(jax.jit, static_argnums=0)
+def _encode(spec, params, x):
+    return sae.encode(spec, params, x)
+
+
+@partial(jax.jit, static_argnums=0)
+def _decode(spec, params, f):
+    return sae.decode(spec, params, f)
+
+
+@partial(jax.jit, static_argnums=0)
+def _reconstruct(spec, params, x):
+    return sae.reconstruct(spec, params, x)
+
+
+def _rowwise(fn, d: Dictionary, a, width: int) -> jax.Array:
+    a = jnp.asarray(a)
+    if a.ndim == 0 or a.shape[-1] != width:
+        raise DictionaryError(f"expected an array [..., {width}], got shape {tuple(a.shape)}")
+    out = fn(d.spec, d.params, a.reshape(-1, width).astype(jnp.float32))
+    return out.reshape(*a.shape[:-1], out.shape[-1])
+
+
+def _spec_dict(spec: sae.DictionarySpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def save(path: str | Path, dictionary: Dictionary, *, overwrite: bool = True) -> Path:
+    """Write `dictionary` to the directory `path` (replacing what a previous save left there when
+    `overwrite`); returns the directory."""
+    import orbax.checkpoint as ocp
+
+    out = Path(path).absolute()
+    if out.exists():
+        if not overwrite:
+            raise DictionaryError(f"{out} exists; choose another path or pass overwrite=True")
+        if not (out / META).is_file() and any(out.iterdir()):
+            raise DictionaryError(f"{out} exists and is not a dictionary directory; choose another path")
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = {k: np.asarray(jax.device_get(v)) for k, v in dictionary.params.items()}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp / WEIGHTS, params)
+        ckptr.wait_until_finished()
+    meta = {"format": FORMAT, "spec": _spec_dict(dictionary.spec), "site": dictionary.site,
+            "target_site": dictionary.target_site, "model": dictionary.model, "metadata": dictionary.metadata}
+    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.rename(out)  # a dictionary directory appears whole or not at all
+    return out
+
+
+def _directory(path: Path) -> Path:
+    if (path / META).is_file():
+        return path
+    if (path / "dictionary" / META).is_file():  # a run directory
+        return path / "dictionary"
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
+        raise DictionaryError(f"{path} is a run directory without a dictionary/ (the run did not finish); "
+                              "finish it with launch/train.py --config CONFIG --resume")
+    raise DictionaryError(f"{path} holds no {META}; pass a dictionary directory or a run directory "
+                          "written by launch/train.py")
+
+
+def load_dictionary(path: str | Path) -> Dictionary:
+    """The dictionary saved at `path` (a dictionary directory, or a run directory holding one), on
+    the default device."""
+    import orbax.checkpoint as ocp
+
+    p = Path(path).absolute()
+    if not p.exists():
+        raise DictionaryError(f"{p} not found; pass a dictionary directory or a run directory")
+    d = _directory(p)
+    try:
+        meta = json.loads((d / META).read_text())
+        fmt = meta["format"]
+        spec = sae.DictionarySpec(**meta["spec"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DictionaryError(f"{d / META} is not a readable dictionary description ({e}); save it again") from None
+    if fmt != FORMAT:
+        raise DictionaryError(f"{d / META} has format {fmt}, this jaxinterp reads {FORMAT}")
+    shapes = jax.eval_shape(lambda: sae.init(jax.random.key(0), spec))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in shapes.items()}
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(d / WEIGHTS, target)
+    return Dictionary(spec=spec, params=dict(params), site=meta.get("site"), target_site=meta.get("target_site"),
+                      model=meta.get("model"), metadata=meta.get("metadata") or {})
