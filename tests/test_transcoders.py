@@ -212,3 +212,105 @@ def test_config_needs_a_target_for_a_transcoder_and_an_architecture_for_a_target
         tiny_config(tmp_path, data={"source": "npy", "path": "x.npy", "target_path": "y.npy"})
     with pytest.raises(ConfigError, match="data.target_site: read from data.source 'model' or 'cache'"):
         tiny_config(tmp_path, data={"target_site": "blocks.0.mlp_out"}, dictionary={"architecture": "transcoder"})
+
+
+# ---------------------------------------------------------------------------------------------
+# on a language model: two sites in one forward, the target's loss recovered, steering
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    pytest.importorskip("gguf")
+    from helpers import write_corpus, write_tiny_gguf
+
+    from jaxinterp.models import load_model
+
+    d = tmp_path_factory.mktemp("tc_lm")
+    write_tiny_gguf(d / "tiny.gguf")
+    write_corpus(d / "corpus")
+    model, tok = load_model(str(d / "tiny.gguf"))
+    return d, model, tok
+
+
+IN, OUT = "blocks.0.mlp_in", "blocks.0.mlp_out"
+
+
+def _tokens(n=4, t=12, seed=0):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(2, 200, size=(n, t))
+    toks[:, 0] = 0  # BOS
+    return toks
+
+
+def test_two_site_rows_hold_both_sites_side_by_side(lm):
+    from jaxinterp.data.activations import site_activations
+
+    _, model, _ = lm
+    toks = _tokens()
+    both = site_activations(model, toks, (IN, OUT))
+    np.testing.assert_array_equal(both, np.concatenate([site_activations(model, toks, IN),
+                                                        site_activations(model, toks, OUT)], -1))
+    assert both.shape == (4 * 11, 64)
+
+
+def test_an_edit_reads_an_earlier_site_and_never_a_later_one(lm):
+    from jaxinterp.models import Plan, SiteError, forward
+
+    _, model, _ = lm
+    toks = jnp.asarray(_tokens())
+    res = forward(model, toks, plan=Plan(capture=(IN, OUT), edits=((OUT, lambda y, p, pos, x: 2 * x, IN),)))
+    np.testing.assert_allclose(res.captured[OUT], 2 * res.captured[IN], rtol=1e-6)
+    with pytest.raises(SiteError, match="reads 'blocks.0.mlp_out', which the forward reaches at or after it"):
+        forward(model, toks, plan=Plan(edits=((IN, lambda y, p, pos, x: x, OUT),)))
+
+
+def _random_transcoder(arch="skip_transcoder", seed=0):
+    spec = dl.DictionarySpec("topk", 32, 64, k=4, architecture=arch, d_out=32)
+    p = dict(dl.init(jax.random.key(seed), spec))
+    rng = np.random.default_rng(seed)
+    p |= {"b_enc": jnp.asarray(0.1 * rng.normal(size=64), jnp.float32), "norm_scale_out": jnp.float32(1.7),
+          "norm_scale": jnp.float32(0.8)}
+    if "W_skip" in p:
+        p["W_skip"] = jnp.asarray(0.1 * rng.normal(size=(32, 32)), jnp.float32)
+    return spec, p
+
+
+def test_loss_recovered_splices_the_transcoders_output_into_the_target_site(lm):
+    from jaxinterp.models import Plan, forward
+
+    _, model, _ = lm
+    spec, params = _random_transcoder()
+    toks = jnp.asarray(_tokens())
+    clean = forward(model, toks, plan=Plan(capture=(IN, OUT)))
+    spliced = forward(model, toks, plan=Plan(capture=(IN, OUT), edits=((OUT, evals.splice_fn(spec), IN),)),
+                      edit_params={OUT: params})
+    x = np.asarray(clean.captured[IN])
+    want = np.asarray(dl.reconstruct(spec, params, jnp.asarray(x.reshape(-1, 32)))).reshape(x.shape)
+    np.testing.assert_allclose(spliced.captured[OUT][:, 1:], want[:, 1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(spliced.captured[OUT][:, 0], clean.captured[OUT][:, 0])  # BOS kept
+    out = evals.loss_recovered(model, spec, params, IN, np.asarray(toks), target_site=OUT)
+    assert out["ce_loss_with_sae"] == pytest.approx(float(np.asarray(
+        _mean_ce(forward(model, toks, plan=Plan(edits=((OUT, evals.splice_fn(spec), IN),)),
+                         edit_params={OUT: params}).logits, toks))), rel=1e-5)
+
+
+def _mean_ce(logits, toks):
+    lp = jax.nn.log_softmax(logits[:, 1:-1].astype(jnp.float32))
+    return -jnp.take_along_axis(lp, toks[:, 2:, None], axis=-1).mean()
+
+
+def test_feature_steering_through_a_transcoder_writes_its_decoder_row_at_the_target(lm):
+    from jaxinterp.generation import generate
+    from jaxinterp.steering import DictionaryRegistry, SteeringVector
+
+    _, model, _ = lm
+    spec, params = _random_transcoder()
+    reg = DictionaryRegistry().add_dictionary(dl.Dictionary(spec, params, site=IN, target_site=OUT))
+    prompts = [[0, 5, 9, 14, 3], [0, 7, 8]]
+    kw = dict(max_new_tokens=6, stop=(), return_logits=True)
+    through = generate(model, prompts, dictionaries=reg, steering=SteeringVector(IN, features={3: 6.0}), **kw)
+    row = np.asarray(params["W_dec"][3]) / float(params["norm_scale_out"])
+    direct = generate(model, prompts, steering=SteeringVector(OUT, vector=row, scale=6.0), **kw)
+    plain = generate(model, prompts, **kw)
+    np.testing.assert_allclose(through.logits, direct.logits, rtol=1e-4, atol=1e-4)
+    assert np.abs(through.logits - plain.logits).max() > 1e-2  # the edit moved something
