@@ -32,7 +32,7 @@ def main() -> int:
         print(json.dumps(final))
     else:
         print(summary_line(final))
-        print(f"run directory: {cfg.output.dir} (metrics.jsonl, checkpoints/, export/saelens/)")
+        print(f"run directory: {cfg.output.dir} (metrics.jsonl, checkpoints/, dictionary/, export/)")
     return 0
 
 

@@ -209,3 +209,26 @@ def test_pallas_kernel_path_trains_like_the_sparse_path(tmp_path, mesh):
     for name in runs["sparse"][0].params:
         np.testing.assert_allclose(np.asarray(runs["pallas"][0].params[name]), np.asarray(runs["sparse"][0].params[name]),
                                    rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_dimension_that_does_not_divide_is_replicated_alone_and_logged(caplog):
+    import logging
+
+    from jax.sharding import PartitionSpec as P
+
+    from jaxinterp.sharding import check_sharded_as_declared, named
+
+    mesh = make_mesh(MeshConfig(data=4, model=2))
+    with caplog.at_level(logging.WARNING, logger="jaxinterp.sharding"):
+        sh = named(mesh, ("d_model", "d_sae"), (16, 63), name="W_enc")  # 63 features over 2 model devices
+        ok = named(mesh, ("batch", "d_sae"), (64, 66), name="acts")
+    assert sh.spec == P(None, None) and ok.spec == P("data", "model")
+    assert "W_enc: its d_sae axis (63) does not divide mesh axis 'model' (2 devices); that axis is replicated" \
+        in caplog.text
+    # only the offending axis: the batch axis of a [65, 66] array stays split over `model`'s d_sae
+    part = named(mesh, ("batch", "d_sae"), (65, 66), name="half")
+    assert part.spec == P(None, "model")
+    check_sharded_as_declared(mesh, {"W_enc": ("d_model", "d_sae")}, {"W_enc": sh}, {"W_enc": (16, 63)}, min_size=1)
+    with pytest.raises(ValueError, match=r"W_enc \(16, 64\) is sharded as \(None, None\), its axes"):
+        check_sharded_as_declared(mesh, {"W_enc": ("d_model", "d_sae")}, {"W_enc": sh}, {"W_enc": (16, 64)},
+                                  min_size=1)

@@ -29,7 +29,7 @@ AXES: dict[str, tuple[str | None, ...]] = {
 
 def param_shardings(model: Decoder, mesh: Mesh) -> dict[str, NamedSharding]:
     """Flat weight name -> its declared sharding on `mesh`."""
-    return {name: named(mesh, AXES[name.split(".")[-1]], p[...].shape) for name, p in param_names(model)}
+    return {name: named(mesh, AXES[name.split(".")[-1]], p[...].shape, name=name) for name, p in param_names(model)}
 
 
 def place(model: Decoder, mesh: Mesh) -> Decoder:

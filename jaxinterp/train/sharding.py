@@ -58,15 +58,15 @@ def tree_shardings(mesh: Mesh, tree):
     def leaf(path, x):
         name = _param_name(path)
         shape = tuple(getattr(x, "shape", ()))
-        if name is None:
+        if name is None or len(PARAM_AXES[name]) != len(shape):
             return NamedSharding(mesh, P())
-        return named(mesh, PARAM_AXES[name], shape)
+        return named(mesh, PARAM_AXES[name], shape, name=name)
 
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
-    return named(mesh, ("batch", "d_model"), (batch_size, 1))
+    return named(mesh, ("batch", "d_model"), (batch_size, 1), name="the batch")
 
 
 def describe(mesh: Mesh) -> str:

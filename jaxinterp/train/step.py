@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxinterp import dictionaries as dl
 from jaxinterp.config import Config
+from jaxinterp.sharding import check_sharded_as_declared
 from jaxinterp.train import health, optimizers, sharding
 from jaxinterp.train.schedules import lr_schedule, sparsity_warmup
 from jaxinterp.train.state import TrainState
@@ -211,6 +212,8 @@ def build_step(
     """Jit `train_step` over `mesh` with declared shardings; `max_traces` makes retracing an error."""
     tx = make_optimizer(cfg, spec)
     state_sh = sharding.tree_shardings(mesh, abstract_state)
+    check_sharded_as_declared(mesh, {k: sharding.PARAM_AXES[k] for k in abstract_state.params}, state_sh.params,
+                              {k: tuple(v.shape) for k, v in abstract_state.params.items()})
     batch_sh = sharding.batch_sharding(mesh, cfg.train.batch_size)
 
     def plain(state, x_bd):
