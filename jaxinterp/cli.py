@@ -26,12 +26,11 @@ def configure_host_devices() -> int:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from jaxinterp.config import ConfigError
-    from jaxinterp.data import DataError
+    """The errors that mean bad input (`jaxinterp.errors.JaxinterpError` and its subclasses); any
+    other exception is a bug and keeps its traceback."""
     from jaxinterp.errors import JaxinterpError
-    from jaxinterp.train import TrainingError
 
-    return (JaxinterpError, ConfigError, DataError, TrainingError, FileNotFoundError, ValueError)
+    return (JaxinterpError,)
 
 
 def run_main(main: Callable[[], int | None]) -> None:

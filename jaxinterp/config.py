@@ -15,13 +15,15 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxinterp.errors import JaxinterpError
+
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 Architecture = Literal["sae", "transcoder", "skip_transcoder"]
 ARCHITECTURES: tuple[str, ...] = typing.get_args(Architecture)
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxinterpError):
     """A bad configuration: the message names the key, the value, and what is allowed."""
 
 

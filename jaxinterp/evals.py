@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.errors import UsageError
 from jaxinterp import dictionaries as dl
 
 DENSITY_BINS = np.arange(-8.0, 0.5, 0.5)
@@ -123,7 +124,7 @@ def evaluate(
         sums = batch_sums(spec, params, jnp.asarray(x), jnp.int32(n))
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
     if acc is None:
-        raise ValueError("evaluate: no batches to evaluate; raise output.eval_tokens or provide held-out data")
+        raise UsageError("evaluate: no batches to evaluate; raise output.eval_tokens or provide held-out data")
     out = finalize(jax.device_get(acc), spec.d_out)
     if true_directions is not None:
         out["mmcs"] = mmcs(true_directions, params["W_dec"])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinterp.errors import UsageError
 from jaxinterp.dictionaries import sae as dl
 from jaxinterp.models.decoder import Decoder, positions_of
 from jaxinterp.models.intercept import Plan, Recorder, parse_site
@@ -45,7 +46,7 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+            raise UsageError(f"sampling {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,13 +199,13 @@ def _encode_prompts(prompts, tokenizer) -> list[list[int]]:
     for pr in prompts:
         if isinstance(pr, str):
             if tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass tokenizer= or token id lists")
+                raise UsageError("text prompts need a tokenizer; pass tokenizer= or token id lists")
             ids = (tokenizer.encode_prompt(pr) if hasattr(tokenizer, "encode_prompt")
                    else tokenizer.encode(pr, add_bos=getattr(tokenizer, "add_bos_token", False)))
         else:
             ids = [int(t) for t in pr]
         if not ids:
-            raise ValueError("an empty prompt; every prompt needs at least one token")
+            raise UsageError("an empty prompt; every prompt needs at least one token")
         rows.append(ids)
     return rows
 
@@ -235,7 +236,7 @@ def generate(
     longest = max(len(r) for r in rows)
     p = bucket(longest)
     if cfg.max_positions is not None and longest + max_new_tokens > cfg.max_positions:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+        raise UsageError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"{cfg.max_positions} positions; shorten one")
     pad_id = cfg.pad_id if cfg.pad_id is not None else (cfg.eos_id if cfg.eos_id is not None else 0)
     if not 0 <= pad_id < cfg.vocab_size:  # an out-of-vocabulary id would embed as NaN and poison attention

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxinterp.errors import UsageError  # noqa: E402
 from jaxinterp.cli import configure_host_devices, run_main  # noqa: E402
 
 configure_host_devices()
@@ -42,7 +43,7 @@ def _convergence(args):
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with a train key, e.g. --set optimizer=signum")
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE with a train key, e.g. --set optimizer=signum")
         after[key.removeprefix("train.")] = yaml.safe_load(value)
     res = convergence.run(tasks=args.tasks, sparsify_python=args.sparsify_python, work_dir=args.work_dir, log=log,
                           after=after)

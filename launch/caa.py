@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxinterp.errors import UsageError  # noqa: E402
 from jaxinterp.cli import run_main  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main() -> int:
 
     pairs = load_pairs(args.pairs)
     if not 0 < args.held_out < len(pairs):
-        raise ValueError(f"--held-out {args.held_out}: need between 1 and {len(pairs) - 1} of the {len(pairs)} pairs")
+        raise UsageError(f"--held-out {args.held_out}: need between 1 and {len(pairs) - 1} of the {len(pairs)} pairs")
     train, held = pairs[: -args.held_out], pairs[-args.held_out :]
     model, tok = load_model(args.model)
     cv = contrastive_vector(model, tok, args.site, train, positions=args.positions, pca=args.pca)

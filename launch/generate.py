@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxinterp.errors import UsageError  # noqa: E402
 from jaxinterp.cli import run_main  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def main() -> int:
         registry.add_run(run, site or None)
     model, tok = load_model(args.model)
     if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer (tokenizer.json); text prompts need one")
+        raise UsageError(f"{args.model} has no tokenizer (tokenizer.json); text prompts need one")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, tokenizer=tok, dictionaries=registry)
     plain = generate(model, args.prompt, **kw)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxinterp.errors import UsageError  # noqa: E402
 from jaxinterp.cli import run_main  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def main() -> int:
 
     base, meta = load_baseline(args.baseline)
     if meta["site"] != site or meta["d_sae"] != spec.d_sae:
-        raise ValueError(f"baseline {args.baseline} is for {meta['site']} (d_sae {meta['d_sae']}); the dictionary is "
+        raise UsageError(f"baseline {args.baseline} is for {meta['site']} (d_sae {meta['d_sae']}); the dictionary is "
                          f"at {site} (d_sae {spec.d_sae}); build a baseline with this dictionary")
     corpus = args.corpus or meta["corpus"]
     split = "held_out" if corpus == meta["corpus"] else "all"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 
+from jaxinterp.errors import UsageError
 from jaxinterp.benchmarks.train_loop import activation_file, evaluate_sparsify, sparsify_fit
 from jaxinterp.config import DataConfig, SyntheticConfig, config_from_dict
 from jaxinterp.data import NpySource
@@ -96,7 +97,7 @@ def run(tasks: list[str] | None = None, sparsify_python: str | None = None, work
     chosen = [t for t in TASKS if not tasks or t.name in tasks]
     unknown = set(tasks or ()) - {t.name for t in TASKS}
     if unknown:
-        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {[t.name for t in TASKS]}")
+        raise UsageError(f"unknown task(s) {sorted(unknown)}; choose from {[t.name for t in TASKS]}")
     work = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "jaxinterp-bench-convergence"
     rows = []
     for t in chosen:

@@ -21,6 +21,7 @@ import io
 import os
 import time
 from pathlib import Path
+from jaxinterp.errors import UsageError
 
 
 def _import_sparsify():
@@ -93,7 +94,7 @@ def sparsify_tokens_per_s(
     `warmup` untimed ones.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UsageError(f"steps must be >= 1, got {steps}")
     torch, sparsify = _import_sparsify()
 
     prev_threads = torch.get_num_threads()
@@ -163,7 +164,7 @@ def fit_npy(path: str, order_path: str, out_dir: str, d_sae: int, k: int, batch_
     import transformers
 
     if batch_size % seq_len:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of seq_len {seq_len}")
+        raise UsageError(f"batch_size {batch_size} is not a multiple of seq_len {seq_len}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a read-only memory map becomes a read-only tensor
         table = torch.from_numpy(np.load(path, mmap_mode="r"))

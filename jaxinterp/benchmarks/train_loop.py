@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import yaml
 
+from jaxinterp.errors import UsageError
 from jaxinterp import dictionaries as dl
 from jaxinterp import evals
 from jaxinterp.benchmarks import sparsify_baseline
@@ -141,7 +142,7 @@ def run(*, d_in: int = 256, d_sae: int = 2048, k: int = 32, batch_size: int = 40
     }
     unknown = set(sources) - set(data)
     if unknown:
-        raise ValueError(f"unknown source(s) {sorted(unknown)}; choose from {sorted(data)}")
+        raise UsageError(f"unknown source(s) {sorted(unknown)}; choose from {sorted(data)}")
 
     step_s = time_case(Case(d_in, d_sae, k, batch_size), step_repeats)
     step_aux_s = time_case(Case(d_in, d_sae, k, batch_size, aux_active=True), step_repeats)

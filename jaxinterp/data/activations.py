@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.data.npy import DataError
 from jaxinterp.config import DataConfig
 from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents, token_contexts
 from jaxinterp.models import Plan, forward, load_model, parse_site
@@ -39,7 +40,7 @@ def open_site_model(name: str, site: Sites, *, model=None, tokenizer=None):
     if model is None:
         model, tokenizer = load_model(name)
     if tokenizer is None:
-        raise ValueError(f"data.model {name!r} has no tokenizer; use a GGUF file or a registry name")
+        raise DataError(f"data.model {name!r} has no tokenizer; use a GGUF file or a registry name")
     for s in (site,) if isinstance(site, str) else site:
         parse_site(s, model.cfg.n_layers)
     return model, tokenizer
@@ -84,7 +85,7 @@ class ModelSource:
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int, *, model=None, tokenizer=None):
         if cfg.site is None:
-            raise ValueError("data.site: required for data.source 'model', for example blocks.15.resid_post")
+            raise DataError("data.site: required for data.source 'model', for example blocks.15.resid_post")
         self.sites = site_tuple(cfg)
         model, tokenizer = open_site_model(cfg.model, self.sites, model=model, tokenizer=tokenizer)
         self.model, self.tokenizer, self.site, self.target_site = model, tokenizer, cfg.site, cfg.target_site
@@ -115,7 +116,7 @@ class ModelSource:
             self._chunk, self._offset = self._chunk + 1, 0
             self._rows = self._chunk_rows(self._chunk)
             if len(self._rows) < self.batch_size:
-                raise ValueError(
+                raise DataError(
                     f"data.chunk_contexts={self.chunk_contexts} contexts give {len(self._rows)} rows, fewer than "
                     f"train.batch_size={self.batch_size}; raise data.chunk_contexts"
                 )

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxinterp.errors import JaxinterpError
 
-class CorpusError(ValueError):
+
+class CorpusError(JaxinterpError):
     """A corpus that cannot be read; the message names it and the fix."""
 
 

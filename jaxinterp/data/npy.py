@@ -19,11 +19,12 @@ import numpy as np
 
 from jaxinterp.config import DataConfig
 from jaxinterp.data.batches import IndexedSource, batch_rows
+from jaxinterp.errors import JaxinterpError
 
 _DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
-class DataError(ValueError):
+class DataError(JaxinterpError):
     """Unreadable or mismatched activation data; the message names the file and the fix."""
 
 

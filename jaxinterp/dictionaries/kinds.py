@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxinterp.errors import UsageError
 from jaxinterp.dictionaries import ops
 from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
 from jaxinterp.dictionaries.sparse import scatter_dense, topk_decode, topk_encode
@@ -215,7 +216,7 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (RELU, TOPK, BATCHTOPK,
 
 def activation(name: str) -> Activation:
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} unknown; choose one of {sorted(ACTIVATIONS)}")
+        raise UsageError(f"activation {name!r} unknown; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -276,7 +277,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SAE, TRANSCODER, S
 
 def architecture(name: str) -> Architecture:
     if name not in ARCHITECTURES:
-        raise ValueError(f"architecture {name!r} unknown; choose one of {sorted(ARCHITECTURES)}")
+        raise UsageError(f"architecture {name!r} unknown; choose one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[name]
 
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxinterp.errors import UsageError
 from jaxinterp.dictionaries import kinds, ops
 from jaxinterp.dictionaries.sparse import scatter_dense, topk_decode
 
@@ -67,11 +68,11 @@ class DictionarySpec:
 
     def __post_init__(self) -> None:
         if self.kind.selects_k and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
+            raise UsageError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
         if self.d_out is None:
             object.__setattr__(self, "d_out", self.d_in)
         elif not self.arch.reads_target and self.d_out != self.d_in:
-            raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}, but a {self.architecture} "
+            raise UsageError(f"d_out={self.d_out} differs from d_in={self.d_in}, but a {self.architecture} "
                              "reconstructs its input; use a transcoder architecture")
 
     @property

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from jaxinterp.errors import MissingFileError
+from jaxinterp.errors import ModelFileError
 from jaxinterp import dictionaries as dl
 
 def hook_name_for_site(site: str | None) -> str:
@@ -98,15 +100,15 @@ def load_saelens(directory: str | Path) -> tuple[dl.DictionarySpec, dl.Params, d
     cfg_path, w_path = d / "cfg.json", d / "sae_weights.safetensors"
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found; a SAELens directory holds cfg.json and sae_weights.safetensors")
+            raise MissingFileError(f"{p} not found; a SAELens directory holds cfg.json and sae_weights.safetensors")
     cfg = json.loads(cfg_path.read_text())
     arch = cfg.get("architecture", "standard")
     kind = dl.from_saelens_architecture(arch)
     if kind is None:
         known = sorted({a.saelens_architecture for a in dl.ACTIVATIONS.values() if a.saelens_native})
-        raise ValueError(f"{cfg_path}: architecture {arch!r} not supported; expected one of {known}")
+        raise ModelFileError(f"{cfg_path}: architecture {arch!r} not supported; expected one of {known}")
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
+        raise ModelFileError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
                          "fold the normalisation into the weights first")
     weights = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in load_file(str(w_path)).items()}
     spec = dl.DictionarySpec(activation=kind.name, d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]),

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinterp.errors import ModelFileError
 from jaxinterp.models.intercept import Plan, Recorder
 from jaxinterp.models.kvcache import CacheWriter
 
@@ -330,12 +331,12 @@ def load_weights(model: Decoder, weights: dict[str, Any]) -> Decoder:
     names = param_names(model)
     for name, param in names:
         if name not in weights:
-            raise ValueError(f"weight {name!r} missing from the checkpoint")
+            raise ModelFileError(f"weight {name!r} missing from the checkpoint")
         w = jnp.asarray(weights[name], param[...].dtype)
         if w.shape != param[...].shape:
-            raise ValueError(f"weight {name!r} has shape {w.shape}; the model expects {param[...].shape}")
+            raise ModelFileError(f"weight {name!r} has shape {w.shape}; the model expects {param[...].shape}")
         param[...] = w
     extra = sorted(set(weights) - {n for n, _ in names})
     if extra:
-        raise ValueError(f"checkpoint weights {extra[:5]} have no place in the model; the config does not match")
+        raise ModelFileError(f"checkpoint weights {extra[:5]} have no place in the model; the config does not match")
     return model

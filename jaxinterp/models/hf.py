@@ -15,10 +15,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.errors import JaxinterpError
 from jaxinterp.models.decoder import Decoder, DecoderConfig, load_weights
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxinterpError):
     """An unreadable or unsupported checkpoint; the message names the file and the fix."""
 
 

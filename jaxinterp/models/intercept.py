@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 
+from jaxinterp.errors import JaxinterpError
+
 POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 """Per-block sites, in the order the forward reaches them. mlp_in is the MLP's normalised input."""
 
@@ -28,7 +30,7 @@ reads an earlier site (a transcoder's, which reads its input site and writes its
 `fn(x_btd, params, positions_bt, read_btd)`, with `read_btd` that site's value."""
 
 
-class SiteError(ValueError):
+class SiteError(JaxinterpError):
     """A site name that does not exist in the model; the message lists what does."""
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from jaxinterp.errors import MissingFileError
+from jaxinterp.errors import UsageError
 from jaxinterp.models.gguf import Tokenizer, build_tokenizer, find_default_gguf, load_gguf
 from jaxinterp.models.decoder import Decoder, DecoderConfig, load_weights
 
@@ -40,7 +42,7 @@ def load_model(name_or_path: str, *, dtype=jnp.float32, mesh=None) -> tuple[Deco
 
 def _load(name_or_path: str, dtype) -> tuple[Decoder, Tokenizer | None]:
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"model dtype {dtype} is not supported; use float32 or bfloat16")
+        raise UsageError(f"model dtype {dtype} is not supported; use float32 or bfloat16")
     if name_or_path in REGISTRY:
         return load_gguf_model(find_default_gguf(), dtype=dtype)
     p = Path(name_or_path)
@@ -51,7 +53,7 @@ def _load(name_or_path: str, dtype) -> tuple[Decoder, Tokenizer | None]:
 
         model = load_hf(p, dtype=dtype)
         return model, load_hf_tokenizer(p, model.cfg)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"model {name_or_path!r} is neither a registry name ({', '.join(REGISTRY)}), a .gguf file, nor an HF "
         "checkpoint directory"
     )

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.errors import MissingFileError
+from jaxinterp.errors import UsageError
 from jaxinterp.dictionaries import sae as dl
 from jaxinterp.models.decoder import forward
 from jaxinterp.models.intercept import Plan, parse_site
@@ -28,7 +30,7 @@ def corpus_stats(model, spec: dl.DictionarySpec, params: dl.Params, site: str, c
     """Feature statistics at `site` over the contexts (their first position, BOS, left out)."""
     parse_site(site, model.cfg.n_layers)
     if spec.d_in != model.cfg.d_model:
-        raise ValueError(f"the dictionary has d_in={spec.d_in}, the model's width is {model.cfg.d_model}; "
+        raise UsageError(f"the dictionary has d_in={spec.d_in}, the model's width is {model.cfg.d_model}; "
                          "use the dictionary trained for this model")
     state = state if state is not None else st.empty(spec.d_sae)
     fold = jax.jit(lambda s, x: st.update(s, dl.encode(spec, params, x.reshape(-1, x.shape[-1]))))
@@ -58,7 +60,7 @@ def load_baseline(directory: str | Path) -> tuple[st.Stats, dict]:
     d = Path(directory).resolve()
     meta_path = d / "baseline.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found; write a baseline with python launch/monitor.py baseline")
+        raise MissingFileError(f"{meta_path} not found; write a baseline with python launch/monitor.py baseline")
     meta = json.loads(meta_path.read_text())
     f, h = meta["d_sae"], meta.get("buckets", 0)
     target = {"count": np.zeros(f, np.float32), "mean": np.zeros(f, np.float32), "m2": np.zeros(f, np.float32),

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.errors import UsageError
 from jaxinterp import dictionaries as dl
 from jaxinterp.dictionaries.sae import DictionarySpec, Params
 
@@ -47,9 +48,9 @@ class SparseCode(NamedTuple):
 def from_dense(acts_tf: jax.Array | np.ndarray, k: int, dtype=np.float32) -> SparseCode:
     """The k largest activations of each token of dense [T, F] activations, as a `SparseCode`."""
     if acts_tf.ndim != 2:
-        raise ValueError(f"acts must be [T, F], got shape {tuple(acts_tf.shape)}")
+        raise UsageError(f"acts must be [T, F], got shape {tuple(acts_tf.shape)}")
     if not 0 < k <= acts_tf.shape[1]:
-        raise ValueError(f"k={k} must be in [1, F={acts_tf.shape[1]}]")
+        raise UsageError(f"k={k} must be in [1, F={acts_tf.shape[1]}]")
     values, ids = jax.lax.top_k(jnp.asarray(acts_tf), k)
     return SparseCode(ids=np.asarray(ids, np.int32), values=np.asarray(values, dtype))
 
@@ -58,11 +59,11 @@ def sparse_code(ids_tk, values_tk) -> SparseCode:
     """Host copies of a code in the cache's dtypes, checked for shape; read-only."""
     ids, values = np.asarray(ids_tk), np.asarray(values_tk)
     if ids.ndim != 2 or ids.shape != values.shape:
-        raise ValueError(f"ids and values must both be [T, K]; got {ids.shape} and {values.shape}")
+        raise UsageError(f"ids and values must both be [T, K]; got {ids.shape} and {values.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must be integers, got {ids.dtype}")
+        raise UsageError(f"ids must be integers, got {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"ids must lie in [0, 2**31); got [{ids.min()}, {ids.max()}]")
+        raise UsageError(f"ids must lie in [0, 2**31); got [{ids.min()}, {ids.max()}]")
     ids = np.array(ids, np.int32)
     values = np.array(values, values.dtype if values.dtype in VALUE_DTYPES else np.float32)
     ids.flags.writeable = values.flags.writeable = False
@@ -72,7 +73,7 @@ def sparse_code(ids_tk, values_tk) -> SparseCode:
 def decode_sparse(spec: DictionarySpec, params: Params, code: SparseCode) -> jax.Array:
     """Reconstruction [T, D] in raw units from a sparse code, as `sae.decode` on its dense form."""
     if code.ids.size and code.ids.max() >= spec.d_sae:
-        raise ValueError(f"cached feature id {int(code.ids.max())} is out of range for d_sae={spec.d_sae}; "
+        raise UsageError(f"cached feature id {int(code.ids.max())} is out of range for d_sae={spec.d_sae}; "
                          f"reconstruct with the dictionary the code came from")
     return dl.decode_sparse(spec, params, jnp.asarray(code.values, jnp.float32), jnp.asarray(code.ids))
 
@@ -83,7 +84,7 @@ class FeatureCache:
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes <= 0:
-            raise ValueError(f"max_bytes={max_bytes} must be > 0")
+            raise UsageError(f"max_bytes={max_bytes} must be > 0")
         self.max_bytes = int(max_bytes)
         self._requests: OrderedDict[Hashable, dict[str, SparseCode]] = OrderedDict()
         self._nbytes = 0
@@ -112,7 +113,7 @@ class FeatureCache:
         request_bytes = sum(c.nbytes for s, c in sites.items() if s != site) + code.nbytes
         if request_bytes > self.max_bytes:
             what = "entry" if request_bytes == code.nbytes else f"request {request_id!r} with this entry"
-            raise ValueError(f"{what} needs {request_bytes} bytes (this entry {code.nbytes}: ids {code.ids.nbytes} + "
+            raise UsageError(f"{what} needs {request_bytes} bytes (this entry {code.nbytes}: ids {code.ids.nbytes} + "
                              f"values {code.values.nbytes}), over max_bytes={self.max_bytes}; raise max_bytes, "
                              f"cache fewer tokens or a smaller K, or store float16 values")
         if site in sites:

@@ -35,6 +35,7 @@ import numpy as np
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from jaxinterp.errors import UsageError
 from jaxinterp.monitor import stats as st
 from jaxinterp.monitor.drift import DriftState
 
@@ -63,7 +64,7 @@ def counter_increase(previous: float, total: float) -> float:
 
 def _check_total(name: str, site: str, total: float) -> None:
     if not math.isfinite(float(total)) or float(total) < 0:
-        raise ValueError(f"{name} total {total!r} for site {site!r} must be finite and >= 0; pass the cumulative "
+        raise UsageError(f"{name} total {total!r} for site {site!r} must be finite and >= 0; pass the cumulative "
                          f"count since the monitor started")
 
 
@@ -129,7 +130,7 @@ class MetricsExporter:
         for site, entry in report.items():
             missing = [k for k in REPORT_KEYS if k not in entry]
             if missing:
-                raise ValueError(f"report for site {site!r} lacks {missing}; pass the dict drift_report returns")
+                raise UsageError(f"report for site {site!r} lacks {missing}; pass the dict drift_report returns")
             _check_total("tokens", site, entry["tokens"])
         for site, total in (fires or {}).items():
             _check_total("fires", site, total)
@@ -154,14 +155,14 @@ class MetricsExporter:
     def observe_generation(self, n_tokens: int) -> None:
         """Count `n_tokens` newly generated tokens."""
         if n_tokens < 0:
-            raise ValueError(f"n_tokens={n_tokens} must be >= 0")
+            raise UsageError(f"n_tokens={n_tokens} must be >= 0")
         self.generated_tokens.inc(n_tokens)
 
     def observe_steering_overhead(self, seconds: float) -> None:
         """Record the extra seconds steering added to one request; a negative difference (timing
         noise) is recorded as 0 so that the histogram's sum never decreases."""
         if math.isnan(seconds):
-            raise ValueError("steering overhead is NaN; pass the steered minus the unsteered seconds")
+            raise UsageError("steering overhead is NaN; pass the steered minus the unsteered seconds")
         self.steering_overhead.observe(max(0.0, float(seconds)))
 
     def text(self) -> str:

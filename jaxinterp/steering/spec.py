@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from jaxinterp import dictionaries as dl
+from jaxinterp.errors import JaxinterpError
 from jaxinterp.models.intercept import parse_site
 from jaxinterp.steering.edits import (FEATURE_MODES, NO_END, SLOT_QUANTUM, VECTOR_MODES, FeatureSlots,
                                       SiteSteering, VectorSlots, steer_fn)
 
 
-class SteeringError(ValueError):
+class SteeringError(JaxinterpError):
     """A steering spec that cannot apply; the message names the problem and the fix."""
 
 

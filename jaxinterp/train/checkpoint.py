@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxinterp.errors import MissingFileError
 from jaxinterp.train.state import TrainState
 
 
@@ -40,7 +41,7 @@ class Checkpointer:
         """Restore onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`)."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise MissingFileError(f"no checkpoint in {self.directory}")
         out = self._mngr.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),

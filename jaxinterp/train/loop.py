@@ -19,6 +19,7 @@ from jaxinterp import dictionaries as dl
 from jaxinterp import evals
 from jaxinterp.config import Config, config_to_dict, load_config
 from jaxinterp.data import check_finite, make_source
+from jaxinterp.errors import JaxinterpError, MissingFileError
 from jaxinterp.interop.saelens import export_saelens, hook_name_for_site
 from jaxinterp.train import sharding
 from jaxinterp.train.checkpoint import Checkpointer, abstract_like
@@ -29,7 +30,7 @@ from jaxinterp.train.step import build_step, init_state, make_spec, place_state,
 from jaxinterp.train.state import TrainState
 
 
-class TrainingError(RuntimeError):
+class TrainingError(JaxinterpError, RuntimeError):
     """Training cannot go on (NaN loss, a run directory in the way); the message says what to do."""
 
 
@@ -43,7 +44,7 @@ def checkpoint_dictionary(run_dir: str | Path, step: int | None = None) -> tuple
     run = Path(run_dir)
     spec_path = run / "dictionary.json"
     if not spec_path.is_file():
-        raise FileNotFoundError(f"{spec_path} not found; is {str(run)!r} a jaxinterp run directory?")
+        raise MissingFileError(f"{spec_path} not found; is {str(run)!r} a jaxinterp run directory?")
     spec = dl.DictionarySpec(**json.loads(spec_path.read_text()))
     cfg = load_config(run / "config.yaml")
     dummy = [np.zeros((1, spec.batch_width), np.float32)]

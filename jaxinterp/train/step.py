@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from jaxinterp.config import ConfigError
 from jaxinterp import dictionaries as dl
 from jaxinterp.config import Config
 from jaxinterp.sharding import check_sharded_as_declared
@@ -31,10 +32,10 @@ def make_spec(cfg: Config, d_in: int, d_out: int | None = None) -> dl.Dictionary
     """The dictionary's static shape for data of width `d_in` (and targets of width `d_out`)."""
     d = cfg.dictionary
     if d.d_in is not None and d.d_in != d_in:
-        raise ValueError(f"dictionary.d_in={d.d_in} but the data has width {d_in}; drop dictionary.d_in")
+        raise ConfigError(f"dictionary.d_in={d.d_in} but the data has width {d_in}; drop dictionary.d_in")
     d_sae = d.d_sae if d.d_sae is not None else d_in * d.expansion
     if dl.selects_k(d.activation) and d.k > d_sae:
-        raise ValueError(f"dictionary.k: k={d.k} exceeds d_sae={d_sae}; lower k or raise d_sae")
+        raise ConfigError(f"dictionary.k: k={d.k} exceeds d_sae={d_sae}; lower k or raise d_sae")
     aux_k = 0
     if dl.selects_k(d.activation) and d.aux_k_coefficient > 0:
         aux_k = min(d.aux_k if d.aux_k is not None else max(d_in // 2, 1), d_sae)
