@@ -27,6 +27,11 @@ def saelens_reconstruct(directory, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     sae_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
     arch = cfg["architecture"]
+    if arch in ("transcoder", "skip_transcoder", "jumprelu_transcoder"):  # SAELens 6.18 saes/transcoder.py
+        assert cfg["apply_b_dec_to_input"] is False
+        pre = x @ w["W_enc"] + w["b_enc"]
+        f = np.maximum(pre, 0.0) * (pre > w["threshold"] if arch == "jumprelu_transcoder" else 1.0)
+        return f @ w["W_dec"] + w["b_dec"] + (x @ w["W_skip"].T if arch == "skip_transcoder" else 0.0)
     if arch == "gated":
         gate = (sae_in @ w["W_enc"] + w["b_gate"]) > 0
         mag = np.maximum(sae_in @ (w["W_enc"] * np.exp(w["r_mag"])) + w["b_mag"], 0.0)
@@ -174,3 +179,51 @@ def test_trained_run_export_reconstructs_like_checkpoint(tmp_path, activation):
     assert cfg_json["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
     assert cfg_json["metadata"]["original_activation"] == activation
     assert np.all(load_file(str(export / "sae_weights.safetensors"))["threshold"] > 0)
+
+
+TRANSCODERS = [("relu", "transcoder", "transcoder"), ("jumprelu", "transcoder", "jumprelu_transcoder"),
+               ("batchtopk", "transcoder", "jumprelu_transcoder"), ("relu", "skip_transcoder", "skip_transcoder")]
+
+
+def random_transcoder(activation: str, arch: str, seed: int = 0) -> tuple[dl.DictionarySpec, dl.Params]:
+    """A transcoder with every parameter non-trivial, input and output scales far from 1 and apart."""
+    spec = dl.DictionarySpec(activation=activation, d_in=D_IN, d_sae=D_SAE, k=K, architecture=arch, d_out=D_IN - 4)
+    keys = jax.random.split(jax.random.key(seed), 8)
+    p = dl.init(keys[0], spec)
+    p |= {"b_dec": 0.3 * jax.random.normal(keys[2], (spec.d_out,)), "b_in": 0.5 * jax.random.normal(keys[4], (D_IN,)),
+          "b_enc": 0.2 * jax.random.normal(keys[3], (D_SAE,)), "norm_scale": jnp.asarray(0.37, jnp.float32),
+          "norm_scale_out": jnp.asarray(2.3, jnp.float32)}
+    if "W_skip" in p:
+        p["W_skip"] = 0.2 * jax.random.normal(keys[5], p["W_skip"].shape)
+    if "threshold" in p:
+        p["threshold"] = jax.random.uniform(keys[6], (D_SAE,), minval=0.05, maxval=0.6)
+    return spec, p
+
+
+@pytest.mark.parametrize("activation,arch,name", TRANSCODERS)
+def test_transcoders_export_as_saelens_runs_them_and_load_back(tmp_path, activation, arch, name):
+    spec, params = random_transcoder(activation, arch)
+    x = raw_inputs()
+    out = export_saelens(tmp_path / "tc", spec, params, hook_name="blocks.6.hook_mlp_in",
+                         hook_name_out="blocks.6.hook_mlp_out")
+    ours = np.asarray(dl.reconstruct(spec, params, x))
+    assert 0 < (np.asarray(dl.encode(spec, params, x)) > 0).mean() < 0.9
+    np.testing.assert_allclose(saelens_reconstruct(out, x), ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_out"], cfg["d_sae"]) == (name, D_IN, D_IN - 4, D_SAE)
+    assert cfg["metadata"]["hook_name_out"] == "blocks.6.hook_mlp_out"
+    w = load_file(str(out / "sae_weights.safetensors"))
+    assert w["W_dec"].shape == (D_SAE, D_IN - 4) and ("W_skip" in w) == (arch == "skip_transcoder")
+    spec2, params2, _ = load_saelens(out)
+    assert (spec2.architecture, spec2.d_out) == (arch, D_IN - 4)
+    np.testing.assert_allclose(np.asarray(dl.reconstruct(spec2, params2, x)), ours, rtol=1e-4,
+                               atol=1e-4 * np.abs(ours).max())
+
+
+@pytest.mark.parametrize("activation,arch", [("topk", "transcoder"), ("jumprelu", "skip_transcoder")])
+def test_transcoders_saelens_cannot_hold_are_refused_by_name(tmp_path, activation, arch):
+    from jaxinterp.interop.saelens import ExportError
+
+    spec, params = random_transcoder(activation, arch)
+    with pytest.raises(ExportError, match=f"SAELens has no {activation} {arch}"):
+        export_saelens(tmp_path / "tc", spec, params)

@@ -246,8 +246,9 @@ class Architecture(NamedTuple):
     skip: bool = False
     """A linear path `W_skip [D_out, D_in]` from the normalised input to the reconstruction (skip
     transcoders, Paulo, Shabalin and Belrose 2025), zero at initialisation."""
-    saelens_architecture: str | None = None
-    """SAELens' architecture name for the exported dictionary (None: the activation's own)."""
+    saelens_names: dict[str, str] | None = None
+    """SAELens' architecture name for each activation's own SAELens name (None: the activation's
+    name as it is); an activation missing here has no SAELens counterpart in this architecture."""
 
     def init(self, d_in: int, d_out: int) -> dict[str, jax.Array]:
         """The extra parameters of a fresh dictionary (zeros; scales one)."""
@@ -266,10 +267,11 @@ SAE = Architecture("sae", reads_target=False, params={})
 TRANSCODER = Architecture(
     "transcoder", reads_target=True,
     params={"b_in": (("d_model",), "d_in"), "norm_scale_out": ((), "")},
-    buffers=("norm_scale_out",), pre_bias="b_in", target_scale="norm_scale_out", saelens_architecture="transcoder")
+    buffers=("norm_scale_out",), pre_bias="b_in", target_scale="norm_scale_out",
+    saelens_names={"standard": "transcoder", "jumprelu": "jumprelu_transcoder"})
 SKIP_TRANSCODER = TRANSCODER._replace(
     name="skip_transcoder", params=TRANSCODER.params | {"W_skip": (("d_model", "d_model"), "d_out d_in")}, skip=True,
-    saelens_architecture="skip_transcoder")
+    saelens_names={"standard": "skip_transcoder"})  # SAELens 6.18 has no JumpReLU skip transcoder
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SAE, TRANSCODER, SKIP_TRANSCODER)}
 """Every architecture by name (the config's `dictionary.architecture` choices)."""
@@ -293,7 +295,14 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 onto the mesh)."""
 
 
-def from_saelens_architecture(architecture: str) -> Activation | None:
-    """The activation SAELens' `architecture` runs as, or None when there is none."""
-    return next((a for a in ACTIVATIONS.values() if a.saelens_native and a.saelens_architecture == architecture),
-                None)
+def saelens_name(activation: Activation, arch: Architecture) -> str | None:
+    """SAELens' architecture name for this pair, or None when SAELens has no such dictionary."""
+    if arch.saelens_names is None:
+        return activation.saelens_architecture
+    return arch.saelens_names.get(activation.saelens_architecture)
+
+
+def from_saelens_architecture(architecture: str) -> tuple[Activation, Architecture] | None:
+    """The (activation, architecture) SAELens' `architecture` runs as, or None when there is none."""
+    return next(((a, arch) for arch in ARCHITECTURES.values() for a in ACTIVATIONS.values()
+                 if a.saelens_native and saelens_name(a, arch) == architecture), None)

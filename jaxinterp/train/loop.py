@@ -20,7 +20,7 @@ from jaxinterp import evals
 from jaxinterp.config import Config, config_to_dict, load_config
 from jaxinterp.data import check_finite, make_source
 from jaxinterp.errors import JaxinterpError, MissingFileError
-from jaxinterp.interop.saelens import export_saelens, hook_name_for_site
+from jaxinterp.interop.saelens import ExportError, export_saelens, hook_name_for_site
 from jaxinterp.train import sharding
 from jaxinterp.train.checkpoint import Checkpointer, abstract_like
 from jaxinterp.train.health import fault_message, read_fault
@@ -240,17 +240,19 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         final = final_evaluation(cfg, spec, state, source)
     with clock("export"):
         dl.save(run / "dictionary", run_dictionary(cfg, spec, jax.device_get(state.dictionary), source))
-        if cfg.output.export_saelens and spec.arch.reads_target:
-            log("export: the SAELens export of transcoders is not written yet; skipped (the checkpoint has the weights)")
-        elif cfg.output.export_saelens:
-            export_saelens(
-                run / "export" / "saelens",
-                spec,
-                jax.device_get(state.dictionary),
-                hook_name=hook_name_for_site(source_site(cfg, source)),
-                model_name=cfg.data.model if cfg.data.source == "model" else getattr(source, "model_name", "unknown"),
-                extra_metadata={"data_source": cfg.data.source},
-            )
+        if cfg.output.export_saelens:
+            try:
+                export_saelens(
+                    run / "export" / "saelens",
+                    spec,
+                    jax.device_get(state.dictionary),
+                    hook_name=hook_name_for_site(source_site(cfg, source)),
+                    hook_name_out=hook_name_for_site(getattr(source, "target_site", None)),
+                    model_name=cfg.data.model if cfg.data.source == "model" else getattr(source, "model_name", "unknown"),
+                    extra_metadata={"data_source": cfg.data.source},
+                )
+            except ExportError as e:
+                log(f"export: no SAELens export ({e})")
     final["lr"] = lr
     final["loop_tokens_per_s"] = loop_steps * cfg.train.batch_size / loop_seconds if loop_steps else None
     final["seconds"] = {k: round(v, 3) for k, v in clock.seconds.items()}
