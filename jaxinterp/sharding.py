@@ -74,7 +74,8 @@ def check_sharded_as_declared(mesh: Mesh, named_axes: dict[str, tuple[str | None
             continue
         want = [ax if ax is not None and mesh.shape[ax] > 1 and dim % mesh.shape[ax] == 0 else None
                 for dim, ax in zip(shape, logical_spec(axes))]
-        got = list(shardings[name].spec) + [None] * (len(shape) - len(shardings[name].spec))
+        got = [ax if ax is not None and mesh.shape[ax] > 1 else None
+               for ax in list(shardings[name].spec) + [None] * (len(shape) - len(shardings[name].spec))]
         if got != want:
             raise ValueError(f"{name} {shape} is sharded as {tuple(got)}, its axes {axes} declare {tuple(want)} on "
                              f"{dict(mesh.shape)}")

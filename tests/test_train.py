@@ -229,6 +229,9 @@ def test_a_dimension_that_does_not_divide_is_replicated_alone_and_logged(caplog)
     part = named(mesh, ("batch", "d_sae"), (65, 66), name="half")
     assert part.spec == P(None, "model")
     check_sharded_as_declared(mesh, {"W_enc": ("d_model", "d_sae")}, {"W_enc": sh}, {"W_enc": (16, 63)}, min_size=1)
+    flat = make_mesh(MeshConfig(data=8, model=1))  # an axis of one device shards nothing either way
+    check_sharded_as_declared(flat, {"W_dec": ("d_sae", "d_model")}, {"W_dec": named(flat, ("d_sae", "d_model"),
+                              (64, 16))}, {"W_dec": (64, 16)}, min_size=1)
     with pytest.raises(ValueError, match=r"W_enc \(16, 64\) is sharded as \(None, None\), its axes"):
         check_sharded_as_declared(mesh, {"W_enc": ("d_model", "d_sae")}, {"W_enc": sh}, {"W_enc": (16, 64)},
                                   min_size=1)
