@@ -455,3 +455,37 @@ def test_every_activation_is_one_registry_entry_with_its_own_parameters():
         assert kind.encoder_bias in kind.feature_params
     with pytest.raises(ValueError, match="activation 'sparse' unknown"):
         dl.activation("sparse")
+
+
+def test_a_new_activation_is_one_value_and_its_registry_entry(tmp_path, monkeypatch):
+    """The README's example kind (a ReLU with a fixed threshold), registered, trains in the sharded
+    step, encodes, and encodes selected features, with nothing outside its definition."""
+    from jaxinterp.config import MeshConfig
+    from jaxinterp.dictionaries import kinds
+    from jaxinterp.train import make_mesh
+
+    def _train_relu_t(spec, p, xn, weights, training):
+        pre = kinds._raw(spec, p, xn) + p["b_enc"]
+        acts = jnp.where(pre > 0.1, pre, 0.0)
+        return kinds.TrainTerms(acts, kinds._decode(spec, p, acts), pre, sparsity=kinds._l1(weights, p, acts))
+
+    relu_t = kinds.Activation("relu_t", ("b_enc",), ("norm_scale",), "b_enc",
+                              lambda raw, f: jnp.where(raw + f["b_enc"] > 0.1, raw + f["b_enc"], 0.0),
+                              lambda d_sae, t: kinds._zeros(d_sae, "b_enc"), sparsity_penalty="l1", train=_train_relu_t)
+    monkeypatch.setitem(kinds.ACTIVATIONS, "relu_t", relu_t)
+    cfg = tiny_config(tmp_path, dictionary={"activation": "relu"}, mesh={"data": 4, "model": 2})
+    src = make_source(cfg)
+    x = np.asarray(next(src))
+    spec = dl.DictionarySpec("relu_t", x.shape[1], 64)
+    state = init_state(cfg, spec, [x])
+    fns = build_step(cfg, spec, make_mesh(MeshConfig(data=4, model=2)), state)
+    state = place_state(state, fns)
+    for _ in range(3):
+        state, metrics = fns.step(state, jax.device_put(np.asarray(next(src)), fns.batch_sharding))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["sparsity_loss"]) > 0
+    p = jax.device_get(state.dictionary)
+    f = np.asarray(dl.encode(spec, p, jnp.asarray(x)))
+    assert ((f == 0) | (f > 0.1)).all() and (f > 0).any()
+    ids = jnp.asarray(np.tile(np.arange(5), (4, 1)), jnp.int32)
+    sel = dl.encode_selected(spec, p, jnp.asarray(x[:32].reshape(4, 8, -1)), ids)
+    np.testing.assert_allclose(sel, f[:32].reshape(4, 8, -1)[:, :, :5], rtol=1e-5, atol=1e-6)
