@@ -149,6 +149,9 @@ class DictionaryConfig:
     """Features per input dimension, used when `d_sae` is unset."""
     k: int = 32
     """Active features per token (topk, batchtopk)."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """Matryoshka: nested prefix widths, strictly increasing, the last equal to d_sae (e.g. [256, 1024,
+    4608]); the loss averages every prefix's reconstruction error. Empty: a plain dictionary."""
     l1_coefficient: float = 5.0
     """Weight of the L1 penalty (relu, gated), applied to activations times decoder row norms."""
     l0_coefficient: float = 1e-3
@@ -189,6 +192,12 @@ class DictionaryConfig:
         _check(self.d_sae is None or self.d_sae > 0, "dictionary.d_sae", f"must be > 0, got {self.d_sae}")
         _check(self.expansion > 0, "dictionary.expansion", "must be > 0")
         _check(self.k > 0, "dictionary.k", f"must be > 0, got {self.k}")
+        w = self.matryoshka_widths
+        _check(all(a < b for a, b in zip(w, w[1:])) and (not w or w[0] >= 1), "dictionary.matryoshka_widths",
+               f"{list(w)} must increase strictly from >= 1")
+        if w and self.d_sae is not None:
+            _check(w[-1] == self.d_sae, "dictionary.matryoshka_widths", f"the last width ({w[-1]}) must equal "
+                   f"d_sae ({self.d_sae})")
         if self.d_sae is not None:
             _check(self.k <= self.d_sae, "dictionary.k", f"k={self.k} exceeds d_sae={self.d_sae}; lower k or raise d_sae")
         _check(self.l1_coefficient >= 0, "dictionary.l1_coefficient", "must be >= 0")
@@ -358,6 +367,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         allowed = typing.get_args(tp)
         _choice(value, key, allowed)

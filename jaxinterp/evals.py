@@ -46,7 +46,14 @@ def batch_sums(spec: dl.DictionarySpec, params: dl.Params, x_bd: jax.Array, n_ro
     out_norm = jnp.linalg.norm(x_hat, axis=-1)
     cos = jnp.sum(x * x_hat, -1) / jnp.maximum(in_norm * out_norm, 1e-12)
     on = (acts > 0) & row[:, None]
-    return {
+    prefix = {}
+    if spec.matryoshka_widths:  # every prefix but the full one, which the sums above already hold
+        inner = spec.matryoshka_widths[:-1]
+        prefix["prefix_sq_err"] = jnp.stack([
+            jnp.sum(w * jnp.sum((x - dl.decode(spec, params, acts, width=wd) - dl.skip_out(spec, params, inputs)) ** 2, -1))
+            for wd in inner])
+        prefix["prefix_l0"] = jnp.stack([jnp.sum(on[:, :wd]).astype(jnp.float32) for wd in inner])
+    return prefix | {
         "n": jnp.sum(w),
         "sq_err": jnp.sum(w * jnp.sum(err**2, -1)),
         "x_sum": jnp.sum(w[:, None] * x, 0),
@@ -74,14 +81,20 @@ def mmcs(true_nd: np.ndarray | jax.Array, w_dec_fd: np.ndarray | jax.Array) -> f
     return float(jnp.mean(jnp.max(t @ w.T, axis=1)))
 
 
-def finalize(sums: dict[str, np.ndarray], d_in: int) -> dict:
-    """Metrics from accumulated `batch_sums`."""
+def finalize(sums: dict[str, np.ndarray], d_in: int, widths: tuple[int, ...] = ()) -> dict:
+    """Metrics from accumulated `batch_sums` (`widths`: a Matryoshka dictionary's, for `prefixes`)."""
     s = {k: np.asarray(v, np.float64) for k, v in sums.items()}
     n = float(s["n"])
     total_var = float(s["x_sq"] - np.sum(s["x_sum"] ** 2) / n)
     density = s["fires"] / n
     hist, _ = np.histogram(np.log10(np.maximum(density, 1e-12)), bins=np.append(DENSITY_BINS, 1.0))
-    return {
+    prefixes = {}
+    if "prefix_sq_err" in s:
+        errs, l0s = [*s["prefix_sq_err"], s["sq_err"]], [*s["prefix_l0"], s["l0"]]
+        prefixes["prefixes"] = [{"width": int(w), "explained_variance": float(1 - e / max(total_var, 1e-12)),
+                                 "fvu": float(e / max(total_var, 1e-12)), "mse": float(e / (n * d_in)),
+                                 "l0": float(l / n)} for w, e, l in zip(widths, errs, l0s)]
+    return prefixes | {
         "eval_tokens": int(n),
         "mse": float(s["sq_err"] / (n * d_in)),
         "explained_variance": float(1 - s["sq_err"] / max(total_var, 1e-12)),
@@ -125,7 +138,7 @@ def evaluate(
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
     if acc is None:
         raise UsageError("evaluate: no batches to evaluate; raise output.eval_tokens or provide held-out data")
-    out = finalize(jax.device_get(acc), spec.d_out)
+    out = finalize(jax.device_get(acc), spec.d_out, spec.widths)
     if true_directions is not None:
         out["mmcs"] = mmcs(true_directions, params["W_dec"])
     return out
@@ -136,16 +149,18 @@ def evaluate(
 
 
 @functools.lru_cache(maxsize=None)
-def splice_fn(spec: dl.DictionarySpec):
+def splice_fn(spec: dl.DictionarySpec, *, prefix: bool = False):
     """Edit function replacing a site's value by the dictionary's output (BOS kept): of that same
-    value for an SAE, of the value read at its input site for a transcoder.
+    value for an SAE, of the value read at its input site for a transcoder. `prefix`: its params
+    are `(params, width)`, a Matryoshka prefix chosen as data.
 
     Cached per spec, so a `Plan` holding it stays the same static value and never recompiles."""
 
     def splice(y_btd, params, _positions_bt, x_btd=None):
+        params, width = params if prefix else (params, None)
         x_btd = y_btd if x_btd is None else x_btd
         b, t, d = x_btd.shape
-        recon = dl.reconstruct(spec, params, x_btd.reshape(-1, d)).reshape(b, t, -1).astype(y_btd.dtype)
+        recon = dl.reconstruct(spec, params, x_btd.reshape(-1, d), width=width).reshape(b, t, -1).astype(y_btd.dtype)
         return y_btd.at[:, 1:].set(recon[:, 1:])
 
     return splice
@@ -176,29 +191,40 @@ def loss_recovered(model, spec: dl.DictionarySpec, params: dl.Params, site: str,
     from jaxinterp.models import Plan, forward
 
     written = target_site or site
-    splice_plan = Plan(edits=((site, splice_fn(spec)),) if target_site is None else
-                       ((target_site, splice_fn(spec), site),))
+    fn = splice_fn(spec, prefix=True)
+    splice_plan = Plan(edits=((site, fn),) if target_site is None else ((target_site, fn, site),))
     ablate_plan = Plan(edits=((written, _zero_ablate),))
-    sums = np.zeros(5)
+    widths = spec.widths  # the last is the whole dictionary
+    sums = np.zeros((len(widths), 5))
     n = 0
     for s in range(0, len(contexts_nt), batch_contexts):
         tokens = jnp.asarray(contexts_nt[s : s + batch_contexts])
         clean = forward(model, tokens).logits
-        spliced = forward(model, tokens, plan=splice_plan, edit_params={written: params}).logits
         ablated = forward(model, tokens, plan=ablate_plan).logits
         ce_clean, _ = _ce_and_kl(clean, clean, tokens)
-        ce_sp, kl_sp = _ce_and_kl(clean, spliced, tokens)
         ce_ab, kl_ab = _ce_and_kl(clean, ablated, tokens)
         w = tokens.shape[0]
-        sums += w * np.array([float(ce_clean), float(ce_sp), float(ce_ab), float(kl_sp), float(kl_ab)])
+        for g, width in enumerate(widths):
+            edit = {written: (params, jnp.int32(width))}
+            spliced = forward(model, tokens, plan=splice_plan, edit_params=edit).logits
+            ce_sp, kl_sp = _ce_and_kl(clean, spliced, tokens)
+            sums[g] += w * np.array([float(ce_clean), float(ce_sp), float(ce_ab), float(kl_sp), float(kl_ab)])
         n += w
-    ce_clean, ce_sp, ce_ab, kl_sp, kl_ab = sums / max(n, 1)
-    return {
-        "ce_loss_clean": ce_clean,
-        "ce_loss_with_sae": ce_sp,
-        "ce_loss_with_ablation": ce_ab,
-        "ce_loss_score": (ce_ab - ce_sp) / max(ce_ab - ce_clean, 1e-12),
-        "kl_div_with_sae": kl_sp,
-        "kl_div_with_ablation": kl_ab,
-        "kl_div_score": (kl_ab - kl_sp) / max(kl_ab, 1e-12),
-    }
+
+    def scores(row):
+        ce_clean, ce_sp, ce_ab, kl_sp, kl_ab = row / max(n, 1)
+        return {
+            "ce_loss_clean": ce_clean,
+            "ce_loss_with_sae": ce_sp,
+            "ce_loss_with_ablation": ce_ab,
+            "ce_loss_score": (ce_ab - ce_sp) / max(ce_ab - ce_clean, 1e-12),
+            "kl_div_with_sae": kl_sp,
+            "kl_div_with_ablation": kl_ab,
+            "kl_div_score": (kl_ab - kl_sp) / max(kl_ab, 1e-12),
+        }
+
+    out = scores(sums[-1])
+    if spec.matryoshka_widths:
+        out["prefix_loss_recovered"] = [{"width": int(wd), "ce_loss_score": scores(r)["ce_loss_score"],
+                                         "kl_div_score": scores(r)["kl_div_score"]} for wd, r in zip(widths, sums)]
+    return out

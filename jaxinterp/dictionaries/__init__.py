@@ -15,6 +15,9 @@ from jaxinterp.dictionaries.kinds import (
 )
 from jaxinterp.dictionaries.ops import kth_largest, topk
 from jaxinterp.dictionaries.sae import (
+    AdaptiveOutput,
+    AdaptiveRule,
+    adaptive_reconstruct,
     AUX_K_ROW_STRIDE,
     DictionarySpec,
     ForwardOutput,
@@ -54,6 +57,7 @@ from jaxinterp.dictionaries.sparse import (
 )
 
 __all__ = [
+    "AdaptiveOutput", "AdaptiveRule", "adaptive_reconstruct",
     "Dictionary", "DictionaryError", "load_dictionary", "save",
     "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
     "ACTIVATIONS", "ARCHITECTURES", "PARAM_AXES", "Activation", "Architecture", "activation", "architecture", "skip_out", "split", "decode_selected", "decode_sparse", "fit_to_data", "resample", "update_buffers", "target_scale", "from_saelens_architecture", "saelens_name", "encode_selected", "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",

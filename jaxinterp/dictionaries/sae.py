@@ -65,10 +65,17 @@ class DictionarySpec:
     """sae, transcoder or skip_transcoder."""
     d_out: int | None = None
     """Width of what is reconstructed (None: d_in)."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """Nested prefixes (Matryoshka): strictly increasing widths, the last = d_sae; the loss averages
+    the reconstruction error of every prefix. Empty: one width."""
 
     def __post_init__(self) -> None:
         if self.kind.selects_k and not 0 < self.k <= self.d_sae:
             raise UsageError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
+        widths = tuple(int(w) for w in self.matryoshka_widths)
+        object.__setattr__(self, "matryoshka_widths", widths)
+        if widths and (widths[-1] != self.d_sae or widths[0] < 1 or any(a >= b for a, b in zip(widths, widths[1:]))):
+            raise UsageError(f"matryoshka_widths={list(widths)} must increase strictly from >= 1 to d_sae={self.d_sae}")
         if self.d_out is None:
             object.__setattr__(self, "d_out", self.d_in)
         elif not self.arch.reads_target and self.d_out != self.d_in:
@@ -88,6 +95,11 @@ class DictionarySpec:
     @property
     def buffer_names(self) -> tuple[str, ...]:
         return self.kind.buffers + self.arch.buffers
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The prefix widths a reconstruction is scored at (just d_sae unless Matryoshka)."""
+        return self.matryoshka_widths or (self.d_sae,)
 
     @property
     def batch_width(self) -> int:
@@ -110,11 +122,13 @@ class LossTerms(NamedTuple):
     total: jax.Array
     """The objective that is differentiated."""
     mse: jax.Array
-    """Mean over rows of ||x - x_hat||^2 (normalised units)."""
+    """Mean over rows of ||x - x_hat||^2 (normalised units), at the full width."""
     sparsity: jax.Array
     """Weighted L1 / L0 term (0 for topk, batchtopk)."""
     aux: jax.Array
     """Weighted auxiliary term: aux-k (topk, batchtopk) or gated's gate reconstruction."""
+    prefix_mse: jax.Array | None = None
+    """Matryoshka: the mse of each prefix width [G] (the last is `mse`); their mean is trained."""
 
 
 class ForwardOutput(NamedTuple):
@@ -228,10 +242,16 @@ def encode(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
     return _encode_normalised(spec, params, _normalise(params, x))
 
 
-def decode(spec: DictionarySpec, params: Params, feature_acts: jax.Array) -> jax.Array:
+def _prefix_mask(spec: DictionarySpec, width) -> jax.Array | float:
+    return 1.0 if width is None else (jnp.arange(spec.d_sae) < width).astype(jnp.float32)
+
+
+def decode(spec: DictionarySpec, params: Params, feature_acts: jax.Array, *, width=None) -> jax.Array:
     """Reconstruction [B, O] in raw target units from feature activations [B, F] (a skip
-    transcoder's skip path, which needs the input, is not included: see `reconstruct`)."""
-    xn_hat = _mm(feature_acts, params["W_dec"], spec) + params["b_dec"]
+    transcoder's skip path, which needs the input, is not included: see `reconstruct`). `width`
+    (an int or a traced scalar: data, never a recompile) decodes with the first `width` features
+    only, a Matryoshka dictionary's prefix."""
+    xn_hat = _mm(feature_acts * _prefix_mask(spec, width), params["W_dec"], spec) + params["b_dec"]
     return xn_hat / target_scale(spec, params)
 
 
@@ -254,15 +274,60 @@ def skip_out(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array | 
     return out if isinstance(out, float) else out / target_scale(spec, params)
 
 
-def reconstruct(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
+def reconstruct(spec: DictionarySpec, params: Params, x: jax.Array, *, width=None) -> jax.Array:
     """The dictionary's output [B, O] for raw inputs [B, D] at inference: decode(encode(x)) plus the
     skip path; topk decodes its K selected rows only (the Pallas kernel on GPU/TPU, per
-    `spec.topk_path`), never a dense [B, F] product."""
+    `spec.topk_path`), never a dense [B, F] product. `width`: a Matryoshka prefix (the full code's
+    features below `width`; data, as in `decode`)."""
     if spec.kind.row_topk and spec.topk_path != "dense":
         vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, x)), spec.k)
-        xn_hat = topk_decode(jax.nn.relu(vals), idx, params["W_dec"], path=spec.topk_path) + params["b_dec"]
+        vals = jax.nn.relu(vals) if width is None else jnp.where(idx < width, jax.nn.relu(vals), 0.0)
+        xn_hat = topk_decode(vals, idx, params["W_dec"], path=spec.topk_path) + params["b_dec"]
         return xn_hat / target_scale(spec, params) + skip_out(spec, params, x)
-    return decode(spec, params, encode(spec, params, x)) + skip_out(spec, params, x)
+    return decode(spec, params, encode(spec, params, x), width=width) + skip_out(spec, params, x)
+
+
+class AdaptiveRule(NamedTuple):
+    """How many features each row keeps at inference, as data (new values never recompile)."""
+
+    threshold: float | jax.Array = 0.0
+    """Features whose activation is at or below it are dropped."""
+    error_budget: float | jax.Array = 0.0
+    """Each row takes the smallest prefix width (of `spec.widths`) whose relative error
+    ||y - y_hat||^2 / ||y||^2 is at most this (0: the full width)."""
+
+
+class AdaptiveOutput(NamedTuple):
+    recon: jax.Array
+    """[B, O] the reconstruction each row's rule chose."""
+    width: jax.Array
+    """[B] the prefix width each row used."""
+    l0: jax.Array
+    """[B] features each row used."""
+
+
+def adaptive_reconstruct(spec: DictionarySpec, params: Params, x: jax.Array, rule: AdaptiveRule,
+                         target: jax.Array | None = None) -> AdaptiveOutput:
+    """Reconstruct raw inputs [B, D] with a per-row sparsity chosen by `rule`: drop activations at
+    or below `rule.threshold`, then take the smallest Matryoshka prefix whose error against
+    `target` (default: the input, for an SAE) fits `rule.error_budget`. Every prefix is decoded in
+    one pass (group by group, accumulated), and the choice is a per-row select on the device."""
+    y = (x if target is None else target).astype(jnp.float32)
+    f = encode(spec, params, x)
+    f = jnp.where(f > rule.threshold, f, 0.0)
+    starts = (0, *spec.widths[:-1])
+    parts = [_mm(f[:, a:b], params["W_dec"][a:b], spec) for a, b in zip(starts, spec.widths)]
+    scale = target_scale(spec, params)
+    base = params["b_dec"] + spec.arch.skip_out(params, _normalise(params, x), spec.compute_dtype)
+    recons = jnp.cumsum(jnp.stack(parts), axis=0) + base  # [G, B, O] normalised
+    recons = recons / scale
+    err = jnp.sum((y[None] - recons) ** 2, -1) / jnp.maximum(jnp.sum(y**2, -1), 1e-12)  # [G, B]
+    fits = (err <= rule.error_budget).at[-1].set(True)
+    g = jnp.argmax(fits, axis=0)  # the first prefix that fits
+    widths = jnp.asarray(spec.widths, jnp.int32)[g]
+    recon = jnp.take_along_axis(recons, g[None, :, None], axis=0)[0]
+    l0 = jnp.sum((f > 0) & (jnp.arange(spec.d_sae)[None, :] < widths[:, None]), -1)
+    return AdaptiveOutput(recon, widths, l0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +336,18 @@ def reconstruct(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array
 
 def _mse(xn: jax.Array, xn_hat: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum((xn - xn_hat) ** 2, axis=-1))
+
+
+def _inner_prefixes(spec: DictionarySpec, params: Params, t: kinds.TrainTerms) -> list[jax.Array]:
+    """Decodes [B, O] (no bias) of each Matryoshka prefix but the full one, from the step's one
+    encode: the selected values masked by prefix through the sparse decode (its backward included),
+    or dense activations accumulated group by group."""
+    inner = spec.matryoshka_widths[:-1]
+    if t.top_idx is not None and spec.topk_path != "dense":
+        return [topk_decode(jnp.where(t.top_idx < w, t.top_vals, 0.0), t.top_idx, params["W_dec"], path=spec.topk_path)
+                for w in inner]
+    parts = [_mm(t.acts[:, a:b], params["W_dec"][a:b], spec) for a, b in zip((0, *inner[:-1]), inner)]
+    return list(jnp.cumsum(jnp.stack(parts), axis=0))
 
 
 AUX_K_POOL = 4
@@ -351,7 +428,14 @@ def forward(
     top_idx, top_vals, batch_threshold = t.top_idx, t.top_vals, t.batch_threshold
 
     mse = _mse(yn, xn_hat)
-    losses = LossTerms(total=mse + sparsity + aux, mse=mse, sparsity=sparsity, aux=aux)
+    prefix_mse, recon_loss = None, mse
+    if spec.matryoshka_widths:
+        inner = _inner_prefixes(spec, params, t)
+        prefix_mse = jnp.stack([_mse(yn, r + params["b_dec"] + skip) for r in inner] + [mse])
+        # every prefix weighs the same (Bussmann et al. 2025); their mean keeps the loss on the scale
+        # of one reconstruction, so aux-k's coefficient and the learning rate mean what they do for SAEs
+        recon_loss = jnp.mean(prefix_mse)
+    losses = LossTerms(total=recon_loss + sparsity + aux, mse=mse, sparsity=sparsity, aux=aux, prefix_mse=prefix_mse)
     return ForwardOutput(
         recon=xn_hat / target_scale(spec, params),
         feature_acts=acts,

@@ -36,6 +36,9 @@ def make_spec(cfg: Config, d_in: int, d_out: int | None = None) -> dl.Dictionary
     d_sae = d.d_sae if d.d_sae is not None else d_in * d.expansion
     if dl.selects_k(d.activation) and d.k > d_sae:
         raise ConfigError(f"dictionary.k: k={d.k} exceeds d_sae={d_sae}; lower k or raise d_sae")
+    if d.matryoshka_widths and d.matryoshka_widths[-1] != d_sae:
+        raise ConfigError(f"dictionary.matryoshka_widths: the last width ({d.matryoshka_widths[-1]}) must equal "
+                          f"d_sae ({d_sae})")
     aux_k = 0
     if dl.selects_k(d.activation) and d.aux_k_coefficient > 0:
         aux_k = min(d.aux_k if d.aux_k is not None else max(d_in // 2, 1), d_sae)
@@ -50,6 +53,7 @@ def make_spec(cfg: Config, d_in: int, d_out: int | None = None) -> dl.Dictionary
         compute_dtype=cfg.train.compute_dtype,
         architecture=d.architecture,
         d_out=d_out,
+        matryoshka_widths=d.matryoshka_widths,
     )
 
 
