@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from jaxinterp.config import Config, config_from_dict
 
 
@@ -131,3 +133,15 @@ def tiny_model(cfg, seed: int = 0):
         base = 1.0 if name.endswith("norm.weight") or name.endswith("norm_weight") else 0.0
         p[...] = jnp.asarray(base + rng.normal(0, 0.3 if base == 0 else 0.1, shape), jnp.float32)
     return model
+
+
+def batch_topk_reference(r: np.ndarray, k: int, cap: int | None) -> tuple[np.ndarray, float]:
+    """BatchTopK of non-negative pre-activations r [B, F]: the k x B largest entries, chosen among
+    each row's top `cap` (None: every entry). Returns (activations, threshold)."""
+    cand = r if cap is None else np.take_along_axis(r, np.argsort(-r, -1)[:, :cap], -1)
+    kth = np.sort(cand.ravel())[-k * r.shape[0]]
+    keep = r >= kth
+    if cap is not None:
+        rank = np.argsort(np.argsort(-r, -1), -1)
+        keep &= rank < cap
+    return np.where(keep, r, 0.0), kth

@@ -18,7 +18,7 @@ from jaxinterp.data import make_source
 from jaxinterp.train import sharding
 from jaxinterp.train.step import build_step, init_state, make_spec, place_state
 
-from helpers import tiny_config
+from helpers import batch_topk_reference, tiny_config
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 B, D, F, K = 16, 8, 32, 4
@@ -52,7 +52,8 @@ def random_x(seed: int = 1) -> np.ndarray:
 
 
 def numpy_forward(kind: str, p: dict, x: np.ndarray, *, k: int, sparsity: float, aux: float,
-                  training: bool) -> dict[str, np.ndarray]:
+                  training: bool, cap: int | None = None) -> dict[str, np.ndarray]:
+    """`cap`: BatchTopK's per-row candidate limit (the sparse path's `ROW_CAP * k`; None: dense)."""
     p = {n: v.astype(np.float64) for n, v in p.items()}
     xn = x.astype(np.float64) * p["norm_scale"]
     xc = xn - p["b_dec"]
@@ -81,10 +82,7 @@ def numpy_forward(kind: str, p: dict, x: np.ndarray, *, k: int, sparsity: float,
             if kind == "jumprelu":
                 out["sparsity"] = sparsity * np.mean(np.sum(pre > p["threshold"], -1))
         else:  # batchtopk, training
-            r = np.maximum(pre, 0)
-            kth = np.sort(r.ravel())[-k * r.shape[0]]
-            acts = np.where(r >= kth, r, 0.0)
-            out["kth"] = kth
+            acts, out["kth"] = batch_topk_reference(np.maximum(pre, 0), k, cap)
     xn_hat = acts @ p["W_dec"] + p["b_dec"]
     out |= {"pre": pre, "acts": acts, "recon": xn_hat / p["norm_scale"],
             "mse": np.mean(np.sum((xn - xn_hat) ** 2, -1))}
@@ -101,13 +99,20 @@ def as_jax(p: dict) -> dl.Params:
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ("batchtopk-dense",))
 def test_forward_matches_numpy(kind, training, strict_promotion):
-    spec = dl.DictionarySpec(kind, D, F, k=K)
+    from jaxinterp.dictionaries.kinds import BATCHTOPK_ROW_CAP
+
+    kind, _, path = kind.partition("-")
+    spec = dl.DictionarySpec(kind, D, F, k=K, topk_path=path or "auto")
     p, x = random_params(kind), random_x()
     w = dl.LossWeights(sparsity=0.3, aux=0.7)
     out = dl.forward(spec, as_jax(p), jnp.asarray(x), w, training=training)
-    ref = numpy_forward(kind, p, x, k=K, sparsity=0.3, aux=0.7, training=training)
+    cap = None if path == "dense" else BATCHTOPK_ROW_CAP * K
+    ref = numpy_forward(kind, p, x, k=K, sparsity=0.3, aux=0.7, training=training, cap=cap)
+    if kind == "batchtopk" and training:  # the cap binds on some rows of these random inputs, or not at all
+        uncapped = numpy_forward(kind, p, x, k=K, sparsity=0.3, aux=0.7, training=True)["acts"]
+        assert (path == "dense") == np.array_equal(ref["acts"], uncapped)
 
     n_active = np.count_nonzero(ref["acts"])
     assert 0 < n_active < B * F, "the reference activation must be sparse but not empty"
@@ -124,7 +129,7 @@ def test_forward_matches_numpy(kind, training, strict_promotion):
         np.testing.assert_allclose(dense, ref["acts"], **TOL)
     if kind == "batchtopk" and training:
         np.testing.assert_allclose(out.batch_threshold, ref["kth"], **TOL)
-        assert np.count_nonzero(out.feature_acts) == K * B
+        assert np.count_nonzero(out.feature_acts) == K * B  # the cap lowers the threshold, the count stays
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -165,7 +170,10 @@ def test_batchtopk_warm_up_keeps_each_rows_top_k_and_the_batch_threshold():
     np.testing.assert_allclose(warm.feature_acts, want, **TOL)
     # both report the batch's k x B-th activation for the inference threshold
     np.testing.assert_allclose(warm.batch_threshold, batch.batch_threshold)
-    assert np.sort(np.maximum(pre, 0).ravel())[-K * B] == pytest.approx(float(batch.batch_threshold), rel=1e-5)
+    from jaxinterp.dictionaries.kinds import BATCHTOPK_ROW_CAP
+
+    _, kth = batch_topk_reference(np.maximum(pre, 0), K, BATCHTOPK_ROW_CAP * K)
+    assert kth == pytest.approx(float(batch.batch_threshold), rel=1e-5)
     assert not np.allclose(warm.feature_acts, batch.feature_acts)
 
 

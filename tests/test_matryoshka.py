@@ -22,7 +22,8 @@ from jaxinterp.config import ConfigError, MeshConfig
 from jaxinterp.data import make_source
 from jaxinterp.train import make_mesh
 from jaxinterp.train.step import build_step, init_state, make_spec, place_state
-from helpers import tiny_config
+from helpers import batch_topk_reference, tiny_config
+from jaxinterp.dictionaries.kinds import BATCHTOPK_ROW_CAP
 
 B, D, F, K = 16, 8, 32, 4
 WIDTHS = (4, 12, 32)
@@ -48,8 +49,7 @@ def _numpy_code(activation, p, x):
         f = np.zeros_like(pre)
         np.put_along_axis(f, idx, np.maximum(np.take_along_axis(pre, idx, -1), 0), -1)
     else:
-        r = np.maximum(pre, 0)
-        f = np.where(r >= np.sort(r.ravel())[-K * B], r, 0.0)
+        f, _ = batch_topk_reference(np.maximum(pre, 0), K, BATCHTOPK_ROW_CAP * K)
     return p, xn, f
 
 

@@ -157,7 +157,14 @@ def _train_topk(spec, p, xn, weights, training):
     return TrainTerms(scatter_dense(vals, idx, spec.d_sae), xn_hat, pre, top_idx=idx, top_vals=vals)
 
 
+BATCHTOPK_ROW_CAP = 2
+"""BatchTopK's sparse path keeps at most `BATCHTOPK_ROW_CAP * k` features in a row (its top ones):
+the batch's top k x B are chosen among those candidates."""
+
+
 def _train_batchtopk(spec, p, xn, weights, training):
+    if training and spec.topk_path != "dense":
+        return _train_batchtopk_sparse(spec, p, xn, weights)
     raw = _raw(spec, p, xn)
     pre = raw + p["b_enc"]
     if not training:  # the inference threshold
@@ -174,6 +181,25 @@ def _train_batchtopk(spec, p, xn, weights, training):
     row_acts = scatter_dense(jax.nn.relu(jnp.take_along_axis(pre, idx, axis=-1)), idx, spec.d_sae)
     acts = jnp.where(weights.row_topk, row_acts, acts)
     return TrainTerms(acts, _decode(spec, p, acts), pre, batch_threshold=kth)
+
+
+def _train_batchtopk_sparse(spec, p, xn, weights):
+    """Batch top-k through the sparse encode and decode of TopK: each row's top `ROW_CAP * k`
+    candidates (one row-wise top-k, a sparse backward), the batch's threshold as the (k x B)-th
+    largest candidate (a bisection over [B, ROW_CAP * k], not [B, F]), and the kept values decoded
+    from their rows of W_dec. Equal to the dense selection unless a row holds more than
+    `ROW_CAP * k` of the batch's top k x B; then that row keeps its top `ROW_CAP * k`."""
+    sg = jax.lax.stop_gradient
+    cap = min(int(BATCHTOPK_ROW_CAP * spec.k), spec.d_sae)
+    pre = _raw(spec, sg(p), xn) + sg(p["b_enc"])  # for metrics and aux-k only; no gradient
+    vals, idx = topk_encode(xn, p["b_pre"], p["W_enc"], p["b_enc"], cap, spec.compute_dtype)
+    kth = ops.kth_largest(sg(vals), spec.k * xn.shape[0])
+    # the warm-up keeps each row's top k (the candidates come sorted), as TopK: see below
+    keep = jnp.where(weights.row_topk, jnp.arange(cap) < spec.k, vals >= jnp.maximum(kth, 1e-12))
+    kept = jnp.where(keep, vals, 0.0)
+    xn_hat = topk_decode(kept, idx, p["W_dec"], path=spec.topk_path) + p["b_dec"]
+    return TrainTerms(scatter_dense(kept, idx, spec.d_sae), xn_hat, pre, top_idx=idx, top_vals=kept,
+                      batch_threshold=kth)
 
 
 def _train_jumprelu(spec, p, xn, weights, training):
