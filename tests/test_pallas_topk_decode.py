@@ -123,7 +123,7 @@ def _loss(decode, cot):
     return lambda vals, w_dec, b_dec, idx: jnp.sum(decode(vals, idx, w_dec, b_dec) * cot)
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("impl", ["dense", "sparse", "pallas"])
 def test_vjp_matches_grad_of_reference(impl):
     vals, idx, w_dec, b_dec = make_problem(6, 4, 1000, 100, F32, seed=6)
     cot = jax.random.normal(jax.random.PRNGKey(7), (6, 100), F32)
@@ -154,7 +154,7 @@ def _all_shapes(jaxpr):
     return shapes
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("impl", ["dense", "sparse", "pallas"])
 def test_backward_forms_no_dense_batch_by_features_matrix(impl):
     vals, idx, w_dec, b_dec = make_problem(6, 4, 1000, 100, F32)
     cot = jnp.ones((6, 100), F32)
@@ -162,17 +162,17 @@ def test_backward_forms_no_dense_batch_by_features_matrix(impl):
     shapes = _all_shapes(jax.make_jaxpr(grad)(vals, w_dec, b_dec, idx).jaxpr)
     assert (1000, 100) in shapes  # the walk does see the d_W_dec accumulator
     assert (6, 1000) not in shapes
-    if impl == "pallas":  # the reference forward gathers [B, K, D]; the kernel and the backward do not
+    if impl != "dense":  # the dense forward gathers [B, K, D]; the loops, the kernel and the backward do not
         assert (6, 4, 100) not in shapes
 
 
 def test_dispatch_choices():
     shapes = (4096, 32, 16384, 768)
-    assert tkd.resolve_impl("auto", shapes, F32, platform="cpu") == "reference"
+    assert tkd.resolve_impl("auto", shapes, F32, platform="cpu") == "sparse"
     assert tkd.resolve_impl("auto", shapes, BF16, platform="tpu") == "pallas_tpu"
     assert tkd.resolve_impl("auto", shapes, BF16, platform="gpu") == "pallas_gpu"
     assert tkd.resolve_impl("pallas", shapes, F32, platform="cpu") == "pallas_gpu"
-    assert tkd.resolve_impl("auto", (8, 2048, 16384, 768), F32, platform="tpu") == "reference"
+    assert tkd.resolve_impl("auto", (8, 2048, 16384, 768), F32, platform="tpu") == "sparse"
     with pytest.raises(ValueError, match="K=2048 needs 16.1 MiB of VMEM"):
         tkd.resolve_impl("pallas_tpu", (8, 2048, 16384, 768), F32, platform="tpu")
     assert tkd.can_use_pallas("tpu", (8, 1024, 16384, 768), "bfloat16")
@@ -182,7 +182,7 @@ def test_dispatch_choices():
     assert not tkd.can_use_pallas("cpu", shapes) and not tkd.can_use_pallas("gpu", (0, 32, 16384, 768))
 
 
-def test_auto_on_cpu_is_the_reference_and_keeps_leading_axes():
+def test_auto_on_cpu_is_the_sparse_loop_and_keeps_leading_axes():
     assert tkd.current_platform() == "cpu"
     vals, idx, w_dec, b_dec = make_problem(6, 4, 256, 64, BF16)
     out = tkd.topk_decode(vals.reshape(2, 3, 4), idx.reshape(2, 3, 4), w_dec, b_dec)

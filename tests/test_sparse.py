@@ -219,11 +219,34 @@ def test_kth_largest_local_with_ties():
         assert float(jax.jit(partial(ops.kth_largest, m=m))(jnp.asarray(x))) == _np_kth(x, m), m
 
 
-def test_auto_path_takes_the_kernel_only_where_one_compiles():
-    from jaxinterp.dictionaries.sparse import kernel_fits, resolve_topk_path
+def test_paths_are_the_kernel_packages_names_and_auto_takes_the_kernel_only_where_one_compiles():
+    from jaxinterp.dictionaries.sparse import resolve_path
 
     v, w = jnp.zeros((8, 32), jnp.float32), jnp.zeros((16384, 768), jnp.float32)
-    assert resolve_topk_path("auto", v, w) == ("pallas" if jax.default_backend() in ("gpu", "tpu") else "sparse")
-    assert resolve_topk_path("pallas", v, w) == "pallas" and resolve_topk_path("dense", v, w) == "sparse"
-    assert kernel_fits("gpu", (8, 32), (16384, 768), jnp.float32) and kernel_fits("tpu", (8, 32), (16384, 768), jnp.float32)
-    assert not kernel_fits("cpu", (8, 32), (16384, 768), jnp.float32)
+    assert resolve_path("auto", v, w) == ({"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "sparse"))
+    assert resolve_path("sparse", v, w) == "sparse" and resolve_path("dense", v, w) == "dense"
+    assert resolve_path("pallas", v, w) in ("pallas_gpu", "pallas_tpu")
+    with pytest.raises(ValueError, match="impl='fast'; choose one of"):
+        resolve_path("fast", v, w)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense", "pallas"])
+def test_one_device_training_runs_the_kernel_packages_own_backward(path, monkeypatch):
+    """Where no mesh axis splits the decode, the library calls `pallas_kernels.topk_decode` itself:
+    its custom VJP (not a second one) differentiates the step."""
+    from pallas_kernels.topk_decode import autodiff
+
+    from jaxinterp.dictionaries.sparse import topk_decode
+
+    calls = []
+    real = autodiff.decode_backward
+    monkeypatch.setattr(autodiff, "decode_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    vals = jnp.asarray(rng.uniform(size=(8, 4)), jnp.float32)
+    idx = jnp.asarray(rng.integers(0, 64, size=(8, 4)), jnp.int32)
+    w = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+    g = jax.grad(lambda v, w: jnp.sum(topk_decode(v, idx, w, path=path) ** 2), argnums=(0, 1))(vals, w)
+    want = jax.grad(lambda v, w: jnp.sum((dl.scatter_dense(v, idx, 64) @ w) ** 2), argnums=(0, 1))(vals, w)
+    assert calls, "the kernel package's backward did not run"
+    for a, b in zip(g, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -30,37 +30,25 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxinterp.dictionaries import ops
+from pallas_kernels.topk_decode import autodiff as kd
+from pallas_kernels.topk_decode import dispatch
 
 
-def _column(a_bk: jax.Array, j: jax.Array) -> jax.Array:
-    return lax.dynamic_index_in_dim(a_bk, j, axis=1, keepdims=False)
+# The loops (K gathers or scatter-adds of [B, D] rows) and the decode's backward are defined once,
+# in `pallas_kernels.topk_decode` (`dispatch.gather_accumulate`, `autodiff.gather_dot`,
+# `autodiff.scatter_rows`, `autodiff.decode_backward`); this module runs them on a device mesh.
 
 
-def _gather_accumulate_local(vals_bk, idx_bk, table_fd):
-    dtype = jnp.promote_types(vals_bk.dtype, table_fd.dtype)
+def _forward_local(impl: str):
+    """The per-device decode [B, D] float32 (no bias) of a resolved implementation."""
+    if impl == "sparse":
+        return kd.gather_accumulate
 
-    def body(j, acc_bd):
-        rows_bd = table_fd.at[_column(idx_bk, j)].get(mode="promise_in_bounds")
-        return acc_bd + _column(vals_bk, j)[:, None].astype(dtype) * rows_bd.astype(dtype)
+    def forward(vals_bk, idx_bk, table_fd):
+        bias = jnp.zeros((table_fd.shape[1],), table_fd.dtype)
+        return dispatch.decode_forward(vals_bk, idx_bk, table_fd, bias, impl, None).astype(jnp.float32)
 
-    return lax.fori_loop(0, vals_bk.shape[1], body, jnp.zeros((vals_bk.shape[0], table_fd.shape[1]), dtype))
-
-
-def _scatter_accumulate_local(vals_bk, idx_bk, rows_bd, n_rows):
-    def body(j, acc_fd):
-        upd_bd = _column(vals_bk, j)[:, None].astype(acc_fd.dtype) * rows_bd.astype(acc_fd.dtype)
-        return acc_fd.at[_column(idx_bk, j)].add(upd_bd, mode="promise_in_bounds")
-
-    return lax.fori_loop(0, vals_bk.shape[1], body, jnp.zeros((n_rows, rows_bd.shape[1]), jnp.float32))
-
-
-def _gather_dot_local(rows_bd, idx_bk, table_fd):
-    def body(j, acc_bk):
-        t_bd = table_fd.at[_column(idx_bk, j)].get(mode="promise_in_bounds")
-        col = jnp.sum(t_bd.astype(jnp.float32) * rows_bd.astype(jnp.float32), axis=-1)
-        return lax.dynamic_update_index_in_dim(acc_bk, col, j, axis=1)
-
-    return lax.fori_loop(0, idx_bk.shape[1], body, jnp.zeros(idx_bk.shape, jnp.float32))
+    return forward
 
 
 # Under a mesh the loops run inside shard_map: rows split over `data`, the F axis of the table over
@@ -84,17 +72,10 @@ def _local_ids(idx_bk, vals_bk, f_local, model):
     return jnp.clip(local, 0, f_local - 1), jnp.where(inside, vals_bk, jnp.zeros_like(vals_bk))
 
 
-def _kernel_accumulate_local(vals_bk, idx_bk, table_fd):
-    from pallas_kernels.topk_decode import topk_decode as kernel
-
-    bias = jnp.zeros((table_fd.shape[1],), table_fd.dtype)
-    return kernel(vals_bk, idx_bk, table_fd, bias, impl="pallas").astype(jnp.float32)
-
-
-def gather_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, table_fd: jax.Array, *, kernel: bool = False) -> jax.Array:
-    """out[b] = sum_k vals[b, k] * table[idx[b, k]]  -> [B, D]; through the Pallas kernel with
-    `kernel=True`."""
-    accumulate = _kernel_accumulate_local if kernel else _gather_accumulate_local
+def gather_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, table_fd: jax.Array, *, impl: str = "sparse") -> jax.Array:
+    """out[b] = sum_k vals[b, k] * table[idx[b, k]]  -> [B, D] float32, by the resolved `impl`
+    (`sparse` loops, a Pallas kernel, or the `dense` formula) on each device's block."""
+    accumulate = _forward_local(impl)
     data, model = _mesh_split(vals_bk.shape[0], table_fd.shape[0])
     if data is None and model is None:
         return accumulate(vals_bk, idx_bk, table_fd)
@@ -112,12 +93,12 @@ def scatter_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, rows_bd: jax.Array
     """out[idx[b, k]] += vals[b, k] * rows[b]  -> [F, D] (float32)."""
     data, model = _mesh_split(vals_bk.shape[0], n_rows)
     if data is None and model is None:
-        return _scatter_accumulate_local(vals_bk, idx_bk, rows_bd, n_rows)
+        return kd.scatter_rows(vals_bk, idx_bk, rows_bd, n_rows)
     f_local = n_rows // ops.mesh_axis_size(ops.MODEL) if model else n_rows
 
     def local(v, i, r):
         i, v = _local_ids(i, v, f_local, model)
-        out = _scatter_accumulate_local(v, i, r, f_local)
+        out = kd.scatter_rows(v, i, r, f_local)
         return lax.psum(out, data) if data else out
 
     return jax.shard_map(local, in_specs=(P(data, None), P(data, None), P(data, None)), out_specs=P(model, None),
@@ -128,13 +109,13 @@ def gather_dot(rows_bd: jax.Array, idx_bk: jax.Array, table_fd: jax.Array) -> ja
     """out[b, k] = <rows[b], table[idx[b, k]]>  -> [B, K] (float32)."""
     data, model = _mesh_split(rows_bd.shape[0], table_fd.shape[0])
     if data is None and model is None:
-        return _gather_dot_local(rows_bd, idx_bk, table_fd)
+        return kd.gather_dot(rows_bd, idx_bk, table_fd)
 
     def local(r, i, t):
         if model is None:
-            return _gather_dot_local(r, i, t)
+            return kd.gather_dot(r, i, t)
         li, ones = _local_ids(i, jnp.ones(i.shape, jnp.float32), t.shape[0], model)
-        return lax.psum(_gather_dot_local(r, li, t) * ones, model)
+        return lax.psum(kd.gather_dot(r, li, t) * ones, model)
 
     return jax.shard_map(local, in_specs=(P(data, None), P(data, None), P(model, None)), out_specs=P(data, None),
                          check_vma=False)(rows_bd, idx_bk, table_fd)
@@ -144,61 +125,45 @@ def gather_dot(rows_bd: jax.Array, idx_bk: jax.Array, table_fd: jax.Array) -> ja
 
 
 def topk_decode(vals_bk: jax.Array, idx_bk: jax.Array, w_dec_fd: jax.Array, *, path: str = "sparse") -> jax.Array:
-    """`x_hat[b] = sum_k vals[b, k] * W_dec[idx[b, k]]` (no bias), with a sparse backward.
+    """`x_hat[b] = sum_k vals[b, k] * W_dec[idx[b, k]]` (no bias) [B, D] in the operands' promoted
+    dtype (accumulated in float32), with the sparse backward of `pallas_kernels.topk_decode`.
 
-    `path`: `sparse` (plain-JAX gather loops), `pallas` (the Pallas kernel forward; interpret mode
-    on CPU), `auto` (the kernel where the backend and sizes allow it). The backward is the same
-    sparse one for every path."""
-    if resolve_topk_path(path, vals_bk, w_dec_fd) == "pallas":
-        return _topk_decode_kernel(vals_bk, idx_bk, w_dec_fd)
-    return _topk_decode_sparse(vals_bk, idx_bk, w_dec_fd)
-
-
-def resolve_topk_path(path: str, vals_bk: jax.Array, w_dec_fd: jax.Array) -> str:
-    """`pallas` or `sparse` for a requested path (`dense` is handled by the caller)."""
-    if path in ("sparse", "dense"):
-        return "sparse"
-    if path == "pallas":
-        return "pallas"
-    backend = jax.default_backend()
-    if backend not in ("gpu", "cuda", "rocm", "tpu"):  # on CPU the plain-JAX loops are the fast path
-        return "sparse"
-    return "pallas" if kernel_fits(backend, vals_bk.shape, w_dec_fd.shape, w_dec_fd.dtype) else "sparse"
+    `path` is the kernel package's vocabulary: `auto` (the Pallas kernel where the backend and sizes
+    allow it, else `sparse`), `pallas` (force the kernel; interpret mode on CPU), `sparse` (the
+    plain-JAX loops), `dense` (the [B, K, D] formula). On one device, or where no mesh axis splits
+    the problem, this is the kernel package's own differentiable `topk_decode`; under a mesh the same
+    forward and the same backward run on each device's block (`decode_backward` with the loops
+    wrapped in `shard_map`)."""
+    impl = resolve_path(path, vals_bk, w_dec_fd)
+    dtype = jnp.promote_types(vals_bk.dtype, w_dec_fd.dtype)
+    data, model = _mesh_split(vals_bk.shape[0], w_dec_fd.shape[0])
+    if data is None and model is None:
+        bias = jnp.zeros((w_dec_fd.shape[1],), w_dec_fd.dtype)
+        return kd.topk_decode(vals_bk, idx_bk, w_dec_fd, bias, impl=impl).astype(dtype)
+    return _topk_decode_mesh(vals_bk, idx_bk, w_dec_fd, impl).astype(dtype)
 
 
-def kernel_fits(backend: str, vals_shape, table_shape, dtype) -> bool:
-    """Whether the Pallas decode kernel of `backend` takes vals [B, K] against a table [F, D]."""
-    from pallas_kernels.topk_decode import can_use_pallas
-
-    (b, k), (f, d) = vals_shape, table_shape
-    return can_use_pallas(backend, (b, k, f, d), dtype)
+def resolve_path(path: str, vals_bk: jax.Array, w_dec_fd: jax.Array) -> str:
+    """The concrete implementation (`pallas_tpu`, `pallas_gpu`, `sparse`, `dense`) for `path`."""
+    return dispatch.resolve_impl(path, dispatch.problem_shapes(vals_bk, w_dec_fd), w_dec_fd.dtype)
 
 
-def _topk_decode_bwd(res, g_bd):
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _topk_decode_mesh(vals_bk, idx_bk, w_dec_fd, impl):
+    return gather_accumulate(vals_bk, idx_bk, w_dec_fd, impl=impl)
+
+
+def _topk_decode_mesh_fwd(vals_bk, idx_bk, w_dec_fd, impl):
+    return gather_accumulate(vals_bk, idx_bk, w_dec_fd, impl=impl), (vals_bk, idx_bk, w_dec_fd)
+
+
+def _topk_decode_mesh_bwd(impl, res, g_bd):
     vals_bk, idx_bk, w_dec_fd = res
-    d_vals = gather_dot(g_bd, idx_bk, w_dec_fd).astype(vals_bk.dtype)
-    d_w = scatter_accumulate(vals_bk, idx_bk, g_bd, w_dec_fd.shape[0]).astype(w_dec_fd.dtype)
+    d_vals, d_w = kd.decode_backward(vals_bk, idx_bk, w_dec_fd, g_bd, dot=gather_dot, scatter=scatter_accumulate)
     return d_vals, None, d_w
 
 
-@jax.custom_vjp
-def _topk_decode_sparse(vals_bk, idx_bk, w_dec_fd):
-    return gather_accumulate(vals_bk, idx_bk, w_dec_fd)
-
-
-_topk_decode_sparse.defvjp(lambda v, i, w: (gather_accumulate(v, i, w), (v, i, w)), _topk_decode_bwd)
-
-
-def _kernel_accumulate(v, i, w):
-    return gather_accumulate(v, i, w, kernel=True)
-
-
-@jax.custom_vjp
-def _topk_decode_kernel(vals_bk, idx_bk, w_dec_fd):
-    return _kernel_accumulate(vals_bk, idx_bk, w_dec_fd)
-
-
-_topk_decode_kernel.defvjp(lambda v, i, w: (_kernel_accumulate(v, i, w), (v, i, w)), _topk_decode_bwd)
+_topk_decode_mesh.defvjp(_topk_decode_mesh_fwd, _topk_decode_mesh_bwd)
 
 
 def _encode_fwd_impl(x_bd, b_dec_d, w_enc_df, b_enc_f, k, compute_dtype):

@@ -21,10 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.topk_decode import dispatch
-
-
-def _column(a_bk: jax.Array, j) -> jax.Array:
-    return lax.dynamic_index_in_dim(a_bk, j, axis=1, keepdims=False)
+from pallas_kernels.topk_decode.dispatch import column, gather_accumulate  # noqa: F401  (the forward loop)
 
 
 def gather_dot(g_bd: jax.Array, idx_bk: jax.Array, table_fd: jax.Array) -> jax.Array:
@@ -32,7 +29,7 @@ def gather_dot(g_bd: jax.Array, idx_bk: jax.Array, table_fd: jax.Array) -> jax.A
     g32 = g_bd.astype(jnp.float32)
 
     def body(j, acc_bk):
-        rows_bd = table_fd.at[_column(idx_bk, j)].get(mode="promise_in_bounds").astype(jnp.float32)
+        rows_bd = table_fd.at[column(idx_bk, j)].get(mode="promise_in_bounds").astype(jnp.float32)
         return lax.dynamic_update_index_in_dim(acc_bk, jnp.sum(rows_bd * g32, axis=-1), j, axis=1)
 
     return lax.fori_loop(0, idx_bk.shape[1], body, jnp.zeros(idx_bk.shape, jnp.float32))
@@ -43,8 +40,8 @@ def scatter_rows(vals_bk: jax.Array, idx_bk: jax.Array, g_bd: jax.Array, n_rows:
     g32 = g_bd.astype(jnp.float32)
 
     def body(j, acc_fd):
-        upd_bd = _column(vals_bk, j).astype(jnp.float32)[:, None] * g32
-        return acc_fd.at[_column(idx_bk, j)].add(upd_bd, mode="promise_in_bounds")
+        upd_bd = column(vals_bk, j).astype(jnp.float32)[:, None] * g32
+        return acc_fd.at[column(idx_bk, j)].add(upd_bd, mode="promise_in_bounds")
 
     return lax.fori_loop(0, idx_bk.shape[1], body, jnp.zeros((n_rows, g_bd.shape[1]), jnp.float32))
 
@@ -59,10 +56,18 @@ def _decode_fwd(vals_bk, idx_bk, w_dec_fd, b_dec_d, impl, interpret):
     return out, (vals_bk, idx_bk, w_dec_fd, b_dec_d)
 
 
+def decode_backward(vals_bk, idx_bk, w_dec_fd, g_bd, *, dot=gather_dot, scatter=scatter_rows):
+    """(d_vals [B, K], d_W_dec [F, D]) of the decode for the cotangent `g_bd`: the one backward of
+    every forward here. `dot` / `scatter` default to the loops above; `jaxinterp` passes the same
+    loops wrapped for a device mesh (each device's block, summed over the others)."""
+    d_vals = dot(g_bd, idx_bk, w_dec_fd).astype(vals_bk.dtype)
+    d_w = scatter(vals_bk, idx_bk, g_bd, w_dec_fd.shape[0]).astype(w_dec_fd.dtype)
+    return d_vals, d_w
+
+
 def _decode_bwd(impl, interpret, res, g_bd):
     vals_bk, idx_bk, w_dec_fd, b_dec_d = res
-    d_vals = gather_dot(g_bd, idx_bk, w_dec_fd).astype(vals_bk.dtype)
-    d_w = scatter_rows(vals_bk, idx_bk, g_bd, w_dec_fd.shape[0]).astype(w_dec_fd.dtype)
+    d_vals, d_w = decode_backward(vals_bk, idx_bk, w_dec_fd, g_bd)
     d_b = jnp.sum(g_bd.astype(jnp.float32), axis=0).astype(b_dec_d.dtype)
     return d_vals, None, d_w, d_b
 
