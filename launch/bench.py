@@ -29,7 +29,8 @@ def _train(args) -> dict:
                              step_repeats=args.steps, sources=tuple(args.source))
         return res, train_loop.format_human
 
-    res = train_throughput.run(steps=args.steps, compare=args.compare, sparsify_python=args.sparsify_python)
+    res = train_throughput.run(steps=args.steps, compare=args.compare, sparsify_python=args.sparsify_python,
+                               vs_topk=tuple(args.vs_topk))
     return res, train_throughput.format_human
 
 
@@ -96,6 +97,8 @@ def main() -> int:
     t.add_argument("--source", nargs="+", default=["npy"], choices=["npy", "cache", "synthetic"],
                    help="--loop: data sources to train from (the first gives the whole-process figure)")
     t.add_argument("--work-dir", help="--loop: where the activation file and runs go (default: a temp folder)")
+    t.add_argument("--vs-topk", nargs="+", default=[], metavar="ACTIVATION",
+                   help="also time these activations against TopK on the first case, alternately (e.g. batchtopk)")
     c = sub.add_parser("convergence", help="mmcs, explained variance, dead fraction on synthetic tasks: "
                                           "earlier defaults, project defaults, sparsify")
     c.add_argument("--tasks", nargs="+", help="task names (default: all; see jaxinterp/benchmarks/convergence.py)")

@@ -132,8 +132,26 @@ def sparsify_tokens_per_s(case: Case, steps: int, python: str | None) -> float |
     return float(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
 
 
+def activation_ratios(activations: tuple[str, ...], steps: int, repeats: int = 2) -> list[dict]:
+    """Each activation's step tokens/s on the first CPU case against TopK's, timed alternately in
+    this run (`repeats` rounds; the ratio of each round, and their median)."""
+    base = CPU_CASES[0]
+    rows = []
+    for act in activations:
+        ratios, own, topk = [], [], []
+        for _ in range(repeats):
+            t_topk = time_case(base, steps)
+            t_act = time_case(dataclasses.replace(base, activation=act), steps)
+            ratios.append(t_topk / t_act)
+            own.append(base.batch_size / t_act)
+            topk.append(base.batch_size / t_topk)
+        rows.append({"activation": act, "tokens_per_s": float(np.median(own)), "topk_tokens_per_s": float(np.median(topk)),
+                     "ratio_vs_topk": float(np.median(ratios)), "ratios": ratios})
+    return rows
+
+
 def run(*, steps: int = 10, compare: str | None = None, sparsify_python: str | None = None,
-        cases: tuple[Case, ...] | None = None) -> dict:
+        cases: tuple[Case, ...] | None = None, vs_topk: tuple[str, ...] = ()) -> dict:
     platform = jax.devices()[0].platform
     if cases is None:
         cases = GPU_CASES if platform == "gpu" else CPU_CASES
@@ -172,6 +190,8 @@ def run(*, steps: int = 10, compare: str | None = None, sparsify_python: str | N
         "fraction_of_matmul": head["fraction_of_matmul"],
         "cases": results,
     }
+    if vs_topk:
+        out["vs_topk"] = activation_ratios(vs_topk, steps)
     if "ratio_vs_sparsify" in head:
         out["sparsify_tokens_per_s"] = head["sparsify_tokens_per_s"]
         out["ratio_vs_sparsify"] = head["ratio_vs_sparsify"]
@@ -193,6 +213,10 @@ def format_human(res: dict) -> str:
         lines.append(s)
     if "sparsify" in res:
         lines.append(f"  sparsify: {res['sparsify']}")
+    for r in res.get("vs_topk", []):
+        lines.append(f"  {r['activation']}: {r['tokens_per_s']:,.0f} tokens/s against TopK's {r['topk_tokens_per_s']:,.0f} "
+                     f"(same case, alternated) -> ratio {r['ratio_vs_topk']:.2f} (rounds: "
+                     f"{', '.join(f'{x:.2f}' for x in r['ratios'])})")
     return "\n".join(lines)
 
 
