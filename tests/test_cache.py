@@ -290,3 +290,34 @@ def test_config_and_site_errors(assets, cache, tmp_path):
         make_source(config_from_dict(raw))
     with pytest.raises(DataError, match=f"--contexts 1000: the corpus has {N} train contexts"):
         harvest(config_from_dict(raw), tmp_path / "c", contexts=1000, progress=False)
+
+
+def test_a_two_site_cache_trains_a_transcoder_as_the_live_pair_does(assets, lm, tmp_path):
+    """`data.target_site`: one harvest writes both sites side by side, the manifest names the pair, a
+    transcoder trains on it with the target's loss recovered, and `launch/eval.py` reads the pair
+    back from the run's artifact."""
+    model, tok = lm
+    raw = _raw(assets, tmp_path, site="blocks.1.mlp_in", target_site="blocks.1.mlp_out")
+    raw["dictionary"]["architecture"] = "skip_transcoder"
+    cfg = config_from_dict(raw)
+    manifest = harvest(cfg, tmp_path / "cache", contexts=40, progress=False, model=model, tokenizer=tok)
+    assert (manifest["site"], manifest["target_site"]) == ("blocks.1.mlp_in", "blocks.1.mlp_out")
+    first = np.load(tmp_path / "cache" / manifest["chunks"][0]["file"])
+    ctx = ModelSource(DataConfig(source="model", site="blocks.1.mlp_in", model=manifest["model"],
+                                 corpus=manifest["corpus"], context_length=T, chunk_contexts=8, eval_fraction=0.2),
+                      batch_size=8, seed=0, model=model, tokenizer=tok).train_contexts[manifest["chunks"][0]["contexts"]]
+    want = site_activations(model, ctx, ("blocks.1.mlp_in", "blocks.1.mlp_out"))
+    assert first.shape == (8 * (T - 1), 64)
+    np.testing.assert_array_equal(_sorted_rows(first), _sorted_rows(want))
+    with pytest.raises(DataError, match="data.target_site is None, but the cache .* holds target site 'blocks.1.mlp_out'"):
+        CacheSource(DataConfig(source="cache", path=str(tmp_path / "cache")), 64, 0)
+
+    final = train(cfg, log=lambda s: None)
+    assert {"ce_loss_score", "kl_div_score", "explained_variance"} <= set(final)
+    out = subprocess.run([sys.executable, "launch/eval.py", "--checkpoint", str(tmp_path / "run" / "dictionary"),
+                          "--corpus", str(assets / "corpus"), "--contexts", "2", "--json"],
+                         capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert (res["site"], res["target_site"]) == ("blocks.1.mlp_in", "blocks.1.mlp_out")
+    assert np.isfinite(res["ce_loss_score"]) and np.isfinite(res["explained_variance"])

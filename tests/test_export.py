@@ -227,3 +227,18 @@ def test_transcoders_saelens_cannot_hold_are_refused_by_name(tmp_path, activatio
     spec, params = random_transcoder(activation, arch)
     with pytest.raises(ExportError, match=f"SAELens has no {activation} {arch}"):
         export_saelens(tmp_path / "tc", spec, params)
+
+
+@pytest.mark.parametrize("activation,name", [("batchtopk", "jumprelu"), ("topk", "topk")])
+def test_matryoshka_exports_as_saelens_saves_it(tmp_path, activation, name):
+    """As SAELens saves a trained Matryoshka SAE: the full dictionary as a JumpReLU with the
+    BatchTopK threshold (or a TopK); the widths ride along in the metadata."""
+    spec, params = random_dictionary(activation, seed=8)
+    spec = dl.DictionarySpec(activation=activation, d_in=D_IN, d_sae=D_SAE, k=K,
+                             matryoshka_widths=(D_SAE // 4, D_SAE // 2, D_SAE))
+    x = raw_inputs(seed=9)
+    out = export_saelens(tmp_path / "m", spec, params)
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == name and cfg["metadata"]["matryoshka_widths"] == [D_SAE // 4, D_SAE // 2, D_SAE]
+    ours = np.asarray(dl.reconstruct(spec, params, x))
+    np.testing.assert_allclose(saelens_reconstruct(out, x), ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())

@@ -115,6 +115,8 @@ def export_saelens(
     }
     if spec.kind.saelens_k:
         cfg["k"] = spec.k
+    if spec.matryoshka_widths:  # SAELens runs the full dictionary; the nesting is kept for the record
+        cfg["metadata"]["matryoshka_widths"] = list(spec.matryoshka_widths)
     if spec.arch.reads_target:
         cfg["d_out"] = spec.d_out
         cfg["metadata"]["hook_name_out"] = hook_name_out or "unknown"
