@@ -6,8 +6,9 @@ from the same seed):
         --dictionary runs/default --steer blocks.15.resid_post:feature=123:add=4 \
         --steer blocks.15.resid_post:vector=v.npy:scale=8 [--spec steer.json] [--json]
 
-`--model`: a registry name, an HF checkpoint directory or a .gguf file. `--dictionary [SITE=]RUN_DIR`
-attaches a trained dictionary (at its own site unless SITE= is given) for feature steering. Greedy
+`--model`: a registry name, an HF checkpoint directory or a .gguf file. `--dictionary [SITE=]PATH`
+attaches a trained dictionary, a run directory or a dictionary directory (at its own site unless
+SITE= is given; a transcoder reads its input site and writes its target), for feature steering. Greedy
 unless --temperature is given. `--json` prints one object per prompt: `prompt`, `text` (the
 continuation; steered when steering is given) and `unsteered` (equal to `text` without steering),
 plus `steered` when steering is given.
@@ -32,7 +33,7 @@ def main() -> int:
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one batch)")
     ap.add_argument("--steer", action="append", default=[], help="SITE:feature=ID:add=V | SITE:vector=FILE.npy:scale=V ...")
     ap.add_argument("--spec", help="a JSON file: a list of SteeringVector fields")
-    ap.add_argument("--dictionary", action="append", default=[], help="[SITE=]RUN_DIR of a trained dictionary")
+    ap.add_argument("--dictionary", action="append", default=[], help="[SITE=]PATH: a run or dictionary directory")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
