@@ -100,15 +100,16 @@ def as_jax(p: dict) -> dl.Params:
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("kind", KINDS + ("batchtopk-dense",))
-def test_forward_matches_numpy(kind, training, strict_promotion):
-    from jaxinterp.dictionaries.kinds import BATCHTOPK_ROW_CAP
+def test_forward_matches_numpy(kind, training, strict_promotion, monkeypatch):
+    from jaxinterp.dictionaries import kinds
 
+    monkeypatch.setattr(kinds, "BATCHTOPK_ROW_EXTRA", 0)  # a cap of 2k = 8 candidates, which binds here
     kind, _, path = kind.partition("-")
     spec = dl.DictionarySpec(kind, D, F, k=K, topk_path=path or "auto")
     p, x = random_params(kind), random_x()
     w = dl.LossWeights(sparsity=0.3, aux=0.7)
     out = dl.forward(spec, as_jax(p), jnp.asarray(x), w, training=training)
-    cap = None if path == "dense" else BATCHTOPK_ROW_CAP * K
+    cap = None if path == "dense" else kinds.batchtopk_cap(K, F)
     ref = numpy_forward(kind, p, x, k=K, sparsity=0.3, aux=0.7, training=training, cap=cap)
     if kind == "batchtopk" and training:  # the cap binds on some rows of these random inputs, or not at all
         uncapped = numpy_forward(kind, p, x, k=K, sparsity=0.3, aux=0.7, training=True)["acts"]
@@ -170,9 +171,9 @@ def test_batchtopk_warm_up_keeps_each_rows_top_k_and_the_batch_threshold():
     np.testing.assert_allclose(warm.feature_acts, want, **TOL)
     # both report the batch's k x B-th activation for the inference threshold
     np.testing.assert_allclose(warm.batch_threshold, batch.batch_threshold)
-    from jaxinterp.dictionaries.kinds import BATCHTOPK_ROW_CAP
+    from jaxinterp.dictionaries.kinds import batchtopk_cap
 
-    _, kth = batch_topk_reference(np.maximum(pre, 0), K, BATCHTOPK_ROW_CAP * K)
+    _, kth = batch_topk_reference(np.maximum(pre, 0), K, batchtopk_cap(K, F))
     assert kth == pytest.approx(float(batch.batch_threshold), rel=1e-5)
     assert not np.allclose(warm.feature_acts, batch.feature_acts)
 

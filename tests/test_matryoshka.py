@@ -23,7 +23,7 @@ from jaxinterp.data import make_source
 from jaxinterp.train import make_mesh
 from jaxinterp.train.step import build_step, init_state, make_spec, place_state
 from helpers import batch_topk_reference, tiny_config
-from jaxinterp.dictionaries.kinds import BATCHTOPK_ROW_CAP
+from jaxinterp.dictionaries.kinds import batchtopk_cap
 
 B, D, F, K = 16, 8, 32, 4
 WIDTHS = (4, 12, 32)
@@ -49,7 +49,7 @@ def _numpy_code(activation, p, x):
         f = np.zeros_like(pre)
         np.put_along_axis(f, idx, np.maximum(np.take_along_axis(pre, idx, -1), 0), -1)
     else:
-        f, _ = batch_topk_reference(np.maximum(pre, 0), K, BATCHTOPK_ROW_CAP * K)
+        f, _ = batch_topk_reference(np.maximum(pre, 0), K, batchtopk_cap(K, F))
     return p, xn, f
 
 

@@ -24,7 +24,7 @@ from jaxinterp.data import make_source
 from jaxinterp.train import make_mesh
 from jaxinterp.train.step import build_step, init_state, make_spec, place_state
 from helpers import batch_topk_reference, tiny_config
-from jaxinterp.dictionaries.kinds import BATCHTOPK_ROW_CAP
+from jaxinterp.dictionaries.kinds import batchtopk_cap
 
 B, D, O, F, K = 16, 8, 6, 32, 4
 ARCHS = ("transcoder", "skip_transcoder")
@@ -83,7 +83,7 @@ def numpy_forward(activation: str, p: dict, batch: np.ndarray, *, training: bool
             if activation == "jumprelu":
                 out["sparsity"] = sparsity * np.mean(np.sum(pre > p["threshold"], -1))
         else:  # batchtopk, training, past its warm-up
-            acts, _ = batch_topk_reference(np.maximum(pre, 0), K, BATCHTOPK_ROW_CAP * K)
+            acts, _ = batch_topk_reference(np.maximum(pre, 0), K, batchtopk_cap(K, F))
     yn_hat = acts @ p["W_dec"] + p["b_dec"] + skip
     out |= {"pre": pre, "acts": acts, "recon": yn_hat / p["norm_scale_out"], "mse": np.mean(np.sum((yn - yn_hat) ** 2, -1))}
     return out

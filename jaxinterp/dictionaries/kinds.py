@@ -158,8 +158,16 @@ def _train_topk(spec, p, xn, weights, training):
 
 
 BATCHTOPK_ROW_CAP = 2
-"""BatchTopK's sparse path keeps at most `BATCHTOPK_ROW_CAP * k` features in a row (its top ones):
-the batch's top k x B are chosen among those candidates."""
+"""BatchTopK's sparse path keeps at most `batchtopk_cap(k)` features in a row (its top ones): the
+batch's top k x B are chosen among those candidates."""
+BATCHTOPK_ROW_EXTRA = 32
+"""... and at least k + this many (a small k leaves rows of many active features too little room:
+at k 4 a cap of 8 lowered the batch threshold, and so the inference l0, by half)."""
+
+
+def batchtopk_cap(k: int, d_sae: int) -> int:
+    """Candidates per row on BatchTopK's sparse path: max(ROW_CAP * k, k + ROW_EXTRA), at most d_sae."""
+    return min(max(BATCHTOPK_ROW_CAP * k, k + BATCHTOPK_ROW_EXTRA), d_sae)
 
 
 def _train_batchtopk(spec, p, xn, weights, training):
@@ -184,13 +192,13 @@ def _train_batchtopk(spec, p, xn, weights, training):
 
 
 def _train_batchtopk_sparse(spec, p, xn, weights):
-    """Batch top-k through the sparse encode and decode of TopK: each row's top `ROW_CAP * k`
+    """Batch top-k through the sparse encode and decode of TopK: each row's top `batchtopk_cap`
     candidates (one row-wise top-k, a sparse backward), the batch's threshold as the (k x B)-th
-    largest candidate (a bisection over [B, ROW_CAP * k], not [B, F]), and the kept values decoded
-    from their rows of W_dec. Equal to the dense selection unless a row holds more than
-    `ROW_CAP * k` of the batch's top k x B; then that row keeps its top `ROW_CAP * k`."""
+    largest candidate (a bisection over [B, cap], not [B, F]), and the kept values decoded from
+    their rows of W_dec. Equal to the dense selection unless a row holds more than `cap` of the
+    batch's top k x B; then that row keeps its top `cap`."""
     sg = jax.lax.stop_gradient
-    cap = min(int(BATCHTOPK_ROW_CAP * spec.k), spec.d_sae)
+    cap = batchtopk_cap(spec.k, spec.d_sae)
     pre = _raw(spec, sg(p), xn) + sg(p["b_enc"])  # for metrics and aux-k only; no gradient
     vals, idx = topk_encode(xn, p["b_pre"], p["W_enc"], p["b_enc"], cap, spec.compute_dtype)
     kth = ops.kth_largest(sg(vals), spec.k * xn.shape[0])
