@@ -49,9 +49,8 @@ def batch_sums(spec: dl.DictionarySpec, params: dl.Params, x_bd: jax.Array, n_ro
     prefix = {}
     if spec.matryoshka_widths:  # every prefix but the full one, which the sums above already hold
         inner = spec.matryoshka_widths[:-1]
-        prefix["prefix_sq_err"] = jnp.stack([
-            jnp.sum(w * jnp.sum((x - dl.decode(spec, params, acts, width=wd) - dl.skip_out(spec, params, inputs)) ** 2, -1))
-            for wd in inner])
+        recons = dl.decode_prefixes(spec, params, acts, inputs)[:-1]  # [G - 1, B, O]
+        prefix["prefix_sq_err"] = jnp.sum(w * jnp.sum((x[None] - recons) ** 2, -1), -1)
         prefix["prefix_l0"] = jnp.stack([jnp.sum(on[:, :wd]).astype(jnp.float32) for wd in inner])
     return prefix | {
         "n": jnp.sum(w),

@@ -19,7 +19,6 @@ import json
 import shutil
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -125,10 +124,6 @@ def _rowwise(fn, d: Dictionary, a, width: int) -> jax.Array:
     return out.reshape(*a.shape[:-1], out.shape[-1])
 
 
-def _spec_dict(spec: sae.DictionarySpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)
-
-
 def save(path: str | Path, dictionary: Dictionary, *, overwrite: bool = True) -> Path:
     """Write `dictionary` to the directory `path` (replacing what a previous save left there when
     `overwrite`); returns the directory."""
@@ -148,7 +143,7 @@ def save(path: str | Path, dictionary: Dictionary, *, overwrite: bool = True) ->
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / WEIGHTS, params)
         ckptr.wait_until_finished()
-    meta = {"format": FORMAT, "spec": _spec_dict(dictionary.spec), "site": dictionary.site,
+    meta = {"format": FORMAT, "spec": dataclasses.asdict(dictionary.spec), "site": dictionary.site,
             "target_site": dictionary.target_site, "model": dictionary.model, "metadata": dictionary.metadata}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     tmp.rename(out)  # a dictionary directory appears whole or not at all

@@ -285,10 +285,11 @@ class Architecture(NamedTuple):
     name as it is); an activation missing here has no SAELens counterpart in this architecture."""
 
     def init(self, d_in: int, d_out: int) -> dict[str, jax.Array]:
-        """The extra parameters of a fresh dictionary (zeros; scales one)."""
+        """The extra parameters of a fresh dictionary: the buffers (scales) one, the rest zero."""
         dims = {"d_in": d_in, "d_out": d_out}
-        return {name: (jnp.ones if not axes else jnp.zeros)(tuple(dims[d] for d in shape.split()), jnp.float32)
-                for name, (axes, shape) in self.params.items()}
+        return {name: (jnp.ones if name in self.buffers else jnp.zeros)(tuple(dims[d] for d in shape.split()),
+                                                                        jnp.float32)
+                for name, (_, shape) in self.params.items()}
 
     def skip_out(self, params: dict[str, jax.Array], xn: jax.Array, compute_dtype: str = "float32"):
         """The skip path's contribution [..., D_out] (normalised target units), 0.0 without one."""

@@ -268,6 +268,23 @@ def decode_sparse(spec: DictionarySpec, params: Params, vals_bk: jax.Array, ids_
     return (xn_hat + params["b_dec"]) / target_scale(spec, params)
 
 
+def _group_cumsum(spec: DictionarySpec, params: Params, acts: jax.Array, widths: tuple[int, ...]) -> jax.Array:
+    """acts[:, :w] @ W_dec[:w] [G, B, O] for each width w (normalised, no bias), in one pass: each
+    group of features decoded once and the groups accumulated."""
+    parts = [_mm(acts[:, a:b], params["W_dec"][a:b], spec) for a, b in zip((0, *widths[:-1]), widths)]
+    return jnp.cumsum(jnp.stack(parts), axis=0)
+
+
+def decode_prefixes(spec: DictionarySpec, params: Params, feature_acts: jax.Array, x: jax.Array | None = None
+                    ) -> jax.Array:
+    """`decode(..., width=w)` for every width of `spec.widths` at once [G, B, O] (raw target units),
+    plus the skip path of raw inputs `x` when given."""
+    xn_hat = _group_cumsum(spec, params, feature_acts, spec.widths) + params["b_dec"]
+    if x is not None:
+        xn_hat = xn_hat + spec.arch.skip_out(params, _normalise(params, x), spec.compute_dtype)
+    return xn_hat / target_scale(spec, params)
+
+
 def skip_out(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array | float:
     """The skip path's output [B, O] for raw inputs `x` in raw target units (0.0 without one)."""
     out = spec.arch.skip_out(params, _normalise(params, x), spec.compute_dtype)
@@ -282,8 +299,7 @@ def reconstruct(spec: DictionarySpec, params: Params, x: jax.Array, *, width=Non
     if spec.kind.row_topk and spec.topk_path != "dense":
         vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, x)), spec.k)
         vals = jax.nn.relu(vals) if width is None else jnp.where(idx < width, jax.nn.relu(vals), 0.0)
-        xn_hat = topk_decode(vals, idx, params["W_dec"], path=spec.topk_path) + params["b_dec"]
-        return xn_hat / target_scale(spec, params) + skip_out(spec, params, x)
+        return decode_sparse(spec, params, vals, idx) + skip_out(spec, params, x)
     return decode(spec, params, encode(spec, params, x), width=width) + skip_out(spec, params, x)
 
 
@@ -315,12 +331,7 @@ def adaptive_reconstruct(spec: DictionarySpec, params: Params, x: jax.Array, rul
     y = (x if target is None else target).astype(jnp.float32)
     f = encode(spec, params, x)
     f = jnp.where(f > rule.threshold, f, 0.0)
-    starts = (0, *spec.widths[:-1])
-    parts = [_mm(f[:, a:b], params["W_dec"][a:b], spec) for a, b in zip(starts, spec.widths)]
-    scale = target_scale(spec, params)
-    base = params["b_dec"] + spec.arch.skip_out(params, _normalise(params, x), spec.compute_dtype)
-    recons = jnp.cumsum(jnp.stack(parts), axis=0) + base  # [G, B, O] normalised
-    recons = recons / scale
+    recons = decode_prefixes(spec, params, f, x)  # [G, B, O]
     err = jnp.sum((y[None] - recons) ** 2, -1) / jnp.maximum(jnp.sum(y**2, -1), 1e-12)  # [G, B]
     fits = (err <= rule.error_budget).at[-1].set(True)
     g = jnp.argmax(fits, axis=0)  # the first prefix that fits
@@ -346,8 +357,7 @@ def _inner_prefixes(spec: DictionarySpec, params: Params, t: kinds.TrainTerms) -
     if t.top_idx is not None and spec.topk_path != "dense":
         return [topk_decode(jnp.where(t.top_idx < w, t.top_vals, 0.0), t.top_idx, params["W_dec"], path=spec.topk_path)
                 for w in inner]
-    parts = [_mm(t.acts[:, a:b], params["W_dec"][a:b], spec) for a, b in zip((0, *inner[:-1]), inner)]
-    return list(jnp.cumsum(jnp.stack(parts), axis=0))
+    return list(_group_cumsum(spec, params, t.acts, inner))
 
 
 AUX_K_POOL = 4
@@ -418,7 +428,7 @@ def forward(
     """
     x, y = split(spec, batch)
     xn = _normalise(params, x)
-    yn = y.astype(jnp.float32) * target_scale(spec, params)
+    yn = y.astype(jnp.float32) * target_scale(spec, params) if spec.arch.reads_target else xn
     skip = spec.arch.skip_out(params, xn, spec.compute_dtype)
     view = params | {"b_pre": _pre_bias(spec, params), "target": yn, "skip": skip}
     t = spec.kind.train(spec, view, xn, weights, training)
