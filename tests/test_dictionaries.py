@@ -8,6 +8,8 @@ The references below are written from the definitions, in float64:
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,13 +171,21 @@ def test_batchtopk_warm_up_keeps_each_rows_top_k_and_the_batch_threshold():
     want = np.zeros_like(pre)
     np.put_along_axis(want, top, np.maximum(np.take_along_axis(pre, top, -1), 0.0), -1)
     np.testing.assert_allclose(warm.feature_acts, want, **TOL)
-    # both report the batch's k x B-th activation for the inference threshold
-    np.testing.assert_allclose(warm.batch_threshold, batch.batch_threshold)
     from jaxinterp.dictionaries.kinds import batchtopk_cap
 
     _, kth = batch_topk_reference(np.maximum(pre, 0), K, batchtopk_cap(K, F))
     assert kth == pytest.approx(float(batch.batch_threshold), rel=1e-5)
     assert not np.allclose(warm.feature_acts, batch.feature_acts)
+    # the warm-up (TopK's work only) leaves the inference threshold alone; the batch phase starts
+    # its EMA at the batch's k x B-th activation, then follows it
+    assert np.isnan(float(warm.batch_threshold))
+    buffers = {"threshold": jnp.zeros((F,), jnp.float32)}
+    update = partial(dl.update_buffers, spec, ema_decay=0.9, first=jnp.asarray(False))
+    assert np.all(np.asarray(update(buffers, warm)["threshold"]) == 0)
+    started = update(buffers, batch)["threshold"]
+    np.testing.assert_allclose(started, np.full(F, kth), rtol=1e-5)
+    np.testing.assert_allclose(update({"threshold": started}, warm)["threshold"], started)
+    np.testing.assert_allclose(update({"threshold": started * 2}, batch)["threshold"], 1.9 * started, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

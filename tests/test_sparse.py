@@ -250,3 +250,52 @@ def test_one_device_training_runs_the_kernel_packages_own_backward(path, monkeyp
     assert calls, "the kernel package's backward did not run"
     for a, b in zip(g, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize("under_mesh", [False, True])
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_ragged_rows_skip_the_entries_past_each_rows_count(mesh, under_mesh, path, monkeypatch):
+    """With `counts` (BatchTopK's kept candidates lead each row), the decode equals the full one,
+    the kept entries' gradients are the full ones and the rest get none; the encode's `ragged`
+    backward equals the full backward for a cotangent that is zero past the counts. Blocks of 8
+    rows, so rows are sorted and cut into several blocks (each device its own under the mesh)."""
+    from pallas_kernels.topk_decode import dispatch
+
+    from jaxinterp.dictionaries.sparse import topk_decode, topk_encode
+
+    monkeypatch.setattr(dispatch, "RAGGED_BLOCK_ROWS", 8)
+    b, d, f, k = 64, 8, 32, 6
+    rng = np.random.default_rng(3)
+    counts = jnp.asarray(rng.integers(0, k + 1, size=b), jnp.int32)
+    lead = jnp.arange(k) < counts[:, None]
+    vals = jnp.where(lead, jnp.asarray(rng.uniform(0.1, 2.0, size=(b, k)), jnp.float32), 0.0)
+    idx = jnp.asarray(rng.integers(0, f, size=(b, k)), jnp.int32)
+    w = jnp.asarray(rng.normal(size=(f, d)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
+
+    def loss(v, w_, c):
+        return jnp.sum(topk_decode(v, idx, w_, path=path, counts=c) * g)
+
+    x, w_enc, b_enc = _encode_inputs(b, d, f)
+
+    def enc_loss(w_e, ragged):
+        v, _ = topk_encode(jnp.asarray(x), jnp.zeros(d), w_e, jnp.asarray(b_enc), k, "float32", ragged)
+        return jnp.sum(jnp.where(lead, v, 0.0) * vals)
+
+    def run():
+        out = jax.jit(lambda v, w_: topk_decode(v, idx, w_, path=path, counts=counts))(vals, w)
+        full = jax.jit(lambda v, w_: topk_decode(v, idx, w_, path=path))(vals, w)
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)))(vals, w, counts)
+        want = jax.jit(jax.grad(loss, argnums=(0, 1)))(vals, w, None)
+        enc = [jax.jit(jax.grad(partial(enc_loss, ragged=r)))(jnp.asarray(w_enc)) for r in (True, False)]
+        return out, full, got, want, enc
+
+    if under_mesh:
+        with jax.set_mesh(mesh):
+            out, full, got, want, enc = run()
+    else:
+        out, full, got, want, enc = run()
+    np.testing.assert_allclose(out, full, **F32)
+    np.testing.assert_allclose(got[0], jnp.where(lead, want[0], 0.0), **F32)
+    np.testing.assert_allclose(got[1], want[1], **F32)
+    assert float(jnp.max(jnp.abs(want[0] * ~lead))) > 0  # the full decode differentiates them
+    np.testing.assert_allclose(enc[0], enc[1], **F32)

@@ -51,6 +51,8 @@ class TrainTerms(NamedTuple):
     top_idx: jax.Array | None = None
     """Per-row top-k selections [B, K] (saves a dense pass over [B, F])."""
     top_vals: jax.Array | None = None
+    top_counts: jax.Array | None = None
+    """[B]: only each row's first `top_counts` selections are nonzero (None: any may be)."""
     batch_threshold: jax.Array | None = None
     """batchtopk: the smallest selected activation of this batch (feeds the inference threshold)."""
 
@@ -86,6 +88,11 @@ class Activation(NamedTuple):
     train: Callable[..., TrainTerms] | None = None
     """(spec, params, xn, weights, training) -> TrainTerms; None: `activate` on every column and
     the decoder, no penalty."""
+
+    @property
+    def selects_over_batch(self) -> bool:
+        """Training selects the batch's top k x B (batchtopk), after a per-row warm-up."""
+        return self.selects_k and not self.row_topk
 
     def fold_input_shift(self, params: FeatureParams, shift_d: jax.Array) -> FeatureParams:
         """Parameters that give on inputs `x` what `params` give on `x - shift` (the biases absorb it)."""
@@ -196,18 +203,33 @@ def _train_batchtopk_sparse(spec, p, xn, weights):
     candidates (one row-wise top-k, a sparse backward), the batch's threshold as the (k x B)-th
     largest candidate (a bisection over [B, cap], not [B, F]), and the kept values decoded from
     their rows of W_dec. Equal to the dense selection unless a row holds more than `cap` of the
-    batch's top k x B; then that row keeps its top `cap`."""
+    batch's top k x B; then that row keeps its top `cap`.
+
+    The per-row warm-up takes the other branch of a `lax.cond`: each row's top k only, as TopK and
+    at its cost (on CPU a row-wise top-2k costs twice a top-k); its steps leave the inference
+    threshold alone (`batch_threshold` NaN), which follows the batch threshold once that runs."""
     sg = jax.lax.stop_gradient
     cap = batchtopk_cap(spec.k, spec.d_sae)
     pre = _raw(spec, sg(p), xn) + sg(p["b_enc"])  # for metrics and aux-k only; no gradient
-    vals, idx = topk_encode(xn, p["b_pre"], p["W_enc"], p["b_enc"], cap, spec.compute_dtype)
-    kth = ops.kth_largest(sg(vals), spec.k * xn.shape[0])
-    # the warm-up keeps each row's top k (the candidates come sorted), as TopK: see below
-    keep = jnp.where(weights.row_topk, jnp.arange(cap) < spec.k, vals >= jnp.maximum(kth, 1e-12))
-    kept = jnp.where(keep, vals, 0.0)
-    xn_hat = topk_decode(kept, idx, p["W_dec"], path=spec.topk_path) + p["b_dec"]
+    enc = (p["b_pre"], p["W_enc"], p["b_enc"])
+
+    def rows(enc):
+        vals, idx = topk_encode(xn, *enc, spec.k, spec.compute_dtype)
+        pad = ((0, 0), (0, cap - spec.k))
+        counts = jnp.full((xn.shape[0],), spec.k, jnp.int32)
+        return jnp.pad(vals, pad), jnp.pad(idx, pad), counts, jnp.float32(jnp.nan)
+
+    def batch(enc):
+        vals, idx = topk_encode(xn, *enc, cap, spec.compute_dtype, True)
+        kth = ops.kth_largest(sg(vals), spec.k * xn.shape[0])
+        keep = vals >= jnp.maximum(kth, 1e-12)  # a leading part of each row (candidates come sorted)
+        return jnp.where(keep, vals, 0.0), idx, jnp.sum(keep, axis=1, dtype=jnp.int32), kth
+
+    kept, idx, counts, kth = jax.lax.cond(weights.row_topk, rows, batch, enc)
+    # the loops visit each row's kept entries only: ~k x B of them, not cap x B
+    xn_hat = topk_decode(kept, idx, p["W_dec"], path=spec.topk_path, counts=counts) + p["b_dec"]
     return TrainTerms(scatter_dense(kept, idx, spec.d_sae), xn_hat, pre, top_idx=idx, top_vals=kept,
-                      batch_threshold=kth)
+                      top_counts=counts, batch_threshold=kth)
 
 
 def _train_jumprelu(spec, p, xn, weights, training):

@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinterp.sharding import LOGICAL_RULES
 
-DATA, MODEL = LOGICAL_RULES["batch"], LOGICAL_RULES["d_sae"]
-"""The mesh axes rows and features are split over, read from the one rules table (every
-`shard_map` in `dictionaries/` builds its specs from these)."""
+ROWS_BF = ("batch", "d_sae")
+"""Logical axes of a [B, F] matrix (pre-activations, candidates); `shard_map` specs in
+`dictionaries/` are built from each operand's logical axes through the one rules table."""
 
 
 def mm(a: jax.Array, b: jax.Array, compute_dtype: str = "float32") -> jax.Array:
@@ -27,12 +27,26 @@ def mm(a: jax.Array, b: jax.Array, compute_dtype: str = "float32") -> jax.Array:
     return jnp.matmul(a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32)
 
 
-def mesh_axis_size(name: str) -> int:
+def mesh_axis_size(name: str | None) -> int:
     """Size of mesh axis `name` in the abstract mesh in scope (1 when absent)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or name not in mesh.axis_names:
+    if name is None or mesh.empty or name not in mesh.axis_names:
         return 1
     return mesh.shape[name]
+
+
+def mesh_axis(logical: str | None, size: int) -> str | None:
+    """The mesh axis (in scope) that splits a dimension of `size` whose logical axis is `logical`:
+    the rules table's axis when the mesh has it with more than one device and it divides `size`,
+    else None (the dimension stays whole on each device)."""
+    name = LOGICAL_RULES.get(logical) if logical else None
+    n = mesh_axis_size(name)
+    return name if n > 1 and size % n == 0 else None
+
+
+def local_spec(axes: tuple[str | None, ...], shape: tuple[int, ...]) -> P:
+    """The `shard_map` spec of an operand of `shape` with logical `axes`."""
+    return P(*(mesh_axis(a, n) for a, n in zip(axes, shape, strict=True)))
 
 
 def topk(x_bf: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -43,11 +57,10 @@ def topk(x_bf: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     at once; left to itself, XLA's partitioner gathers the operand first (on a 2-device CPU mesh
     that makes top-k 2.5x slower than the explicit local selection).
     """
-    n_model, n_data = mesh_axis_size(MODEL), mesh_axis_size(DATA)
-    if n_model * n_data == 1 or x_bf.ndim != 2:
+    if x_bf.ndim != 2:
         return lax.top_k(x_bf, k)
-    data = DATA if n_data > 1 and x_bf.shape[0] % n_data == 0 else None
-    model = MODEL if n_model > 1 and x_bf.shape[1] % n_model == 0 and x_bf.shape[1] // n_model >= 1 else None
+    spec = local_spec(ROWS_BF, x_bf.shape)
+    data, model = spec
     if data is None and model is None:
         return lax.top_k(x_bf, k)
 
@@ -56,14 +69,14 @@ def topk(x_bf: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
             return tuple(lax.top_k(x_local, k))
         f_local = x_local.shape[-1]
         vals, idx = lax.top_k(x_local, min(k, f_local))
-        idx = idx + lax.axis_index(MODEL) * f_local
-        vals = lax.all_gather(vals, MODEL, axis=1, tiled=True)
-        idx = lax.all_gather(idx, MODEL, axis=1, tiled=True)
+        idx = idx + lax.axis_index(model) * f_local
+        vals = lax.all_gather(vals, model, axis=1, tiled=True)
+        idx = lax.all_gather(idx, model, axis=1, tiled=True)
         top_vals, pos = lax.top_k(vals, k)
         return top_vals, jnp.take_along_axis(idx, pos, axis=1)
 
     # after the all-gather the merged top-k is the same on every `model` device
-    return jax.shard_map(local, in_specs=P(data, model), out_specs=(P(data, None), P(data, None)), check_vma=False)(x_bf)
+    return jax.shard_map(local, in_specs=spec, out_specs=(P(data, None), P(data, None)), check_vma=False)(x_bf)
 
 
 def kth_largest(x_bf: jax.Array, m: int) -> jax.Array:
@@ -74,23 +87,24 @@ def kth_largest(x_bf: jax.Array, m: int) -> jax.Array:
     the counts are summed, so nothing is gathered; a sort or a flat top-m would cost far more when
     m = k * B runs into the hundreds of thousands.
     """
-    n_model, n_data = mesh_axis_size(MODEL), mesh_axis_size(DATA)
-    sharded = n_model * n_data > 1 and x_bf.shape[0] % n_data == 0 and x_bf.shape[1] % n_model == 0
-    if not sharded:
+    spec = local_spec(ROWS_BF, x_bf.shape)
+    split = tuple((dim, name) for dim, name in enumerate(spec) if name is not None)
+    if not split:
         return _bisect_kth(x_bf, m, lambda c: c)
 
     if x_bf.size <= KTH_GATHER_MAX:  # small (BatchTopK's candidates): gather once, bisect locally
 
         def local(x_local):
-            full = lax.all_gather(lax.all_gather(x_local, DATA, axis=0, tiled=True), MODEL, axis=1, tiled=True)
-            return _bisect_kth(full, m, lambda c: c)
+            for dim, name in split:
+                x_local = lax.all_gather(x_local, name, axis=dim, tiled=True)
+            return _bisect_kth(x_local, m, lambda c: c)
 
     else:
 
         def local(x_local):
-            return _bisect_kth(x_local, m, lambda c: lax.psum(c, (DATA, MODEL)))
+            return _bisect_kth(x_local, m, lambda c: lax.psum(c, tuple(name for _, name in split)))
 
-    return jax.shard_map(local, in_specs=P(DATA, MODEL), out_specs=P(), check_vma=False)(x_bf)
+    return jax.shard_map(local, in_specs=spec, out_specs=P(), check_vma=False)(x_bf)
 
 
 KTH_GATHER_MAX = 1 << 20

@@ -355,8 +355,8 @@ def _inner_prefixes(spec: DictionarySpec, params: Params, t: kinds.TrainTerms) -
     or dense activations accumulated group by group."""
     inner = spec.matryoshka_widths[:-1]
     if t.top_idx is not None and spec.topk_path != "dense":
-        return [topk_decode(jnp.where(t.top_idx < w, t.top_vals, 0.0), t.top_idx, params["W_dec"], path=spec.topk_path)
-                for w in inner]
+        return [topk_decode(jnp.where(t.top_idx < w, t.top_vals, 0.0), t.top_idx, params["W_dec"], path=spec.topk_path,
+                            counts=t.top_counts) for w in inner]
     return list(_group_cumsum(spec, params, t.acts, inner))
 
 
@@ -480,11 +480,12 @@ def fit_to_data(spec: DictionarySpec, params: Params, batch: jax.Array, *, norma
 def update_buffers(spec: DictionarySpec, buffers: Params, out: ForwardOutput, *, first: jax.Array,
                    ema_decay: float) -> Params:
     """Buffers after a train step: batchtopk's inference threshold follows the batch's by an EMA
-    (started at the first batch's)."""
+    (started at the first batch threshold; a step without one, NaN, keeps it)."""
     if out.batch_threshold is None:
         return buffers
-    old = buffers["threshold"]
-    new = jnp.where(first, out.batch_threshold, ema_decay * old + (1 - ema_decay) * out.batch_threshold)
+    old, kth = buffers["threshold"], out.batch_threshold
+    new = jnp.where(first | (old == 0), kth, ema_decay * old + (1 - ema_decay) * kth)
+    new = jnp.where(jnp.isnan(kth), old, new)
     return buffers | {"threshold": new.astype(old.dtype)}
 
 

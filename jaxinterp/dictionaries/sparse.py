@@ -44,24 +44,28 @@ def _forward_local(impl: str):
     if impl == "sparse":
         return kd.gather_accumulate
 
-    def forward(vals_bk, idx_bk, table_fd):
+    def forward(vals_bk, idx_bk, table_fd, counts_b=None):  # the kernels compute the zeros past counts
         bias = jnp.zeros((table_fd.shape[1],), table_fd.dtype)
         return dispatch.decode_forward(vals_bk, idx_bk, table_fd, bias, impl, None).astype(jnp.float32)
 
     return forward
 
 
-# Under a mesh the loops run inside shard_map: rows split over `data`, the F axis of the table over
-# `model`. Each device handles the indices that fall in its own F block (the rest masked to zero)
-# and partial results are summed over the other axis. Left to XLA's partitioner, the scatters are
-# replicated on every device instead.
+# Under a mesh the loops run inside shard_map, each operand split as its logical axes say (rows
+# `batch`, the table's rows `d_sae`; see `ops.local_spec`). Each device handles the indices that
+# fall in its own F block (the rest masked to zero) and partial results are summed over the other
+# axis. Left to XLA's partitioner, the scatters are replicated on every device instead. `counts_b`
+# (rows' counts of leading nonzero entries, see `pallas_kernels.topk_decode.dispatch.ragged_blocks`)
+# travels with the rows; each device sorts its own.
+
+ROWS = ("batch", None)
+"""[B, K] codes and [B, D] activations."""
+TABLE = ("d_sae", None)
+"""[F, D] decoder (and transposed encoder) rows, and the [F, D] gradients scattered into them."""
 
 
 def _mesh_split(n_rows: int, n_features: int) -> tuple[str | None, str | None]:
-    n_data, n_model = ops.mesh_axis_size(ops.DATA), ops.mesh_axis_size(ops.MODEL)
-    data = ops.DATA if n_data > 1 and n_rows % n_data == 0 else None
-    model = ops.MODEL if n_model > 1 and n_features % n_model == 0 else None
-    return data, model
+    return ops.mesh_axis("batch", n_rows), ops.mesh_axis("d_sae", n_features)
 
 
 def _local_ids(idx_bk, vals_bk, f_local, model):
@@ -72,59 +76,73 @@ def _local_ids(idx_bk, vals_bk, f_local, model):
     return jnp.clip(local, 0, f_local - 1), jnp.where(inside, vals_bk, jnp.zeros_like(vals_bk))
 
 
-def gather_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, table_fd: jax.Array, *, impl: str = "sparse") -> jax.Array:
+def _on_mesh(local, operands, axes, out_axes, out_shape, counts_b):
+    """shard_map `local(*operands, counts)`: specs from each operand's logical `axes`; the optional
+    counts split over rows like the codes."""
+    in_specs = tuple(ops.local_spec(a, x.shape) for a, x in zip(axes, operands, strict=True))
+    out_spec = ops.local_spec(out_axes, out_shape)
+    if counts_b is None:
+        return jax.shard_map(lambda *a: local(*a, None), in_specs=in_specs, out_specs=out_spec,
+                             check_vma=False)(*operands)
+    return jax.shard_map(local, in_specs=(*in_specs, ops.local_spec(ROWS[:1], counts_b.shape)), out_specs=out_spec,
+                         check_vma=False)(*operands, counts_b)
+
+
+def gather_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, table_fd: jax.Array, *, impl: str = "sparse",
+                      counts_b: jax.Array | None = None) -> jax.Array:
     """out[b] = sum_k vals[b, k] * table[idx[b, k]]  -> [B, D] float32, by the resolved `impl`
     (`sparse` loops, a Pallas kernel, or the `dense` formula) on each device's block."""
     accumulate = _forward_local(impl)
     data, model = _mesh_split(vals_bk.shape[0], table_fd.shape[0])
     if data is None and model is None:
-        return accumulate(vals_bk, idx_bk, table_fd)
+        return accumulate(vals_bk, idx_bk, table_fd, counts_b)
 
-    def local(v, i, t):
+    def local(v, i, t, c):
         i, v = _local_ids(i, v, t.shape[0], model)
-        out = accumulate(v, i, t)
+        out = accumulate(v, i, t, c)
         return lax.psum(out, model) if model else out
 
-    return jax.shard_map(local, in_specs=(P(data, None), P(data, None), P(model, None)), out_specs=P(data, None),
-                         check_vma=False)(vals_bk, idx_bk, table_fd)
+    return _on_mesh(local, (vals_bk, idx_bk, table_fd), (ROWS, ROWS, TABLE), ROWS,
+                    (vals_bk.shape[0], table_fd.shape[1]), counts_b)
 
 
-def scatter_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, rows_bd: jax.Array, n_rows: int) -> jax.Array:
+def scatter_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, rows_bd: jax.Array, n_rows: int,
+                       counts_b: jax.Array | None = None) -> jax.Array:
     """out[idx[b, k]] += vals[b, k] * rows[b]  -> [F, D] (float32)."""
     data, model = _mesh_split(vals_bk.shape[0], n_rows)
     if data is None and model is None:
-        return kd.scatter_rows(vals_bk, idx_bk, rows_bd, n_rows)
-    f_local = n_rows // ops.mesh_axis_size(ops.MODEL) if model else n_rows
+        return kd.scatter_rows(vals_bk, idx_bk, rows_bd, n_rows, counts_b)
+    f_local = n_rows // ops.mesh_axis_size(model)
 
-    def local(v, i, r):
+    def local(v, i, r, c):
         i, v = _local_ids(i, v, f_local, model)
-        out = kd.scatter_rows(v, i, r, f_local)
+        out = kd.scatter_rows(v, i, r, f_local, c)
         return lax.psum(out, data) if data else out
 
-    return jax.shard_map(local, in_specs=(P(data, None), P(data, None), P(data, None)), out_specs=P(model, None),
-                         check_vma=False)(vals_bk, idx_bk, rows_bd)
+    return _on_mesh(local, (vals_bk, idx_bk, rows_bd), (ROWS, ROWS, ROWS), TABLE, (n_rows, rows_bd.shape[1]), counts_b)
 
 
-def gather_dot(rows_bd: jax.Array, idx_bk: jax.Array, table_fd: jax.Array) -> jax.Array:
-    """out[b, k] = <rows[b], table[idx[b, k]]>  -> [B, K] (float32)."""
+def gather_dot(rows_bd: jax.Array, idx_bk: jax.Array, table_fd: jax.Array,
+               counts_b: jax.Array | None = None) -> jax.Array:
+    """out[b, k] = <rows[b], table[idx[b, k]]>  -> [B, K] (float32); zero past a row's count."""
     data, model = _mesh_split(rows_bd.shape[0], table_fd.shape[0])
     if data is None and model is None:
-        return kd.gather_dot(rows_bd, idx_bk, table_fd)
+        return kd.gather_dot(rows_bd, idx_bk, table_fd, counts_b)
 
-    def local(r, i, t):
+    def local(r, i, t, c):
         if model is None:
-            return kd.gather_dot(r, i, t)
+            return kd.gather_dot(r, i, t, c)
         li, ones = _local_ids(i, jnp.ones(i.shape, jnp.float32), t.shape[0], model)
-        return lax.psum(kd.gather_dot(r, li, t) * ones, model)
+        return lax.psum(kd.gather_dot(r, li, t, c) * ones, model)
 
-    return jax.shard_map(local, in_specs=(P(data, None), P(data, None), P(model, None)), out_specs=P(data, None),
-                         check_vma=False)(rows_bd, idx_bk, table_fd)
+    return _on_mesh(local, (rows_bd, idx_bk, table_fd), (ROWS, ROWS, TABLE), ROWS, idx_bk.shape, counts_b)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def topk_decode(vals_bk: jax.Array, idx_bk: jax.Array, w_dec_fd: jax.Array, *, path: str = "sparse") -> jax.Array:
+def topk_decode(vals_bk: jax.Array, idx_bk: jax.Array, w_dec_fd: jax.Array, *, path: str = "sparse",
+                counts: jax.Array | None = None) -> jax.Array:
     """`x_hat[b] = sum_k vals[b, k] * W_dec[idx[b, k]]` (no bias) [B, D] in the operands' promoted
     dtype (accumulated in float32), with the sparse backward of `pallas_kernels.topk_decode`.
 
@@ -133,14 +151,15 @@ def topk_decode(vals_bk: jax.Array, idx_bk: jax.Array, w_dec_fd: jax.Array, *, p
     plain-JAX loops), `dense` (the [B, K, D] formula). On one device, or where no mesh axis splits
     the problem, this is the kernel package's own differentiable `topk_decode`; under a mesh the same
     forward and the same backward run on each device's block (`decode_backward` with the loops
-    wrapped in `shard_map`)."""
+    wrapped in `shard_map`). `counts` [B]: rows hold only that many leading nonzero entries (the
+    loops skip the rest, which get no gradient)."""
     impl = resolve_path(path, vals_bk, w_dec_fd)
     dtype = jnp.promote_types(vals_bk.dtype, w_dec_fd.dtype)
     data, model = _mesh_split(vals_bk.shape[0], w_dec_fd.shape[0])
     if data is None and model is None:
         bias = jnp.zeros((w_dec_fd.shape[1],), w_dec_fd.dtype)
-        return kd.topk_decode(vals_bk, idx_bk, w_dec_fd, bias, impl=impl).astype(dtype)
-    return _topk_decode_mesh(vals_bk, idx_bk, w_dec_fd, impl).astype(dtype)
+        return kd.topk_decode(vals_bk, idx_bk, w_dec_fd, bias, impl=impl, counts=counts).astype(dtype)
+    return _topk_decode_mesh(vals_bk, idx_bk, w_dec_fd, counts, impl).astype(dtype)
 
 
 def resolve_path(path: str, vals_bk: jax.Array, w_dec_fd: jax.Array) -> str:
@@ -148,19 +167,21 @@ def resolve_path(path: str, vals_bk: jax.Array, w_dec_fd: jax.Array) -> str:
     return dispatch.resolve_impl(path, dispatch.problem_shapes(vals_bk, w_dec_fd), w_dec_fd.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _topk_decode_mesh(vals_bk, idx_bk, w_dec_fd, impl):
-    return gather_accumulate(vals_bk, idx_bk, w_dec_fd, impl=impl)
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _topk_decode_mesh(vals_bk, idx_bk, w_dec_fd, counts_b, impl):
+    return gather_accumulate(vals_bk, idx_bk, w_dec_fd, impl=impl, counts_b=counts_b)
 
 
-def _topk_decode_mesh_fwd(vals_bk, idx_bk, w_dec_fd, impl):
-    return gather_accumulate(vals_bk, idx_bk, w_dec_fd, impl=impl), (vals_bk, idx_bk, w_dec_fd)
+def _topk_decode_mesh_fwd(vals_bk, idx_bk, w_dec_fd, counts_b, impl):
+    out = gather_accumulate(vals_bk, idx_bk, w_dec_fd, impl=impl, counts_b=counts_b)
+    return out, (vals_bk, idx_bk, w_dec_fd, counts_b)
 
 
 def _topk_decode_mesh_bwd(impl, res, g_bd):
-    vals_bk, idx_bk, w_dec_fd = res
-    d_vals, d_w = kd.decode_backward(vals_bk, idx_bk, w_dec_fd, g_bd, dot=gather_dot, scatter=scatter_accumulate)
-    return d_vals, None, d_w
+    vals_bk, idx_bk, w_dec_fd, counts_b = res
+    d_vals, d_w = kd.decode_backward(vals_bk, idx_bk, w_dec_fd, g_bd, counts_b, dot=gather_dot,
+                                     scatter=scatter_accumulate)
+    return d_vals, None, d_w, None
 
 
 _topk_decode_mesh.defvjp(_topk_decode_mesh_fwd, _topk_decode_mesh_bwd)
@@ -174,30 +195,33 @@ def _encode_fwd_impl(x_bd, b_dec_d, w_enc_df, b_enc_f, k, compute_dtype):
     return jax.nn.relu(vals), idx
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def topk_encode(x_bd: jax.Array, b_dec_d: jax.Array, w_enc_df: jax.Array, b_enc_f: jax.Array, k: int,
-                compute_dtype: str = "float32"):
+                compute_dtype: str = "float32", ragged: bool = False):
     """(relu(values) [B, K], indices [B, K]) of the top k of `(x - b_dec) @ W_enc + b_enc`; sparse backward.
 
     `b_dec` is its own argument so that its gradient, `-W_enc @ d_b_enc`, costs a matrix-vector
-    product; the per-row input gradient is only computed when something asks for it.
+    product; the per-row input gradient is only computed when something asks for it. `ragged`: the
+    caller keeps only a leading part of each row (BatchTopK's threshold over its candidates), so the
+    backward's loops stop at each row's last nonzero cotangent.
     """
     return _encode_fwd_impl(x_bd, b_dec_d, w_enc_df, b_enc_f, k, compute_dtype)
 
 
-def _topk_encode_fwd(x_bd, b_dec_d, w_enc_df, b_enc_f, k, compute_dtype):
+def _topk_encode_fwd(x_bd, b_dec_d, w_enc_df, b_enc_f, k, compute_dtype, ragged):
     vals, idx = _encode_fwd_impl(x_bd, b_dec_d, w_enc_df, b_enc_f, k, compute_dtype)
     return (vals, idx), (x_bd, b_dec_d, w_enc_df, vals, idx)
 
 
-def _topk_encode_bwd(k, compute_dtype, res, cotangents):
+def _topk_encode_bwd(k, compute_dtype, ragged, res, cotangents):
     x_bd, b_dec_d, w_enc_df, vals, idx = res
     g_vals, _ = cotangents
     h_bk = jnp.where(vals > 0, g_vals, 0.0).astype(jnp.float32)
     n_f = w_enc_df.shape[1]
     d_b = jnp.zeros((n_f,), jnp.float32).at[idx.reshape(-1)].add(h_bk.reshape(-1), mode="promise_in_bounds")
-    d_w_fd = scatter_accumulate(h_bk, idx, x_bd - b_dec_d, n_f)
-    d_x = gather_accumulate(h_bk, idx, w_enc_df.T)  # dead code under jit unless x is differentiated
+    counts = jnp.max(jnp.where(h_bk != 0, jnp.arange(1, k + 1), 0), axis=1) if ragged else None
+    d_w_fd = scatter_accumulate(h_bk, idx, x_bd - b_dec_d, n_f, counts)
+    d_x = gather_accumulate(h_bk, idx, w_enc_df.T, counts_b=counts)  # dead code under jit unless x is differentiated
     d_b_dec = -(w_enc_df.astype(jnp.float32) @ d_b)
     return d_x.astype(x_bd.dtype), d_b_dec.astype(b_dec_d.dtype), d_w_fd.T.astype(w_enc_df.dtype), d_b
 

@@ -208,6 +208,8 @@ def train_step(
         "grad_norm": grad_norm,
         "lr": lr_schedule(cfg.train, optimizers.resolved_lr(cfg.train, spec.d_sae))(state.step),
     }
+    if out.batch_threshold is not None:  # the inference threshold that the batch threshold feeds
+        metrics["inference_threshold"] = jnp.mean(buffers["threshold"])
     return new_state, metrics
 
 
