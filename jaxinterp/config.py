@@ -107,6 +107,12 @@ class DataConfig:
     chunk_contexts: int = 64
     """Source `model` and `launch/harvest.py`: contexts per forward pass (and per cache chunk); their
     rows are shuffled together."""
+    outlier_norm: float = 0.0
+    """Leave out of training, of the final evaluation's metrics and of the loss-recovered splice the
+    rows whose norm (input or target) exceeds this multiple of their batch's median row norm: the
+    massive activations some models put on a few tokens (SmolLM2's block 15: norms of ~14,000 beside
+    a median of ~170, one token in ~4,000), which otherwise set the input scale and dominate every
+    mean squared error. In training such a row is replaced by another row of its batch; 0 keeps all."""
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     """Parameters of the synthetic source."""
 
@@ -130,6 +136,8 @@ class DataConfig:
             _check(self.path is not None, "data.path", "required when data.source is 'cache' (a directory "
                    "written by launch/harvest.py)")
         _check(0 <= self.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        _check(self.outlier_norm == 0 or self.outlier_norm > 1, "data.outlier_norm",
+               f"must be 0 (keep every row) or a multiple of the median norm above 1, got {self.outlier_norm}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,13 +31,15 @@ DENSITY_BINS = np.arange(-8.0, 0.5, 0.5)
 """Edges of the log10 feature-density histogram (the last bin holds density 1)."""
 
 
-@partial(jax.jit, static_argnames=("spec",))
-def batch_sums(spec: dl.DictionarySpec, params: dl.Params, x_bd: jax.Array, n_rows: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
+@partial(jax.jit, static_argnames=("spec", "outlier_norm"))
+def batch_sums(spec: dl.DictionarySpec, params: dl.Params, x_bd: jax.Array, n_rows: jax.Array | None = None,
+               outlier_norm: float = 0.0) -> dict[str, jax.Array]:
     """Sums over one batch of everything `finalize` needs; only the first `n_rows` rows count (all
-    when None), so a short last batch padded to the batch size reuses the same compiled program."""
+    when None), so a short last batch padded to the batch size reuses the same compiled program;
+    with `outlier_norm`, neither do the rows that `dl.typical_rows` leaves out (counted apart)."""
     inputs, x = (a.astype(jnp.float32) for a in dl.split(spec, x_bd))  # x: what is reconstructed
-    row = jnp.ones(x.shape[0], jnp.bool_) if n_rows is None else jnp.arange(x.shape[0]) < n_rows
+    valid = jnp.ones(x.shape[0], jnp.bool_) if n_rows is None else jnp.arange(x.shape[0]) < n_rows
+    row = dl.typical_rows(spec, x_bd, outlier_norm, valid)
     w = row.astype(jnp.float32)
     acts = dl.encode(spec, params, inputs)
     x_hat = dl.decode(spec, params, acts) + dl.skip_out(spec, params, inputs)
@@ -54,6 +56,7 @@ def batch_sums(spec: dl.DictionarySpec, params: dl.Params, x_bd: jax.Array, n_ro
         prefix["prefix_l0"] = jnp.stack([jnp.sum(on[:, :wd]).astype(jnp.float32) for wd in inner])
     return prefix | {
         "n": jnp.sum(w),
+        "outliers": jnp.sum(valid & ~row).astype(jnp.float32),
         "sq_err": jnp.sum(w * jnp.sum(err**2, -1)),
         "x_sum": jnp.sum(w[:, None] * x, 0),
         "x_sq": jnp.sum(w * jnp.sum(x**2, -1)),
@@ -93,7 +96,8 @@ def finalize(sums: dict[str, np.ndarray], d_in: int, widths: tuple[int, ...] = (
         prefixes["prefixes"] = [{"width": int(w), "explained_variance": float(1 - e / max(total_var, 1e-12)),
                                  "fvu": float(e / max(total_var, 1e-12)), "mse": float(e / (n * d_in)),
                                  "l0": float(l / n)} for w, e, l in zip(widths, errs, l0s)]
-    return prefixes | {
+    outliers = {"outlier_rows": int(s["outliers"])} if s.get("outliers", 0) > 0 else {}
+    return prefixes | outliers | {
         "eval_tokens": int(n),
         "mse": float(s["sq_err"] / (n * d_in)),
         "explained_variance": float(1 - s["sq_err"] / max(total_var, 1e-12)),
@@ -121,6 +125,7 @@ def evaluate(
     batches: Iterable[jax.Array | np.ndarray],
     *,
     true_directions: np.ndarray | None = None,
+    outlier_norm: float = 0.0,
 ) -> dict:
     """Stream `batches` through the dictionary and return the metrics (plus `mmcs` when the true
     directions are known). On one device: split over a 2-device CPU mesh, training runs aborted on
@@ -133,7 +138,7 @@ def evaluate(
         width = width or n
         if n < width:  # the short last batch, zero-padded: one compiled program for all batches
             x = np.concatenate([x, np.zeros((width - n, *x.shape[1:]), x.dtype)])
-        sums = batch_sums(spec, params, jnp.asarray(x), jnp.int32(n))
+        sums = batch_sums(spec, params, jnp.asarray(x), jnp.int32(n), outlier_norm=outlier_norm)
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
     if acc is None:
         raise UsageError("evaluate: no batches to evaluate; raise output.eval_tokens or provide held-out data")
@@ -148,10 +153,11 @@ def evaluate(
 
 
 @functools.lru_cache(maxsize=None)
-def splice_fn(spec: dl.DictionarySpec, *, prefix: bool = False):
+def splice_fn(spec: dl.DictionarySpec, *, prefix: bool = False, outlier_norm: float = 0.0):
     """Edit function replacing a site's value by the dictionary's output (BOS kept): of that same
     value for an SAE, of the value read at its input site for a transcoder. `prefix`: its params
-    are `(params, width)`, a Matryoshka prefix chosen as data.
+    are `(params, width)`, a Matryoshka prefix chosen as data. `outlier_norm`: the positions that
+    `dl.typical_rows` leaves out (among the batch's positions past BOS) keep their value too.
 
     Cached per spec, so a `Plan` holding it stays the same static value and never recompiles."""
 
@@ -160,6 +166,10 @@ def splice_fn(spec: dl.DictionarySpec, *, prefix: bool = False):
         x_btd = y_btd if x_btd is None else x_btd
         b, t, d = x_btd.shape
         recon = dl.reconstruct(spec, params, x_btd.reshape(-1, d), width=width).reshape(b, t, -1).astype(y_btd.dtype)
+        if outlier_norm:
+            rows = jnp.concatenate([x_btd, y_btd] if spec.arch.reads_target else [x_btd], -1)[:, 1:]
+            keep = dl.typical_rows(spec, rows.reshape(b * (t - 1), -1), outlier_norm).reshape(b, t - 1, 1)
+            return y_btd.at[:, 1:].set(jnp.where(keep, recon[:, 1:], y_btd[:, 1:]))
         return y_btd.at[:, 1:].set(recon[:, 1:])
 
     return splice
@@ -179,7 +189,7 @@ def _ce_and_kl(clean_logits, logits, tokens):
 
 
 def loss_recovered(model, spec: dl.DictionarySpec, params: dl.Params, site: str, contexts_nt: np.ndarray,
-                   *, target_site: str | None = None, batch_contexts: int = 16) -> dict:
+                   *, target_site: str | None = None, batch_contexts: int = 16, outlier_norm: float = 0.0) -> dict:
     """CE and KL with the dictionary spliced in at `site` (a transcoder: its output, computed from
     `site`, in place of `target_site`), clean, and with that site zero-ablated (BOS left alone in
     both), as SAEBench's `ce_loss_score` and `kl_div_score`:
@@ -190,7 +200,7 @@ def loss_recovered(model, spec: dl.DictionarySpec, params: dl.Params, site: str,
     from jaxinterp.models import Plan, forward
 
     written = target_site or site
-    fn = splice_fn(spec, prefix=True)
+    fn = splice_fn(spec, prefix=True, outlier_norm=outlier_norm)
     splice_plan = Plan(edits=((site, fn),) if target_site is None else ((target_site, fn, site),))
     ablate_plan = Plan(edits=((written, _zero_ablate),))
     widths = spec.widths  # the last is the whole dictionary

@@ -29,6 +29,8 @@ def main() -> int:
                     help="a run directory written by launch/train.py, or a dictionary directory")
     ap.add_argument("--corpus", help="held-out text: shakespeare, a folder of .txt files, or a .jsonl (default: the run's)")
     ap.add_argument("--contexts", type=int, default=32, help="held-out contexts to evaluate")
+    ap.add_argument("--outlier-norm", type=float, default=None,
+                    help="leave out rows above this multiple of the median norm (default: the run's data.outlier_norm)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
@@ -60,9 +62,11 @@ def main() -> int:
     d.check_model(source.model.cfg.d_model, source.model.cfg.n_layers, model=f"model {data.model!r}")
     per = data.context_length - 1
     result = {"checkpoint": str(run), "site": d.site, "target_site": d.target_site, "corpus": data.corpus}
-    result |= evals.evaluate(d.spec, d.params, source.eval_batches(args.contexts * per, cfg.train.batch_size))
+    outlier_norm = cfg.data.outlier_norm if args.outlier_norm is None else args.outlier_norm
+    result |= evals.evaluate(d.spec, d.params, source.eval_batches(args.contexts * per, cfg.train.batch_size),
+                             outlier_norm=outlier_norm)
     result |= evals.loss_recovered(source.model, d.spec, d.params, d.site, source.eval_contexts[: args.contexts],
-                                   target_site=d.target_site)
+                                   target_site=d.target_site, outlier_norm=outlier_norm)
     if args.json:
         print(json.dumps(result, default=float))
     else:

@@ -94,6 +94,15 @@ def test_prefix_decode_and_reconstruct_take_the_width_as_data():
         np.testing.assert_allclose(recon(p, jnp.asarray(x), jnp.int32(w)), want, **TOL)
         np.testing.assert_allclose(dl.decode(spec, p, jnp.asarray(f, jnp.float32), width=w), want, **TOL)
     assert len(traces) == 1
+    # the artifact takes the width too, on leading axes of any shape, and refuses one out of range
+    d = dl.Dictionary(spec, p, site="blocks.0.resid_post")
+    for w in WIDTHS:
+        want = (f[:, :w] @ q["W_dec"][:w] + q["b_dec"]) / q["norm_scale"]
+        np.testing.assert_allclose(d.reconstruct(x.reshape(2, B // 2, D), width=w), want.reshape(2, B // 2, D), **TOL)
+        np.testing.assert_allclose(d.decode(f, width=w), want, **TOL)
+    np.testing.assert_allclose(d.reconstruct(x), d.reconstruct(x, width=F), **TOL)
+    with pytest.raises(dl.DictionaryError, match=r"width=33: choose a prefix width from 1 to d_sae=32 \(trained prefixes"):
+        d.reconstruct(x, width=33)
 
 
 def test_adaptive_rule_is_data_and_picks_the_smallest_prefix_within_budget():

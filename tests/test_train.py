@@ -235,3 +235,29 @@ def test_a_dimension_that_does_not_divide_is_replicated_alone_and_logged(caplog)
     with pytest.raises(ValueError, match=r"W_enc \(16, 64\) is sharded as \(None, None\), its axes"):
         check_sharded_as_declared(mesh, {"W_enc": ("d_model", "d_sae")}, {"W_enc": sh}, {"W_enc": (16, 64)},
                                   min_size=1)
+
+
+def test_outlier_rows_neither_set_the_input_scale_nor_count_in_the_evaluation(tmp_path):
+    """`data.outlier_norm`: a few rows 300x the others' norm (a model's massive activations) would
+    set the input scale; left out, the scale is that of the typical rows and the final evaluation
+    counts them apart."""
+    from jaxinterp import load_dictionary
+    from jaxinterp.config import SyntheticConfig
+    from jaxinterp.data import write_npy
+    from jaxinterp.train import train
+
+    acts, _ = write_npy(str(tmp_path / "acts.npy"), SyntheticConfig(n_features=64, d_in=16, p_active=0.05), 16384)
+    x = np.load(acts)
+    x[::100] *= 300.0  # 164 massive rows (1%), some in the held-out tail
+    np.save(acts, x)
+    finals = {}
+    for ratio in (0.0, 10.0):
+        cfg = tiny_config(tmp_path / str(ratio), data={"source": "npy", "path": acts, "outlier_norm": ratio})
+        finals[ratio] = train(cfg, log=lambda s: None)
+        finals[ratio]["norm_scale"] = float(load_dictionary(cfg.output.dir).params["norm_scale"])
+    typical = np.delete(x, np.s_[::100], axis=0)
+    want = np.sqrt(16 / np.mean(np.sum(typical**2, -1)))
+    assert finals[10.0]["norm_scale"] == pytest.approx(want, rel=0.1)
+    assert finals[0.0]["norm_scale"] < 0.5 * want
+    assert finals[10.0]["outlier_rows"] >= 1 and "outlier_rows" not in finals[0.0]
+    assert finals[10.0]["explained_variance"] > finals[0.0]["explained_variance"]

@@ -71,14 +71,23 @@ class Dictionary:
         """Dense feature activations [..., d_sae] of raw activations [..., d_in]."""
         return _rowwise(_encode, self, x, self.d_in)
 
-    def decode(self, f) -> jax.Array:
+    def decode(self, f, *, width: int | None = None) -> jax.Array:
         """Raw output [..., d_out] of feature activations [..., d_sae] (without a skip path's share,
-        which needs the input: see `reconstruct`)."""
-        return _rowwise(_decode, self, f, self.d_sae)
+        which needs the input: see `reconstruct`); `width`: a Matryoshka prefix's features only."""
+        return _rowwise(_decode, self, f, self.d_sae, self._width(width))
 
-    def reconstruct(self, x) -> jax.Array:
-        """The dictionary's output [..., d_out] for raw activations [..., d_in]."""
-        return _rowwise(_reconstruct, self, x, self.d_in)
+    def reconstruct(self, x, *, width: int | None = None) -> jax.Array:
+        """The dictionary's output [..., d_out] for raw activations [..., d_in]; `width`: with the
+        first `width` features only (a Matryoshka prefix; any width from 1 to d_sae)."""
+        return _rowwise(_reconstruct, self, x, self.d_in, self._width(width))
+
+    def _width(self, width: int | None) -> jax.Array:
+        if width is None:
+            return jnp.int32(self.d_sae)
+        if not 1 <= int(width) <= self.d_sae:
+            raise DictionaryError(f"width={width}: choose a prefix width from 1 to d_sae={self.d_sae}"
+                                  + (f" (trained prefixes: {list(self.spec.widths)})" if self.spec.matryoshka_widths else ""))
+        return jnp.int32(width)
 
     def check_model(self, d_model: int, n_layers: int, *, site: str | None = None, model: str = "the model") -> None:
         """Raise a one-line `DictionaryError` when the dictionary cannot be used with a model of
@@ -107,20 +116,20 @@ def _encode(spec, params, x):
 
 
 @partial(jax.jit, static_argnums=0)
-def _decode(spec, params, f):
-    return sae.decode(spec, params, f)
+def _decode(spec, params, f, width):
+    return sae.decode(spec, params, f, width=width)
 
 
 @partial(jax.jit, static_argnums=0)
-def _reconstruct(spec, params, x):
-    return sae.reconstruct(spec, params, x)
+def _reconstruct(spec, params, x, width):
+    return sae.reconstruct(spec, params, x, width=width)
 
 
-def _rowwise(fn, d: Dictionary, a, width: int) -> jax.Array:
+def _rowwise(fn, d: Dictionary, a, width: int, *extra) -> jax.Array:
     a = jnp.asarray(a)
     if a.ndim == 0 or a.shape[-1] != width:
         raise DictionaryError(f"expected an array [..., {width}], got shape {tuple(a.shape)}")
-    out = fn(d.spec, d.params, a.reshape(-1, width).astype(jnp.float32))
+    out = fn(d.spec, d.params, a.reshape(-1, width).astype(jnp.float32), *extra)
     return out.reshape(*a.shape[:-1], out.shape[-1])
 
 

@@ -477,6 +477,35 @@ def fit_to_data(spec: DictionarySpec, params: Params, batch: jax.Array, *, norma
     return out
 
 
+def typical_rows(spec: DictionarySpec, batch: jax.Array, ratio: float, valid: jax.Array | None = None) -> jax.Array:
+    """[B] bool: the rows of a raw batch whose input and target norms are at most `ratio` times the
+    median over the batch's `valid` rows (all when None); everything when `ratio` is 0."""
+    valid = jnp.ones(batch.shape[0], jnp.bool_) if valid is None else valid
+    if not ratio:
+        return valid
+    keep = valid
+    x, y = split(spec, batch.astype(jnp.float32))
+    for side in (x, y) if spec.arch.reads_target else (x,):
+        norm = jnp.linalg.norm(side, axis=-1)
+        median = jnp.nanmedian(jnp.where(valid, norm, jnp.nan))
+        keep = keep & (norm <= ratio * median)
+    return keep
+
+
+def replace_outliers(spec: DictionarySpec, batch: jax.Array, ratio: float) -> jax.Array:
+    """The raw batch with each row that `typical_rows` leaves out replaced by a typical row of the
+    same batch (the i-th left out by the i-th typical one, cycling), so the shapes, the sharding
+    and every path of the step stay as they are; unchanged when `ratio` is 0."""
+    if not ratio:
+        return batch
+    keep = typical_rows(spec, batch, ratio)
+    order = jnp.argsort(~keep, stable=True)  # typical rows first, in order
+    n_keep = jnp.maximum(jnp.sum(keep), 1)
+    rank = jnp.cumsum(~keep) - 1  # the i-th left-out row
+    source = order[jnp.where(keep, 0, rank) % n_keep]
+    return jnp.where(keep[:, None], batch, batch[source])
+
+
 def update_buffers(spec: DictionarySpec, buffers: Params, out: ForwardOutput, *, first: jax.Array,
                    ema_decay: float) -> Params:
     """Buffers after a train step: batchtopk's inference threshold follows the batch's by an EMA

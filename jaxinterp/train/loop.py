@@ -278,12 +278,13 @@ def source_site(cfg: Config, source) -> str | None:
 def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, source) -> dict:
     params = jax.device_get(state.dictionary)
     batches = source.eval_batches(cfg.output.eval_tokens, cfg.train.batch_size)
-    result = evals.evaluate(spec, params, batches, true_directions=source.true_directions)
+    outlier_norm = cfg.data.outlier_norm
+    result = evals.evaluate(spec, params, batches, true_directions=source.true_directions, outlier_norm=outlier_norm)
     site = source_site(cfg, source)
     if getattr(source, "eval_contexts", None) is not None and site is not None:
         ctx = source.eval_contexts[: cfg.output.ce_eval_contexts]
         result |= evals.loss_recovered(source.model, spec, params, site, ctx,
-                                       target_site=getattr(source, "target_site", None))
+                                       target_site=getattr(source, "target_site", None), outlier_norm=outlier_norm)
     dead = np.asarray(jax.device_get(state.tokens_since_fired)) >= cfg.dictionary.dead_tokens
     return {
         "final": True,

@@ -98,7 +98,8 @@ def _init_state(cfg: Config, spec: dl.DictionarySpec, init_batches: list[jax.Arr
     d = cfg.dictionary
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
     params = dl.init(key, spec, threshold=d.jumprelu_init_threshold)
-    batch = jnp.concatenate([jnp.asarray(b, jnp.float32) for b in init_batches])
+    batch = jnp.concatenate([dl.replace_outliers(spec, jnp.asarray(b, jnp.float32), cfg.data.outlier_norm)
+                             for b in init_batches])
     centre = {"geometric_median": geometric_median, "mean": lambda a: a.mean(0), "zeros": None}[d.b_dec_init]
     params = dl.fit_to_data(spec, params, batch,
                             normalize=d.normalize_activations,
@@ -157,6 +158,7 @@ def train_step(
     mask: on a 2-device CPU mesh an untaken cond still cost ~25% of a TopK step, so the loop keeps
     two compiled steps and picks one from the dead fraction it reads when it logs."""
     d = cfg.dictionary
+    x_bd = dl.replace_outliers(spec, x_bd, cfg.data.outlier_norm)
     weights = loss_weights(cfg, state.step)
     dead = state.tokens_since_fired >= d.dead_tokens
     with_aux = aux_k and dl.has_aux_k(spec)
