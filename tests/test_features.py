@@ -50,3 +50,34 @@ def test_streaming_stats_equal_brute_force_with_ties(batch):
         assert float(stats.max[i]) == pytest.approx(w["max"], rel=1e-6)
         np.testing.assert_array_equal(np.asarray(stats.hist[i]), w["hist"])
     assert features.finalize_top(stats, 3) == [] and int(stats.hist[5].astype(bool).sum()) > 5
+
+
+def test_a_corpus_pass_equals_the_statistics_of_all_its_tokens():
+    """`corpus_stats` over a model's site, in batches of contexts with a short last one, equals the
+    brute force over every non-BOS token's features, and each location names its token back."""
+    import jax
+
+    from jaxinterp import dictionaries as dl
+    from jaxinterp.data.activations import site_activations
+    from helpers import TINY_DECODERS, tiny_model
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    site, d, f, k = "blocks.1.resid_post", model.cfg.d_model, 48, 6
+    spec = dl.DictionarySpec("topk", d, f, k=4)
+    params = dl.init(jax.random.key(1), spec) | {"b_enc": 0.3 * jax.random.normal(jax.random.key(2), (f,))}
+    dictionary = dl.Dictionary(spec, params, site=site)
+    contexts = np.random.default_rng(0).integers(1, model.cfg.vocab_size, size=(11, 9)).astype(np.int32)
+    stats = features.corpus_stats(model, dictionary, contexts, k=k, batch_contexts=4)
+
+    acts = np.asarray(dictionary.encode(site_activations(model, contexts, site)))
+    locs = (np.arange(11)[:, None] * 9 + np.arange(1, 9)[None, :]).reshape(-1)
+    want = _brute(acts, locs, k)
+    assert int(stats.n_rows) == 11 * 8 and sum(w["count"] for w in want) > 11 * 8  # features fire
+    for i, w in enumerate(want):
+        got = features.finalize_top(stats, i)
+        assert [g[0] for g in got] == [t[0] for t in w["top"]], i
+        np.testing.assert_allclose([g[1] for g in got], [t[1] for t in w["top"]], rtol=1e-5)
+        assert int(stats.count[i]) == w["count"]
+        np.testing.assert_array_equal(np.asarray(stats.hist[i]), w["hist"])
+    ctx, pos = features.locate(want[0]["top"][0][0], 9)
+    assert 1 <= pos < 9 and acts[ctx * 8 + pos - 1, 0] == pytest.approx(want[0]["top"][0][1])

@@ -1,5 +1,6 @@
 """Feature discovery: what each feature of a dictionary fires on, over a corpus."""
 
+from jaxinterp.features.corpus import corpus_stats, locate
 from jaxinterp.features.stats import HIST_EDGES, FeatureStats, finalize_top, init_stats, update_stats
 
-__all__ = ["HIST_EDGES", "FeatureStats", "finalize_top", "init_stats", "update_stats"]
+__all__ = ["corpus_stats", "locate", "HIST_EDGES", "FeatureStats", "finalize_top", "init_stats", "update_stats"]
