@@ -81,3 +81,27 @@ def test_a_corpus_pass_equals_the_statistics_of_all_its_tokens():
         np.testing.assert_array_equal(np.asarray(stats.hist[i]), w["hist"])
     ctx, pos = features.locate(want[0]["top"][0][0], 9)
     assert 1 <= pos < 9 and acts[ctx * 8 + pos - 1, 0] == pytest.approx(want[0]["top"][0][1])
+
+
+def test_logit_effects_are_the_decoder_rows_through_the_final_norm_and_unembedding():
+    """Against the product done densely in NumPy, with a normalised dictionary (its rows in raw
+    units) and chunks that do not divide d_sae."""
+    import jax
+
+    from jaxinterp import dictionaries as dl
+    from helpers import TINY_DECODERS, tiny_model
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    d, f, k = model.cfg.d_model, 20, 3
+    spec = dl.DictionarySpec("topk", d, f, k=4)
+    params = dl.init(jax.random.key(1), spec) | {"norm_scale": jnp.float32(0.25)}
+    eff = features.logit_effects(model, dl.Dictionary(spec, params, site="blocks.1.resid_post"), k=k, chunk=7)
+    head = np.asarray(model.embed[...]).T if model.lm_head is None else np.asarray(model.lm_head[...])
+    full = (np.asarray(params["W_dec"]) / 0.25 * np.asarray(model.final_norm.weight[...])) @ head
+    want_pos = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    want_neg = np.argsort(full, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(eff.pos_ids), want_pos)
+    np.testing.assert_array_equal(np.asarray(eff.neg_ids), want_neg)
+    np.testing.assert_allclose(np.asarray(eff.pos_vals), np.take_along_axis(full, want_pos, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(eff.neg_vals), np.take_along_axis(full, want_neg, 1), rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(eff.pos_vals)[:, 0] > 0) and np.all(np.asarray(eff.neg_vals)[:, 0] < 0)

@@ -1,0 +1,50 @@
+"""Per-feature logit effects: the tokens a feature's write promotes and suppresses directly.
+
+Axes: `F` d_sae, `D` d_model, `V` vocab, `K` tokens kept per side.
+
+The direct effect of one unit of feature f is `(W_dec[f] / scale) * final_norm.weight @ W_U`, the
+decoder row in the site's raw units, through the final norm's weight (its normalisation by the
+residual's size is left out, as in SAELens' and Neuronpedia's logit tables). A transcoder's row is
+its write at the target site; the same product applies.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxinterp import dictionaries as dl
+
+
+class LogitEffects(NamedTuple):
+    pos_ids: jax.Array
+    """[F, K] tokens with the largest effect, descending."""
+    pos_vals: jax.Array
+    """[F, K] their effects."""
+    neg_ids: jax.Array
+    """[F, K] tokens with the most negative effect, most negative first."""
+    neg_vals: jax.Array
+    """[F, K] their effects."""
+
+
+@partial(jax.jit, static_argnames=("k",))
+def _chunk(rows_cd, norm_d, head_dv, k):
+    logits = (rows_cd * norm_d) @ head_dv
+    pos_vals, pos_ids = jax.lax.top_k(logits, k)
+    neg_vals, neg_ids = jax.lax.top_k(-logits, k)
+    return pos_ids, pos_vals, neg_ids, -neg_vals
+
+
+def logit_effects(model, dictionary, *, k: int = 10, chunk: int = 256) -> LogitEffects:
+    """`LogitEffects` of every feature of `dictionary` on `model`'s output, `chunk` features at a
+    time (a [chunk, V] product, never [F, V])."""
+    dictionary.check_model(model.cfg.d_model, model.cfg.n_layers)
+    params = dictionary.params
+    rows = jnp.asarray(params["W_dec"], jnp.float32) / dl.target_scale(dictionary.spec, params)
+    head = (model.embed[...].T if model.lm_head is None else model.lm_head[...]).astype(jnp.float32)
+    norm = model.final_norm.weight[...].astype(jnp.float32)
+    parts = [_chunk(rows[s : s + chunk], norm, head, k) for s in range(0, rows.shape[0], chunk)]
+    return LogitEffects(*(jnp.concatenate(p) for p in zip(*parts)))
