@@ -105,3 +105,50 @@ def test_logit_effects_are_the_decoder_rows_through_the_final_norm_and_unembeddi
     np.testing.assert_allclose(np.asarray(eff.pos_vals), np.take_along_axis(full, want_pos, 1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(eff.neg_vals), np.take_along_axis(full, want_neg, 1), rtol=1e-4, atol=1e-4)
     assert np.all(np.asarray(eff.pos_vals)[:, 0] > 0) and np.all(np.asarray(eff.neg_vals)[:, 0] < 0)
+
+
+def _tiny_dictionary(model, f=48, seed=1):
+    import jax
+
+    from jaxinterp import dictionaries as dl
+
+    spec = dl.DictionarySpec("topk", model.cfg.d_model, f, k=4)
+    params = dl.init(jax.random.key(seed), spec) | {"b_enc": 0.3 * jax.random.normal(jax.random.key(seed + 1), (f,))}
+    return dl.Dictionary(spec, params, site="blocks.1.resid_post")
+
+
+def test_what_fires_here_and_contrastive_search_equal_their_formulas():
+    from jaxinterp.data.activations import site_activations
+    from jaxinterp.errors import UsageError
+    from helpers import TINY_DECODERS, tiny_model
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    dictionary = _tiny_dictionary(model)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, model.cfg.vocab_size, size=10).tolist()
+    here = features.fires_here(model, dictionary, prompt, k=3)
+    acts = np.asarray(dictionary.encode(site_activations(model, np.asarray([prompt]), dictionary.site)))
+    assert np.all(here.ids[0] == -1)
+    for t in range(1, 10):
+        order = np.argsort(-acts[t - 1], kind="stable")[:3]
+        np.testing.assert_array_equal(here.ids[t], np.where(acts[t - 1][order] > 0, order, -1))
+        np.testing.assert_allclose(here.values[t], acts[t - 1][order], rtol=1e-5, atol=1e-6)
+
+    # texts of different lengths (padding masked), and batches that split the sets
+    texts_a = [rng.integers(1, 8, size=n).tolist() for n in (6, 9, 4, 7, 5)]
+    texts_b = [rng.integers(8, model.cfg.vocab_size, size=n).tolist() for n in (8, 5, 6)]
+    got = features.contrast(model, dictionary, texts_a, texts_b, k=5, batch=2)
+
+    def per_token(texts):
+        return np.concatenate([np.asarray(dictionary.encode(site_activations(model, np.asarray([x]), dictionary.site)))
+                               for x in texts]).astype(np.float64)
+
+    a, b = per_token(texts_a), per_token(texts_b)
+    pooled = np.sqrt(((len(a) - 1) * a.var(0, ddof=1) + (len(b) - 1) * b.var(0, ddof=1)) / (len(a) + len(b) - 2))
+    d = np.where(pooled > 0, (a.mean(0) - b.mean(0)) / np.maximum(pooled, 1e-12), 0.0)
+    np.testing.assert_array_equal(got.ids, np.argsort(-d, kind="stable")[:5])
+    np.testing.assert_allclose(got.effect_size, d[got.ids], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.mean_a, a.mean(0)[got.ids], rtol=1e-4, atol=1e-6)
+    assert got.effect_size[0] > 0.5  # token sets this different separate some feature clearly
+    with pytest.raises(UsageError, match="at least two tokens past BOS"):
+        features.contrast(model, dictionary, [[1, 2]], texts_b)
