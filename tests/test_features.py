@@ -152,3 +152,23 @@ def test_what_fires_here_and_contrastive_search_equal_their_formulas():
     assert got.effect_size[0] > 0.5  # token sets this different separate some feature clearly
     with pytest.raises(UsageError, match="at least two tokens past BOS"):
         features.contrast(model, dictionary, [[1, 2]], texts_b)
+
+
+def test_a_pass_resumed_from_saved_stats_equals_one_pass(tmp_path):
+    """Half the corpus, saved and loaded (as after a crash), then the rest from the saved context:
+    the same state as one uninterrupted pass."""
+    from helpers import TINY_DECODERS, tiny_model
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    dictionary = _tiny_dictionary(model)
+    contexts = np.random.default_rng(3).integers(1, model.cfg.vocab_size, size=(12, 9)).astype(np.int32)
+    whole = features.corpus_stats(model, dictionary, contexts, k=4, batch_contexts=4)
+    half = features.corpus_stats(model, dictionary, contexts[:8], k=4, batch_contexts=4)
+    features.save_stats(tmp_path / "stats.npz", half, next_context=8)
+    loaded, meta = features.load_stats(tmp_path / "stats.npz")
+    resumed = features.corpus_stats(model, dictionary, contexts, k=4, batch_contexts=4, stats=loaded,
+                                    start=meta["next_context"])
+    assert meta == {"next_context": 8} and not (tmp_path / "stats.npz.tmp.npz").exists()
+    for name, a, b in zip(features.FeatureStats._fields, whole, resumed):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert int(whole.n_rows) == 12 * 8 and int(half.n_rows) == 8 * 8

@@ -91,3 +91,26 @@ def finalize_top(stats: FeatureStats, feature: int) -> list[tuple[int, float]]:
     vals = np.asarray(stats.top_vals[feature])
     locs = np.asarray(stats.top_locs[feature])
     return [(int(l), float(v)) for v, l in zip(vals, locs) if l >= 0]
+
+
+def save_stats(path, stats: FeatureStats, **meta) -> None:
+    """Write `stats` (and JSON-able `meta`, e.g. the next context to read) to the .npz file `path`,
+    atomically: a pass killed mid-write leaves the previous file whole."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = {name: np.asarray(value) for name, value in stats._asdict().items()}
+    np.savez(tmp, **arrays, meta=np.asarray(json.dumps(meta)))
+    os.replace(tmp, path)
+
+
+def load_stats(path) -> tuple[FeatureStats, dict]:
+    """(stats, meta) written by `save_stats`."""
+    import json
+
+    with np.load(path) as z:
+        stats = FeatureStats(**{name: jnp.asarray(z[name]) for name in FeatureStats._fields})
+        return stats, json.loads(str(z["meta"]))
