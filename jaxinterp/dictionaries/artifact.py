@@ -81,9 +81,9 @@ class Dictionary:
         first `width` features only (a Matryoshka prefix; any width from 1 to d_sae)."""
         return _rowwise(_reconstruct, self, x, self.d_in, self._width(width))
 
-    def _width(self, width: int | None) -> jax.Array:
-        if width is None:
-            return jnp.int32(self.d_sae)
+    def _width(self, width: int | None) -> jax.Array | None:
+        if width is None:  # the whole dictionary: no prefix mask at all
+            return None
         if not 1 <= int(width) <= self.d_sae:
             raise DictionaryError(f"width={width}: choose a prefix width from 1 to d_sae={self.d_sae}"
                                   + (f" (trained prefixes: {list(self.spec.widths)})" if self.spec.matryoshka_widths else ""))

@@ -28,10 +28,12 @@ def gather_dot(g_bd: jax.Array, idx_bk: jax.Array, table_fd: jax.Array, counts_b
     """out[b, j] = <g[b], table[idx[b, j]]>  -> [B, K] float32; with `counts_b`, only the first
     counts[b] entries of row b (the rest are zero)."""
     if counts_b is not None:
-        perm, blocks = dispatch.ragged_blocks(counts_b)
-        g_sorted, i_sorted, c_sorted = g_bd[perm], idx_bk[perm], counts_b[perm]
-        outs = [_gather_dot_n(g_sorted[lo:hi], i_sorted[lo:hi], table_fd, trips)
-                * (jnp.arange(idx_bk.shape[1]) < c_sorted[lo:hi, None]) for lo, hi, trips in blocks]
+        lead = jnp.arange(idx_bk.shape[1])
+
+        def block(g, i, c, trips):
+            return _gather_dot_n(g, i, table_fd, trips) * (lead < c[:, None])
+
+        perm, outs = dispatch.by_blocks(counts_b, block, g_bd, idx_bk, counts_b)
         return dispatch.unsort_rows(jnp.concatenate(outs), perm)
     return _gather_dot_n(g_bd, idx_bk, table_fd, idx_bk.shape[1])
 
@@ -52,10 +54,11 @@ def scatter_rows(vals_bk: jax.Array, idx_bk: jax.Array, g_bd: jax.Array, n_rows:
     acc_fd = jnp.zeros((n_rows, g_bd.shape[1]), jnp.float32)
     if counts_b is None:
         return _scatter_rows_n(vals_bk, idx_bk, g_bd, acc_fd, vals_bk.shape[1])
+    # one accumulator carried through the blocks (sorting rows does not change the sum)
     perm, blocks = dispatch.ragged_blocks(counts_b)
-    v_sorted, i_sorted, g_sorted = vals_bk[perm], idx_bk[perm], g_bd[perm]
+    v, i, g = vals_bk[perm], idx_bk[perm], g_bd[perm]
     for lo, hi, trips in blocks:
-        acc_fd = _scatter_rows_n(v_sorted[lo:hi], i_sorted[lo:hi], g_sorted[lo:hi], acc_fd, trips)
+        acc_fd = _scatter_rows_n(v[lo:hi], i[lo:hi], g[lo:hi], acc_fd, trips)
     return acc_fd
 
 

@@ -86,9 +86,7 @@ def gather_accumulate(vals_bk: jax.Array, idx_bk: jax.Array, table_fd: jax.Array
     `counts_b` [B] (optional): row b holds only `counts[b]` leading entries (the rest are zero);
     the loops then visit those only (see `ragged_blocks`)."""
     if counts_b is not None:
-        perm, blocks = ragged_blocks(counts_b)
-        v_bk, i_bk = vals_bk[perm], idx_bk[perm]
-        outs = [gather_accumulate_n(v_bk[lo:hi], i_bk[lo:hi], table_fd, trips) for lo, hi, trips in blocks]
+        perm, outs = by_blocks(counts_b, lambda v, i, trips: gather_accumulate_n(v, i, table_fd, trips), vals_bk, idx_bk)
         return unsort_rows(jnp.concatenate(outs), perm)
     return gather_accumulate_n(vals_bk, idx_bk, table_fd, vals_bk.shape[1])
 
@@ -119,6 +117,14 @@ def ragged_blocks(counts_b: jax.Array):
     perm = jnp.argsort(-counts_b.astype(jnp.int32))
     sorted_b = counts_b[perm].astype(jnp.int32)
     return perm, [(lo, min(lo + size, n), sorted_b[lo]) for lo in range(0, n, size)]
+
+
+def by_blocks(counts_b: jax.Array, fn, *rows):
+    """(perm, [fn(*block_rows, trips) for each block of `ragged_blocks`]): `rows` ([B, ...] arrays,
+    counts included if `fn` wants them) sorted by count, most first, and cut into blocks."""
+    perm, blocks = ragged_blocks(counts_b)
+    rows = [a[perm] for a in rows]
+    return perm, [fn(*(a[lo:hi] for a in rows), trips) for lo, hi, trips in blocks]
 
 
 def unsort_rows(a_b_: jax.Array, perm: jax.Array) -> jax.Array:
