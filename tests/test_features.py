@@ -7,8 +7,24 @@ import pytest
 from jaxinterp import features
 
 
-def _brute(acts, locs, k):
-    """Every feature's top k (value, location) by (-value, location), counts, sums, maxima, histogram."""
+def _fmix32(h):
+    h = np.uint32(h)
+    h ^= h >> np.uint32(16)
+    h = np.uint32((int(h) * 0x85EBCA6B) & 0xFFFFFFFF)
+    h ^= h >> np.uint32(13)
+    h = np.uint32((int(h) * 0xC2B2AE35) & 0xFFFFFFFF)
+    return h ^ (h >> np.uint32(16))
+
+
+def _key(loc, f):
+    """murmur3's finaliser of the location, xor the feature times the golden ratio, halved."""
+    h = int(_fmix32(int(_fmix32(loc)) ^ ((f * 0x9E3779B9) & 0xFFFFFFFF)))
+    return min(h >> 1, 2**31 - 2)
+
+
+def _brute(acts, locs, k, s=0):
+    """Every feature's top k (value, location) by (-value, location), its s firing tokens of the
+    smallest keys, counts, sums, maxima, histogram."""
     n_bins = len(features.HIST_EDGES) - 1
     lo, width = features.HIST_EDGES[0], features.HIST_EDGES[1] - features.HIST_EDGES[0]
     out = []
@@ -16,40 +32,91 @@ def _brute(acts, locs, k):
         col = acts[:, f]
         on = np.flatnonzero(col > 0)
         order = on[np.lexsort((locs[on], -col[on]))][:k]
+        keys = np.asarray([_key(int(locs[i]), f) for i in on], np.int64)
+        sampled = on[np.lexsort((locs[on], keys))][:s] if len(on) else on
         bins = np.clip(np.floor((np.log10(col[on]) - lo) / width), 0, n_bins - 1).astype(int)
         out.append({"top": [(int(locs[i]), float(col[i])) for i in order], "count": len(on), "total": col.sum(),
-                    "max": col.max(initial=0.0), "hist": np.bincount(bins, minlength=n_bins)})
+                    "max": col.max(initial=0.0), "hist": np.bincount(bins, minlength=n_bins),
+                    "sample": [(int(locs[i]), float(col[i])) for i in sampled]})
     return out
 
 
-@pytest.mark.parametrize("batch", [7, 64])
-def test_streaming_stats_equal_brute_force_with_ties(batch):
-    rng = np.random.default_rng(0)
-    n, f, k = 200, 12, 5
-    # sparse activations on a few levels, so that many values tie; one feature never fires
-    acts = rng.choice([0.5, 2.0, 3.0], size=(n, f)) * (rng.random((n, f)) < 0.15)
-    acts[:, 3] = 0.0
-    acts[:, 5] = np.where(rng.random(n) < 0.3, rng.lognormal(0.0, 2.0, n), 0.0)  # values across many bins
-    acts = acts.astype(np.float32)
-    locs = np.arange(n, dtype=np.int32) * 3 + 11  # growing, not the row index
-    stats = features.init_stats(f, k)
-    for s in range(0, n, batch):
-        a, l = acts[s : s + batch], locs[s : s + batch]
-        pad = batch - len(a)  # the short last batch, padded with location -1
-        a = np.concatenate([a, np.full((pad, f), 9.0, np.float32)])
-        l = np.concatenate([l, np.full(pad, -1, np.int32)])
-        stats = features.update_stats(stats, jnp.asarray(a), jnp.asarray(l))
-    want = _brute(acts, locs, k)
+def _check(stats, want, n):
     assert int(stats.n_rows) == n
     for i, w in enumerate(want):
         got = features.finalize_top(stats, i)
         assert [g[0] for g in got] == [t[0] for t in w["top"]], i
         np.testing.assert_allclose([g[1] for g in got], [t[1] for t in w["top"]], rtol=1e-6)
+        assert features.finalize_samples(stats, i) == pytest.approx(w["sample"], rel=1e-6), i
         assert int(stats.count[i]) == w["count"]
         assert float(stats.total[i]) == pytest.approx(w["total"], rel=1e-5)
         assert float(stats.max[i]) == pytest.approx(w["max"], rel=1e-6)
         np.testing.assert_array_equal(np.asarray(stats.hist[i]), w["hist"])
+
+
+def _stream(update, stats, acts, locs, batch):
+    f = acts.shape[1]
+    for s in range(0, len(acts), batch):
+        a, l = acts[s : s + batch], locs[s : s + batch]
+        pad = batch - len(a)  # the short last batch, padded with location -1
+        a = np.concatenate([a, np.full((pad, f), 9.0, np.float32)])
+        l = np.concatenate([l, np.full(pad, -1, np.int32)])
+        stats = update(stats, jnp.asarray(a), jnp.asarray(l))
+    return stats
+
+
+def _tied_acts(n, f, seed=0):
+    rng = np.random.default_rng(seed)
+    # sparse activations on a few levels, so that many values tie; one feature never fires
+    acts = rng.choice([0.5, 2.0, 3.0], size=(n, f)) * (rng.random((n, f)) < 0.15)
+    acts[:, 3] = 0.0
+    acts[:, 5] = np.where(rng.random(n) < 0.3, rng.lognormal(0.0, 2.0, n), 0.0)  # values across many bins
+    return acts.astype(np.float32), np.arange(n, dtype=np.int32) * 3 + 11  # locations growing, not row indices
+
+
+def test_sample_keys_are_the_documented_hash():
+    locs, feats = np.asarray([0, 1, 11, 2**20 + 7, 2**31 - 1]), np.asarray([0, 3, 4095, 65535, 7])
+    got = np.asarray(features.sample_key(jnp.asarray(locs, jnp.int32), jnp.asarray(feats, jnp.int32)))
+    assert got.tolist() == [_key(int(l), int(f)) for l, f in zip(locs, feats)]
+
+
+@pytest.mark.parametrize("batch,max_active", [(7, 64), (64, 64), (64, 1)])
+def test_streaming_stats_equal_brute_force_with_ties(batch, max_active):
+    """Top-k, the keyed sample, counts, sums, maxima and histograms against brute force, through the
+    sparse branch and (max_active 1: more firing entries than room) the dense one."""
+    from functools import partial
+
+    n, f, k, s = 200, 12, 5, 6
+    acts, locs = _tied_acts(n, f)
+    stats = _stream(partial(features.update_stats, max_active=max_active), features.init_stats(f, k, s), acts,
+                    locs, batch)
+    _check(stats, _brute(acts, locs, k, s), n)
     assert features.finalize_top(stats, 3) == [] and int(stats.hist[5].astype(bool).sum()) > 5
+
+
+def test_statistics_split_over_features_equal_one_device():
+    """On a (data 2, model 4) mesh each device folds its own 4 of 16 features (keys hashed with the
+    global feature id): the same state as one device, laid out as the rules table declares."""
+    import jax
+
+    n, f, k, s = 120, 16, 4, 5
+    acts, locs = _tied_acts(n, f, seed=1)
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    update = features.sharded_update(mesh)
+    sharded = _stream(update, features.place_stats(mesh, features.init_stats(f, k, s)), acts, locs, 32)
+    one = _stream(features.update_stats, features.init_stats(f, k, s), acts, locs, 32)
+    assert sharded.top_vals.sharding.spec[0] == "model"
+    for name, a, b in zip(features.FeatureStats._fields, one, sharded):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    _check(jax.device_get(sharded), _brute(acts, locs, k, s), n)
+
+
+def test_quantile_groups_split_the_sample_by_value():
+    samples = [(10 + i, v) for i, v in enumerate([5.0, 1.0, 3.0, 2.0, 4.0, 0.5, 6.0])]
+    groups = features.quantile_groups(samples, 3)
+    assert [(lo, hi) for lo, hi, _ in groups] == [(0.5, 2.0), (3.0, 4.0), (5.0, 6.0)]
+    assert groups[0][2] == [(13, 2.0), (11, 1.0), (15, 0.5)]
+    assert sum(len(g[2]) for g in groups) == len(samples) and features.quantile_groups([], 3) == []
 
 
 def test_a_corpus_pass_equals_the_statistics_of_all_its_tokens():
