@@ -172,6 +172,16 @@ def test_logit_effects_are_the_decoder_rows_through_the_final_norm_and_unembeddi
     np.testing.assert_allclose(np.asarray(eff.pos_vals), np.take_along_axis(full, want_pos, 1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(eff.neg_vals), np.take_along_axis(full, want_neg, 1), rtol=1e-4, atol=1e-4)
     assert np.all(np.asarray(eff.pos_vals)[:, 0] > 0) and np.all(np.asarray(eff.neg_vals)[:, 0] < 0)
+    # the histogram of every vocabulary effect, 50 equal bins from the feature's min to its max (both ends in)
+    for i in range(f):
+        edges = np.asarray(eff.hist_edges(i))
+        assert edges[0] == pytest.approx(full[i].min(), abs=1e-4) and edges[-1] == pytest.approx(full[i].max(), abs=1e-4)
+        want = np.bincount(np.clip(np.floor((full[i] - edges[0]) / (edges[1] - edges[0])), 0, 49).astype(int), minlength=50)
+        got = np.asarray(eff.hist[i])
+        assert got.sum() == full.shape[1]
+        # a value within float32 rounding of an inner edge may land on either side of it
+        near = np.sum(np.min(np.abs(full[i][:, None] - edges[None, 1:-1]), 1) < 1e-4)
+        assert np.abs(got - want).sum() <= 2 * near
 
 
 def _tiny_dictionary(model, f=48, seed=1):

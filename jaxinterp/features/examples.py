@@ -1,0 +1,90 @@
+"""FeatureReports from a corpus pass: example windows with every token's activation, quantile bands,
+logit tables.
+
+Axes: `N` contexts, `T` tokens per context, `E` firing entries, `V` vocab.
+
+An example is the window of `left` tokens before and `right` after a location where the feature
+fired (never BOS), each token with the feature's activation there, read from the pass's firing
+entries (a token where the feature did not fire reads 0). Everything returned is plain Python, so
+the writers (static site, Neuronpedia batches, explainer prompts) need neither JAX nor the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxinterp.errors import UsageError
+from jaxinterp.features.corpus import Entries
+from jaxinterp.features.logits import LogitEffects
+from jaxinterp.features.report import Example, FeatureReport, QuantileBin
+from jaxinterp.features.stats import HIST_EDGES, FeatureStats, quantile_groups
+
+
+def token_strings(tokenizer, vocab_size: int) -> list[str]:
+    """Each token id's text as it reads in a context (byte-level pieces decoded one by one)."""
+    return [tokenizer.decode([i]) for i in range(vocab_size)]
+
+
+class FeatureIndex:
+    """The firing entries grouped by feature, each feature's in location order."""
+
+    def __init__(self, entries: Entries, d_sae: int):
+        order = np.argsort(entries.feats, kind="stable")  # entries come location-ordered
+        self.locs = entries.locs[order]
+        self.vals = entries.vals[order]
+        self.starts = np.searchsorted(entries.feats[order], np.arange(d_sae + 1))
+
+    def values(self, feature: int, locs: np.ndarray) -> np.ndarray:
+        """The feature's activation at each of `locs` (0 where it did not fire)."""
+        a, b = self.starts[feature], self.starts[feature + 1]
+        if a == b:
+            return np.zeros(len(locs), np.float32)
+        mine, vals = self.locs[a:b], self.vals[a:b]
+        at = np.minimum(np.searchsorted(mine, locs), b - a - 1)
+        return np.where(mine[at] == locs, vals[at], np.float32(0.0))
+
+
+def example(contexts_nt: np.ndarray, strings: Sequence[str], index: FeatureIndex, feature: int, loc: int,
+            left: int, right: int) -> Example:
+    """The window around location `loc` with `feature`'s activation on each token."""
+    t = contexts_nt.shape[1]
+    c, p = divmod(int(loc), t)
+    lo, hi = max(1, p - left), min(t, p + right + 1)
+    locs = c * t + np.arange(lo, hi)
+    values = index.values(feature, locs)
+    return Example(tokens=tuple(strings[i] for i in contexts_nt[c, lo:hi]),
+                   values=tuple(float(f"{v:.4g}") for v in values), focus=p - lo, location=int(loc))
+
+
+def build_reports(stats: FeatureStats, entries: Entries, contexts_nt: np.ndarray, strings: Sequence[str],
+                  features: Sequence[int], *, logits: LogitEffects | None = None, left: int = 12, right: int = 4,
+                  n_top: int | None = None, n_quantiles: int = 4) -> list[FeatureReport]:
+    """A `FeatureReport` per feature of `features` (statistics pulled to the host once)."""
+    host = FeatureStats(*(np.asarray(a) for a in stats))
+    lg = None if logits is None else LogitEffects(*(np.asarray(a) for a in logits))
+    d_sae = host.count.shape[0]
+    bad = [f for f in features if not 0 <= f < d_sae]
+    if bad:
+        raise UsageError(f"features {bad[:5]} are outside the dictionary's {d_sae}; choose ids in [0, {d_sae})")
+    index = FeatureIndex(entries, d_sae)
+    n_rows = int(host.n_rows)
+    reports = []
+    for f in features:
+        ex = lambda loc: example(contexts_nt, strings, index, f, loc, left, right)  # noqa: E731
+        top_locs = [int(l) for l in host.top_locs[f][: n_top] if l >= 0]
+        samples = [(int(l), float(v)) for l, v in zip(host.sample_locs[f], host.sample_vals[f]) if l >= 0]
+        bands = tuple(QuantileBin(lo, hi, tuple(ex(l) for l, _ in band))
+                      for lo, hi, band in quantile_groups(samples, n_quantiles))
+        count = int(host.count[f])
+        report = FeatureReport(index=int(f), count=count, n_tokens=n_rows,
+                               mean=float(host.total[f]) / count if count else 0.0, max=float(host.max[f]),
+                               hist=tuple(int(h) for h in host.hist[f]), hist_edges=tuple(float(e) for e in HIST_EDGES),
+                               top=tuple(ex(l) for l in top_locs), quantiles=bands)
+        if lg is not None:
+            report.pos_logits = tuple((strings[i], float(v)) for i, v in zip(lg.pos_ids[f], lg.pos_vals[f]))
+            report.neg_logits = tuple((strings[i], float(v)) for i, v in zip(lg.neg_ids[f], lg.neg_vals[f]))
+            report.logit_hist = (tuple(int(h) for h in lg.hist[f]), tuple(lg.hist_edges(f)))
+        reports.append(report)
+    return reports
