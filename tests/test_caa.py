@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxinterp.models import Plan, forward
-from jaxinterp.steering import SteeringError
+from jaxinterp.steering import SteeringError, SteeringVector
 from jaxinterp.steering.caa import contrastive_vector, load_pairs, style_shift
 
 
@@ -63,3 +63,40 @@ def test_caa_on_smollm2_shifts_held_out_text_toward_the_positive_style():
     # seen: logprob(positive) -5.10 -> -4.85, margin (positive - negative) -0.70 -> -0.09
     assert steered["logprob_positive"] > base["logprob_positive"] + 0.1
     assert steered["margin"] > base["margin"] + 0.3
+
+
+def test_feature_steered_style_shift_adds_the_decoder_row_over_norm_scale():
+    """Feature add through the registry is the raw vector value * W_dec[f] / norm_scale (edits.py),
+    so the held-out table equals the vector table at that vector; at 0 it equals unsteered."""
+    import jax
+
+    from helpers import TINY_DECODERS, tiny_model
+
+    from jaxinterp import dictionaries as dl
+    from jaxinterp.steering import DictionaryRegistry
+    from jaxinterp.steering.caa import continuation_logprob, feature_steer
+
+    model, tok, site = tiny_model(TINY_DECODERS["llama"]), CharTokenizer(), "blocks.1.resid_post"
+    spec = dl.DictionarySpec("topk", 32, 48, k=4)
+    params = dl.init(jax.random.key(3), spec) | {"b_enc": 0.3 * jax.random.normal(jax.random.key(4), (48,)),
+                                                 "norm_scale": jnp.float32(0.5)}
+    registry = DictionaryRegistry().add(site, spec, params)
+    held = [("thou art more lovely", "you are nicer"), ("wherefore", "why is it"), ("hark", "listen up")]
+    f, value = 7, 3.0
+    steer = feature_steer(site, f)
+    got = style_shift(model, tok, site, None, held, scales=(0.0, value), steer=steer, dictionaries=registry)
+    row = np.asarray(params["W_dec"][f]) / 0.5
+    want = style_shift(model, tok, site, row, held, scales=(0.0, value))
+    for g, w in zip(got, want):
+        assert g["scale"] == w["scale"]
+        for key in ("logprob_positive", "logprob_negative", "margin"):
+            np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-5)
+    assert abs(got[1]["logprob_positive"] - got[0]["logprob_positive"]) > 0.01  # the edit changes the reading
+    texts = [p for p, _ in held]
+    np.testing.assert_allclose(continuation_logprob(model, tok, texts, "He said:", steer(value), dictionaries=registry),
+                               continuation_logprob(model, tok, texts, "He said:", SteeringVector(site, vector=row, scale=value)),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(SteeringError, match="no dictionary attached"):
+        style_shift(model, tok, site, None, held, scales=(1.0,), steer=steer)
+    with pytest.raises(SteeringError, match="needs a vector or a steer"):
+        style_shift(model, tok, site, None, held)

@@ -7,12 +7,16 @@ over the text's tokens (or takes the last token's), and returns the mean over pa
 minus negative; with `pca=True`, the first principal direction of the differences instead (signed
 and scaled to agree with the mean difference). `style_shift` measures what steering with such a
 vector does: the mean log-probability per token of held-out positive and negative texts, read by
-the steered model after a neutral prefix.
+the steered model after a neutral prefix. Any other steering is measured the same way through a
+`steer(scale)` callable: `feature_steer` adds `scale` to one feature of the dictionary attached at
+the site (a registry passed as `dictionaries`), which adds `scale * W_dec[f] / norm_scale` to the
+site's raw activation at every position.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -21,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.errors import UsageError
 from jaxinterp.models.decoder import forward
 from jaxinterp.models.intercept import Plan, parse_site
-from jaxinterp.steering.spec import SteeringError, SteeringVector, compile_steering
+from jaxinterp.steering.spec import DictionaryRegistry, SteeringError, SteeringVector, compile_steering
 
 CONTRAST_SETS = ("shakespearean_vs_modern",)
 
@@ -47,6 +52,13 @@ def load_pairs(name_or_path: str) -> list[tuple[str, str]]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise SteeringError(f"{name_or_path}: line {i + 1} is not a {{positive, negative}} JSON object") from None
     return pairs
+
+
+def split_held_out(pairs: list, held_out: int) -> tuple[list, list]:
+    """(training pairs, the last `held_out` pairs)."""
+    if not 0 < held_out < len(pairs):
+        raise UsageError(f"--held-out {held_out}: need between 1 and {len(pairs) - 1} of the {len(pairs)} pairs")
+    return pairs[:-held_out], pairs[-held_out:]
 
 
 def _batch(tokenizer, texts: list[str], prefix: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,13 +117,15 @@ def contrastive_vector(model, tokenizer, site: str, pairs, *, positions: str = "
     return ContrastVector(vector=vec.astype(np.float32), differences=diff, explained=explained)
 
 
-def continuation_logprob(model, tokenizer, texts: list[str], prefix: str, steering=None, batch: int = 16) -> np.ndarray:
-    """[N] mean log-probability per token of each text after `prefix`, under `steering`."""
+def continuation_logprob(model, tokenizer, texts: list[str], prefix: str, steering=None, batch: int = 16, *,
+                         dictionaries: DictionaryRegistry | None = None) -> np.ndarray:
+    """[N] mean log-probability per token of each text after `prefix`, under `steering` (feature
+    edits through the dictionaries attached in `dictionaries`)."""
     out = []
     for s in range(0, len(texts), batch):
         ids, mask, own = _batch(tokenizer, texts[s : s + batch], prefix)
         lens = mask.sum(1).tolist()
-        edits, ep = compile_steering(steering, None, model.cfg, lens)
+        edits, ep = compile_steering(steering, dictionaries, model.cfg, lens)
         logits = forward(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), plan=Plan(edits=edits),
                          edit_params=ep).logits
         lp = np.asarray(jax.nn.log_softmax(logits[:, :-1], axis=-1))
@@ -121,15 +135,29 @@ def continuation_logprob(model, tokenizer, texts: list[str], prefix: str, steeri
     return np.concatenate(out)
 
 
-def style_shift(model, tokenizer, site: str, vector: np.ndarray, held_out, scales=(0.0, 2.0, 4.0, 8.0),
-                prefix: str = "He said:") -> list[dict]:
+def feature_steer(site: str, feature: int) -> Callable[[float], SteeringVector]:
+    """`steer` for `style_shift`: add `scale` (raw activation units) to `feature` of the dictionary
+    attached at `site`."""
+    return lambda scale: SteeringVector(site, features={int(feature): float(scale)}, mode="add")
+
+
+def style_shift(model, tokenizer, site: str, vector: np.ndarray | None, held_out, scales=(0.0, 2.0, 4.0, 8.0),
+                prefix: str = "He said:", *, steer: Callable[[float], SteeringVector | None] | None = None,
+                dictionaries: DictionaryRegistry | None = None) -> list[dict]:
     """Per scale: mean log-prob per token of the held-out positive and negative texts, and their
-    margin, with `vector * scale` added at `site` on every position."""
+    margin, with `vector * scale` added at `site` on every position, or under `steer(scale)` when
+    given (`vector` is then unused; feature steering reads `dictionaries`)."""
+    if steer is None:
+        if vector is None:
+            raise SteeringError("style_shift needs a vector or a steer(scale) callable")
+
+        def steer(scale: float) -> SteeringVector | None:
+            return None if scale == 0 else SteeringVector(site, vector=vector, scale=scale)
     rows = []
     for scale in scales:
-        st = None if scale == 0 else SteeringVector(site, vector=vector, scale=float(scale))
-        lp_pos = continuation_logprob(model, tokenizer, [p for p, _ in held_out], prefix, st)
-        lp_neg = continuation_logprob(model, tokenizer, [n for _, n in held_out], prefix, st)
+        st = steer(float(scale))
+        lp_pos = continuation_logprob(model, tokenizer, [p for p, _ in held_out], prefix, st, dictionaries=dictionaries)
+        lp_neg = continuation_logprob(model, tokenizer, [n for _, n in held_out], prefix, st, dictionaries=dictionaries)
         rows.append({"scale": float(scale), "logprob_positive": float(lp_pos.mean()),
                      "logprob_negative": float(lp_neg.mean()), "margin": float((lp_pos - lp_neg).mean())})
     return rows
