@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +114,17 @@ def test_the_site_in_headless_chromium(built):
     site = built["root"] / "site"
     data = {f: _page_data(site / "f" / f"{f}.html")["feature"] for f in range(D_SAE)}
     busiest = max(data, key=lambda f: data[f]["count"])
-    focus_tokens = [ex["tokens"][ex["focus"]] for ex in data[busiest]["top"]]
-    query = max(set(focus_tokens), key=focus_tokens.count).strip()
+
+    def searchable(f):  # what the index lists per feature: 5 most frequent top tokens, 5 most promoted
+        top = Counter(ex["tokens"][ex["focus"]] for ex in data[f]["top"]).most_common(5)
+        return " ".join([t for t, _ in top] + [t for t, _ in data[f]["pos_logits"][:5]]).lower()
+
+    def hits(q):
+        return {f for f in data if q in searchable(f)}
+
+    candidates = sorted({ex["tokens"][ex["focus"]].strip().lower() for ex in data[busiest]["top"]} - {""})
+    query = min(candidates, key=lambda q: len(hits(q)))
+    assert 0 < len(hits(query)) < D_SAE
     artifacts = Path(os.environ.get("JAXINTERP_TEST_ARTIFACTS", Path(REPO) / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "dashboard-feature.png"
@@ -134,7 +144,7 @@ def test_the_site_in_headless_chromium(built):
         assert shown_max == sorted(range(D_SAE), key=lambda f: (-data[f]["max"], f))
         page.fill("#search", query)
         listed = {int(t) for t in page.locator("#rows tr td:first-child").all_inner_texts()}
-        assert busiest in listed and 0 < len(listed) < D_SAE
+        assert listed == hits(query) and busiest in listed
         page.fill("#search", str(busiest))
         assert page.locator("#rows tr").count() == 1
         page.click(f"#rows a[href='f/{busiest}.html']")
@@ -224,3 +234,28 @@ def test_a_killed_run_resumes_to_the_same_site(built, tmp_path):
     ref = built["root"] / "site"
     for page in ["index.html"] + [f"f/{f}.html" for f in range(D_SAE)]:
         assert (tmp_path / "site" / page).read_text() == (ref / page).read_text(), page
+
+
+def test_search_by_token_over_a_dashboards_pass(built):
+    """`launch/search.py token`: the features whose top contexts fire on the token (counted from
+    the pages), or whose logit table promotes it, most first."""
+    site = built["root"] / "site"
+    pages = {f: _page_data(site / "f" / f"{f}.html")["feature"] for f in range(D_SAE)}
+    word = " cats"
+    cmd = [sys.executable, "launch/search.py", "token", "--dashboard", str(site), "--text", word, "--k", str(D_SAE),
+           "--json"]
+    run = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout)["features"]
+    # the tiny byte-level tokenizer has one token per byte: " cats" matches no token, "s" does
+    assert got == []
+    cmd[cmd.index(word)] = "S"
+    run = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    got = json.loads(run.stdout)["features"]
+    want = {f: (sum(ex["tokens"][ex["focus"]].strip().lower() == "s" for ex in p["top"]),
+                sum(t.strip().lower() == "s" for t, _ in p["pos_logits"])) for f, p in pages.items()}
+    want = sorted(((f, a, b) for f, (a, b) in want.items() if a or b), key=lambda r: (-r[1], -r[2], r[0]))
+    assert [(r["id"], r["in_top"], r["in_logits"]) for r in got] == want and len(want) > 3
+    bad = subprocess.run([*cmd[:4], str(built["root"]), *cmd[5:]], cwd=REPO, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "give the --out folder of a finished launch/dashboard.py run" in bad.stderr
