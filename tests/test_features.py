@@ -249,3 +249,37 @@ def test_a_pass_resumed_from_saved_stats_equals_one_pass(tmp_path):
     for name, a, b in zip(features.FeatureStats._fields, whole, resumed):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     assert int(whole.n_rows) == 12 * 8 and int(half.n_rows) == 8 * 8
+
+
+def test_a_k_sparse_code_folds_to_the_statistics_of_the_dense_activations():
+    """`encode_sparse` of a TopK dictionary is its dense encode's nonzeros, and statistics folded
+    from the [N, K] code equal those folded from the dense [N, F] activations; kinds that select no
+    k per row have no sparse code."""
+    import jax
+
+    from jaxinterp import dictionaries as dl
+
+    d_in, f, k = 16, 40, 5
+    spec = dl.DictionarySpec("topk", d_in, f, k=k)
+    params = dl.init(jax.random.key(0), spec) | {"b_enc": -1.8 + 0.3 * jax.random.normal(jax.random.key(1), (f,))}
+    dictionary = dl.Dictionary(spec, params, site="blocks.0.resid_post")
+    x = np.asarray(jax.random.normal(jax.random.key(2), (96, d_in)))
+    vals, ids = (np.asarray(a) for a in dictionary.encode_sparse(x))
+    dense = np.asarray(dictionary.encode(x))
+    assert vals.shape == ids.shape == (96, k)
+    rebuilt = np.zeros_like(dense)
+    np.put_along_axis(rebuilt, ids, vals, 1)
+    np.testing.assert_allclose(rebuilt, dense, rtol=1e-6, atol=1e-7)
+    assert (vals == 0).any() and (vals > 0).any()  # some rows keep fewer than k
+
+    locs = (np.arange(96) * 2 + 5).astype(np.int32)
+    locs[-7:] = -1  # padding rows count nowhere
+    a = b = features.init_stats(f, 4, 6)
+    for s in range(0, 96, 32):
+        sl = slice(s, s + 32)
+        a = features.update_stats(a, jnp.asarray(dense[sl]), jnp.asarray(locs[sl]))
+        b = features.update_stats_sparse(b, jnp.asarray(vals[sl]), jnp.asarray(ids[sl]), jnp.asarray(locs[sl]))
+    for name, u, v in zip(features.FeatureStats._fields, a, b):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, err_msg=name)
+    relu = dl.Dictionary(dl.DictionarySpec("relu", d_in, f), dl.init(jax.random.key(0), dl.DictionarySpec("relu", d_in, f)))
+    assert relu.encode_sparse(x) is None

@@ -71,6 +71,17 @@ class Dictionary:
         """Dense feature activations [..., d_sae] of raw activations [..., d_in]."""
         return _rowwise(_encode, self, x, self.d_in)
 
+    def encode_sparse(self, x) -> tuple[jax.Array, jax.Array] | None:
+        """(values [..., k], feature ids [..., k]) of raw activations [..., d_in], largest first, for
+        kinds that select k features a row (TopK and its Matryoshka); None for the others."""
+        if not self.spec.kind.row_topk:
+            return None
+        a = jnp.asarray(x)
+        if a.ndim == 0 or a.shape[-1] != self.d_in:
+            raise DictionaryError(f"expected an array [..., {self.d_in}], got shape {tuple(a.shape)}")
+        vals, ids = _encode_sparse(self.spec, self.params, a.reshape(-1, self.d_in).astype(jnp.float32))
+        return vals.reshape(*a.shape[:-1], -1), ids.reshape(*a.shape[:-1], -1)
+
     def decode(self, f, *, width: int | None = None) -> jax.Array:
         """Raw output [..., d_out] of feature activations [..., d_sae] (without a skip path's share,
         which needs the input: see `reconstruct`); `width`: a Matryoshka prefix's features only."""
@@ -113,6 +124,11 @@ class Dictionary:
 @partial(jax.jit, static_argnums=0)
 def _encode(spec, params, x):
     return sae.encode(spec, params, x)
+
+
+@partial(jax.jit, static_argnums=0)
+def _encode_sparse(spec, params, x):
+    return sae.encode_sparse(spec, params, x)
 
 
 @partial(jax.jit, static_argnums=0)

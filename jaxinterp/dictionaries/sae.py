@@ -226,6 +226,15 @@ def _encode_normalised(spec: DictionarySpec, params: Params, xn: jax.Array) -> j
     return spec.kind.activate(raw, _features(spec, params))
 
 
+def encode_sparse(spec: DictionarySpec, params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+    """The code of raw inputs [B, D] as (values [B, K], feature ids [B, K]), largest first (values
+    0 where fewer fire), for kinds that select k features per row; None for the others (use `encode`)."""
+    if not spec.kind.row_topk:
+        return None
+    vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, x)), spec.k)
+    return jax.nn.relu(vals), idx
+
+
 def encode_selected(spec: DictionarySpec, params: Params, x_btd: jax.Array, ids_bs: jax.Array) -> jax.Array:
     """Activations [B, T, S] of features `ids_bs` [B, S] (per row of the batch) of raw inputs
     `x_btd`, from their encoder columns only: the formula of `encode`, restricted to those columns

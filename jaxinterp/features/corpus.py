@@ -24,11 +24,11 @@ import numpy as np
 
 from jaxinterp.data.activations import site_activations
 from jaxinterp.errors import UsageError
-from jaxinterp.features.stats import FeatureStats, init_stats, update_stats
+from jaxinterp.features.stats import FeatureStats, init_stats, update_stats, update_stats_sparse
 
 
 class Entries(NamedTuple):
-    """Firing (location, feature, activation) entries of a pass, ordered by location then feature."""
+    """Firing (location, feature, activation) entries of a pass, in location order."""
 
     locs: np.ndarray
     """[E] int32 token locations."""
@@ -75,6 +75,14 @@ def firing_entries(acts_nf, loc_n, *, max_active: int = 64) -> Entries:
     return Entries(locs[:count], feats[:count], vals[:count])
 
 
+def code_entries(vals_nk, ids_nk, loc_n) -> Entries:
+    """The firing entries of one batch's sparse code (values [N, K] of features [N, K])."""
+    vals, ids, locs = jax.device_get((vals_nk, ids_nk, loc_n))
+    on = (vals > 0) & (locs >= 0)[:, None]
+    return Entries(np.broadcast_to(locs[:, None], on.shape)[on].astype(np.int32), ids[on].astype(np.int32),
+                   vals[on].astype(np.float32))
+
+
 def corpus_pass(model, dictionary, contexts_nt: np.ndarray, *, k: int = 20, samples: int = 40,
                 batch_contexts: int = 16, keep_entries: bool = False, max_active: int = 64,
                 state: CorpusPass | None = None, start: int = 0,
@@ -97,9 +105,15 @@ def corpus_pass(model, dictionary, contexts_nt: np.ndarray, *, k: int = 20, samp
         if pad:
             rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)])
             locs = np.concatenate([locs, np.full(pad, -1, np.int32)])
-        acts, locs = dictionary.encode(jnp.asarray(rows)), jnp.asarray(locs)
-        stats = update_stats(stats, acts, locs, max_active=max_active)
-        batch = firing_entries(acts, locs, max_active=max_active) if keep_entries else None
+        rows, locs = jnp.asarray(rows), jnp.asarray(locs)
+        code = dictionary.encode_sparse(rows)
+        if code is not None:  # a k-sparse kind: statistics and entries from the [N, K] code
+            stats = update_stats_sparse(stats, *code, locs)
+            batch = code_entries(*code, locs) if keep_entries else None
+        else:
+            acts = dictionary.encode(rows)
+            stats = update_stats(stats, acts, locs, max_active=max_active)
+            batch = firing_entries(acts, locs, max_active=max_active) if keep_entries else None
         if batch is not None:
             kept.append(batch)
         if on_batch is not None:

@@ -189,7 +189,7 @@ def build_dashboard(dictionary_path: str, out_dir, settings: DashboardSettings =
                                    dictionary.d_sae, delphi_splits, model_name=name)
         written["delphi"] = [str(p) for p in paths]
     t_end = time.perf_counter()
-    summary = {"dictionary": str(dictionary_path), "model": name, "site": dictionary.site, "d_sae": dictionary.d_sae,
+    summary = {"dictionary": str(Path(dictionary_path).absolute()), "model": name, "site": dictionary.site, "d_sae": dictionary.d_sae,
                "features": len(ids), "tokens": int(done.stats.n_rows), "entries": int(len(done.entries.locs)),
                "settings": dataclasses.asdict(settings), "seconds": {
                    "load": t_pass - t0, "pass": t_reports - t_pass, "reports": t_site - t_reports,

@@ -46,16 +46,31 @@ class FeatureIndex:
         return np.where(mine[at] == locs, vals[at], np.float32(0.0))
 
 
-def example(contexts_nt: np.ndarray, strings: Sequence[str], index: FeatureIndex, feature: int, loc: int,
-            left: int, right: int) -> Example:
-    """The window around location `loc` with `feature`'s activation on each token."""
+def _significant(v: np.ndarray, digits: int = 4) -> np.ndarray:
+    """`v` rounded to `digits` significant digits (short in JSON; zeros stay zeros)."""
+    v = np.asarray(v, np.float64)
+    mag = 10.0 ** (digits - 1 - np.floor(np.log10(np.where(v == 0, 1.0, np.abs(v)))))
+    return np.round(v * mag) / mag
+
+
+def examples(contexts_nt: np.ndarray, strings: Sequence[str], index: FeatureIndex, feature: int,
+             locs: Sequence[int], left: int, right: int) -> list[Example]:
+    """The windows around locations `locs` with `feature`'s activation on each token (one lookup
+    for all of them)."""
     t = contexts_nt.shape[1]
-    c, p = divmod(int(loc), t)
-    lo, hi = max(1, p - left), min(t, p + right + 1)
-    locs = c * t + np.arange(lo, hi)
-    values = index.values(feature, locs)
-    return Example(tokens=tuple(strings[i] for i in contexts_nt[c, lo:hi]),
-                   values=tuple(float(f"{v:.4g}") for v in values), focus=p - lo, location=int(loc))
+    if len(locs) == 0:
+        return []
+    c, p = np.divmod(np.asarray(locs, np.int64), t)
+    pos = p[:, None] + np.arange(-left, right + 1)[None, :]
+    inside = (pos >= 1) & (pos < t)
+    values = _significant(index.values(feature, (c[:, None] * t + np.clip(pos, 0, t - 1)).ravel())).reshape(pos.shape)
+    ids = contexts_nt[c[:, None], np.clip(pos, 0, t - 1)]
+    out = []
+    for i in range(len(c)):
+        keep = inside[i]
+        out.append(Example(tokens=tuple(strings[j] for j in ids[i][keep]), values=tuple(values[i][keep].tolist()),
+                           focus=int(p[i] - max(1, p[i] - left)), location=int(c[i] * t + p[i])))
+    return out
 
 
 def build_reports(stats: FeatureStats, entries: Entries, contexts_nt: np.ndarray, strings: Sequence[str],
@@ -72,16 +87,18 @@ def build_reports(stats: FeatureStats, entries: Entries, contexts_nt: np.ndarray
     n_rows = int(host.n_rows)
     reports = []
     for f in features:
-        ex = lambda loc: example(contexts_nt, strings, index, f, loc, left, right)  # noqa: E731
         top_locs = [int(l) for l in host.top_locs[f][: n_top] if l >= 0]
         samples = [(int(l), float(v)) for l, v in zip(host.sample_locs[f], host.sample_vals[f]) if l >= 0]
-        bands = tuple(QuantileBin(lo, hi, tuple(ex(l) for l, _ in band))
-                      for lo, hi, band in quantile_groups(samples, n_quantiles))
+        bands = quantile_groups(samples, n_quantiles)
+        shown = examples(contexts_nt, strings, index, f, top_locs + [l for _, _, band in bands for l, _ in band],
+                         left, right)
+        top, rest = tuple(shown[: len(top_locs)]), iter(shown[len(top_locs):])
+        bands = tuple(QuantileBin(lo, hi, tuple(next(rest) for _ in band)) for lo, hi, band in bands)
         count = int(host.count[f])
         report = FeatureReport(index=int(f), count=count, n_tokens=n_rows,
                                mean=float(host.total[f]) / count if count else 0.0, max=float(host.max[f]),
                                hist=tuple(int(h) for h in host.hist[f]), hist_edges=tuple(float(e) for e in HIST_EDGES),
-                               top=tuple(ex(l) for l in top_locs), quantiles=bands)
+                               top=top, quantiles=bands)
         if lg is not None:
             report.pos_logits = tuple((strings[i], float(v)) for i, v in zip(lg.pos_ids[f], lg.pos_vals[f]))
             report.neg_logits = tuple((strings[i], float(v)) for i, v in zip(lg.neg_ids[f], lg.neg_vals[f]))

@@ -14,10 +14,12 @@ for every feature at once:
   resumed pass equals one pass; grouped by value it gives the per-quantile examples of a dashboard;
 - firing count, sum and maximum, and a histogram of the firing values on fixed log10 bins.
 
-A batch's firing entries are taken sparsely (`jnp.nonzero` with a static size of `max_active`
-per row) and sorted by (feature, -value) and (feature, key): a sort of E entries instead of two
-top-k's over the dense [F, N] matrix. A batch with more entries than that takes the dense branch
-of a `lax.cond` (top-k's over [F, N]); both give the same state.
+A batch's statistics come from its firing entries, sorted by (feature, -value) and (feature,
+key): a sort of E entries instead of two top-k's over the dense [F, N] matrix. A k-sparse
+dictionary's code [N, K] is those entries already (`update_stats_sparse`; no [N, F] matrix at
+all); from dense activations they are taken with `jnp.nonzero` at a static size of `max_active` a
+row, and a batch with more takes the dense branch of a `lax.cond` (top-k's over [F, N]). Every
+path gives the same state (sums up to float rounding).
 
 The state is a pytree of arrays with F leading (save it like a checkpoint; `sharded_update` splits
 it over features on a mesh, each device folding its own features' columns).
@@ -112,14 +114,24 @@ def _ranks(sorted_f):
     return i - start
 
 
-def _sparse_batch(acts, on, loc_n, f0, k, s, cap):
-    """The batch's own top-k, sample and histogram from its firing entries (at most `cap`)."""
-    n, f = acts.shape
-    idx = jnp.nonzero(on.reshape(-1), size=cap, fill_value=n * f)[0]
-    real = idx < n * f
-    row, feat = idx // f, jnp.where(real, idx % f, f)  # padding entries sort last and scatter nowhere
-    val = jnp.where(real, acts.reshape(-1)[jnp.minimum(idx, n * f - 1)], -1.0)
-    loc = jnp.where(real, loc_n[jnp.minimum(row, n - 1)], -1)
+class _Batch(NamedTuple):
+    """One batch's own statistics, merged into the running ones by `_merge`."""
+
+    top_vals: jax.Array
+    top_locs: jax.Array
+    keys: jax.Array
+    slocs: jax.Array
+    svals: jax.Array
+    hist: jax.Array
+    count: jax.Array
+    total: jax.Array
+    max: jax.Array
+
+
+def _from_entries(feat, val, loc, f, f0, k, s) -> _Batch:
+    """A batch's statistics from its firing entries [E]: feature (`f` on padding entries, which
+    sort last and scatter nowhere), value and location."""
+    real = feat < f
     key = jnp.where(real, sample_key(loc, feat + f0), NO_KEY)
 
     sf, sv, sl = jax.lax.sort((feat, -val, loc), num_keys=3)
@@ -136,10 +148,24 @@ def _sparse_batch(acts, on, loc_n, f0, k, s, cap):
     svals = jnp.zeros((f, s), jnp.float32).at[kf, r].set(kv, mode="drop")
 
     hist = jnp.zeros((f, len(HIST_EDGES) - 1), jnp.int32).at[feat, _bins(val)].add(1, mode="drop")
-    return top_vals, top_locs, keys, slocs, svals, hist
+    count = jnp.zeros((f,), jnp.int32).at[feat].add(1, mode="drop")
+    total = jnp.zeros((f,), jnp.float32).at[feat].add(val, mode="drop")
+    mx = jnp.zeros((f,), jnp.float32).at[feat].max(val, mode="drop")
+    return _Batch(top_vals, top_locs, keys, slocs, svals, hist, count, total, mx)
 
 
-def _dense_batch(acts, on, loc_n, f0, k, s, cap):
+def _sparse_batch(acts, on, loc_n, f0, k, s, cap) -> _Batch:
+    """The batch's statistics from its firing entries (at most `cap`), found with one `nonzero`."""
+    n, f = acts.shape
+    idx = jnp.nonzero(on.reshape(-1), size=cap, fill_value=n * f)[0]
+    real = idx < n * f
+    row, feat = idx // f, jnp.where(real, idx % f, f)
+    val = jnp.where(real, acts.reshape(-1)[jnp.minimum(idx, n * f - 1)], -1.0)
+    loc = jnp.where(real, loc_n[jnp.minimum(row, n - 1)], -1)
+    return _from_entries(feat, val, loc, f, f0, k, s)
+
+
+def _dense_batch(acts, on, loc_n, f0, k, s, cap) -> _Batch:
     """The same from the dense [F, N] matrix (for a batch with more firing entries than `cap`)."""
     del cap
     n, f = acts.shape
@@ -156,8 +182,30 @@ def _dense_batch(acts, on, loc_n, f0, k, s, cap):
     pad = lambda a, w, fill: jnp.pad(a, ((0, 0), (0, w - a.shape[1])), constant_values=fill)
     hist = jnp.zeros((f, len(HIST_EDGES) - 1), jnp.int32).at[feat.reshape(-1), _bins(acts).reshape(-1)].add(
         on.reshape(-1).astype(jnp.int32))
-    return (pad(top_vals, k, -1.0), pad(top_locs, k, -1), pad(keys, s, NO_KEY), pad(slocs, s, -1),
-            pad(svals, s, 0.0), hist)
+    return _Batch(pad(top_vals, k, -1.0), pad(top_locs, k, -1), pad(keys, s, NO_KEY), pad(slocs, s, -1),
+                  pad(svals, s, 0.0), hist, jnp.sum(on, axis=0, dtype=jnp.int32), jnp.sum(acts, axis=0),
+                  jnp.max(acts, axis=0))
+
+
+def _merge(stats: FeatureStats, b: _Batch, n_valid) -> FeatureStats:
+    k, s = stats.top_vals.shape[1], stats.sample_keys.shape[1]
+    # merged after the kept ones, so that ties keep the earlier location (key ties, the earlier too)
+    top_vals, pos = jax.lax.top_k(jnp.concatenate([stats.top_vals, b.top_vals], 1), k)
+    top_locs = jnp.take_along_axis(jnp.concatenate([stats.top_locs, b.top_locs], 1), pos, 1)
+    neg, pos = jax.lax.top_k(-jnp.concatenate([stats.sample_keys, b.keys], 1), s)
+    pick = lambda a, c: jnp.take_along_axis(jnp.concatenate([a, c], 1), pos, 1)
+    return FeatureStats(
+        top_vals=top_vals,
+        top_locs=top_locs,
+        sample_keys=-neg,
+        sample_locs=pick(stats.sample_locs, b.slocs),
+        sample_vals=pick(stats.sample_vals, b.svals),
+        count=stats.count + b.count,
+        total=stats.total + b.total,
+        max=jnp.maximum(stats.max, b.max),
+        hist=stats.hist + b.hist,
+        n_rows=stats.n_rows + n_valid,
+    )
 
 
 def _update(stats: FeatureStats, acts_nf, loc_n, f0, max_active: int) -> FeatureStats:
@@ -169,25 +217,20 @@ def _update(stats: FeatureStats, acts_nf, loc_n, f0, max_active: int) -> Feature
     cap = min(n * max_active, n * acts.shape[1])
     batch = jax.lax.cond(jnp.sum(on, dtype=jnp.int32) <= cap, partial(_sparse_batch, k=k, s=s, cap=cap),
                          partial(_dense_batch, k=k, s=s, cap=cap), acts, on, loc_n, f0)
-    b_vals, b_locs, b_keys, b_slocs, b_svals, b_hist = batch
+    return _merge(stats, batch, jnp.sum(valid, dtype=jnp.int32))
 
-    # merged after the kept ones, so that ties keep the earlier location (key ties, the earlier too)
-    top_vals, pos = jax.lax.top_k(jnp.concatenate([stats.top_vals, b_vals], 1), k)
-    top_locs = jnp.take_along_axis(jnp.concatenate([stats.top_locs, b_locs], 1), pos, 1)
-    neg, pos = jax.lax.top_k(-jnp.concatenate([stats.sample_keys, b_keys], 1), s)
-    pick = lambda a, b: jnp.take_along_axis(jnp.concatenate([a, b], 1), pos, 1)
-    return FeatureStats(
-        top_vals=top_vals,
-        top_locs=top_locs,
-        sample_keys=-neg,
-        sample_locs=pick(stats.sample_locs, b_slocs),
-        sample_vals=pick(stats.sample_vals, b_svals),
-        count=stats.count + jnp.sum(on, axis=0, dtype=jnp.int32),
-        total=stats.total + jnp.sum(acts, axis=0),
-        max=jnp.maximum(stats.max, jnp.max(acts, axis=0)),
-        hist=stats.hist + b_hist,
-        n_rows=stats.n_rows + jnp.sum(valid, dtype=jnp.int32),
-    )
+
+@jax.jit
+def update_stats_sparse(stats: FeatureStats, vals_nk: jax.Array, ids_nk: jax.Array, loc_n: jax.Array) -> FeatureStats:
+    """`update_stats` from the batch's sparse code: values [N, K] of features ids [N, K] (entries
+    with value 0 fire nowhere), as `Dictionary.encode_sparse` gives it; no [N, F] matrix is formed."""
+    f, k, s = stats.count.shape[0], stats.top_vals.shape[1], stats.sample_keys.shape[1]
+    valid = loc_n >= 0
+    on = (vals_nk > 0) & valid[:, None]
+    feat = jnp.where(on, ids_nk, f).reshape(-1)
+    val = jnp.where(on, vals_nk.astype(jnp.float32), -1.0).reshape(-1)
+    loc = jnp.broadcast_to(loc_n[:, None], vals_nk.shape).reshape(-1)
+    return _merge(stats, _from_entries(feat, val, loc, f, 0, k, s), jnp.sum(valid, dtype=jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("max_active",))
