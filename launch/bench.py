@@ -1,4 +1,5 @@
-"""Benchmarks, one subcommand per area: `python launch/bench.py train [--json] [--compare sparsify]`.
+"""Benchmarks, one subcommand per area: `python launch/bench.py train [--json] [--compare sparsify]`
+(areas: train, convergence, harvest, generate, drift, kernels, features).
 
 Each prints human-readable lines by default and one JSON object with `--json`; ratios are measured
 in the same run, absolute figures come with the machine they ran on.
@@ -78,6 +79,14 @@ def _kernels(args):
     return kernels.run(repeats=args.repeats, train=not args.no_train), kernels.format_human
 
 
+def _features(args):
+    from jaxinterp.benchmarks import features
+
+    res = features.run(model=args.model, site=args.site, d_saes=tuple(args.d_sae), k=args.k, contexts=args.contexts,
+                       repeats=args.repeats)
+    return res, features.format_human
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
@@ -123,10 +132,18 @@ def main() -> int:
     kn = sub.add_parser("kernels", help="top-k decode: Pallas / sparse loops vs dense and XLA gather; train sparse vs dense")
     kn.add_argument("--repeats", type=int, default=5)
     kn.add_argument("--no-train", action="store_true", help="skip the train-step comparison")
-    for p in (t, c, h, g, d, kn):
+    fe = sub.add_parser("features", help="feature statistics pass (dashboards) tokens/s vs the model's forward")
+    fe.add_argument("--model", default="smollm2-135m")
+    fe.add_argument("--site", default="blocks.15.resid_post")
+    fe.add_argument("--d-sae", type=int, nargs="+", default=[4608, 65536])
+    fe.add_argument("--k", type=int, default=32)
+    fe.add_argument("--contexts", type=int, default=16, help="contexts of 128 tokens a batch (4 above d_sae 8192)")
+    fe.add_argument("--repeats", type=int, default=3)
+    for p in (t, c, h, g, d, kn, fe):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    res, fmt = {"train": _train, "convergence": _convergence, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels}[args.area](args)
+    res, fmt = {"train": _train, "convergence": _convergence, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels,
+           "features": _features}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

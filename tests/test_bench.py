@@ -71,3 +71,19 @@ def test_convergence_bench_row_trains_before_and_after_on_one_file(tmp_path):
     assert line.startswith("| tiny (d_in 16") and line.count("|") == 5
     with pytest.raises(ValueError, match="unknown task"):
         convergence.run(tasks=["nope"])
+
+
+def test_features_bench_prints_its_keys(tmp_path):
+    from helpers import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cmd = [sys.executable, "launch/bench.py", "features", "--model", gguf, "--site", "blocks.1.resid_post",
+           "--d-sae", "64", "16384", "--k", "4", "--contexts", "2", "--repeats", "1", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert [c["d_sae"] for c in res["cases"]] == [64, 16384]
+    assert [c["contexts_per_batch"] for c in res["cases"]] == [2, 2]
+    for c in res["cases"]:
+        assert c["forward_tokens_per_s"] > 0 and c["stats_tokens_per_s"] > 0 and c["stats_and_entries_tokens_per_s"] > 0
+        assert c["stats_cost_vs_forward"] == pytest.approx(c["forward_tokens_per_s"] / c["stats_tokens_per_s"] - 1)
