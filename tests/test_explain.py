@@ -224,3 +224,23 @@ def test_score_rejects_unknown_methods_and_batches():
         score(client, "x", [SENTENCE], method="simulation")
     with pytest.raises(UsageError, match="batch 0"):
         score(client, "x", [SENTENCE], batch=0)
+
+
+def test_chat_explainer_sends_the_prompt_to_an_openai_style_client_and_parses_its_reply():
+    """The adapter's call has the shape of `openai.OpenAI().chat.completions.create`; the reply's
+    content is the text explain() parses."""
+    from types import SimpleNamespace
+
+    from jaxinterp.features.explain import ChatExplainer
+
+    sent = []
+
+    def create(**kwargs):
+        sent.append(kwargs)
+        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content="[EXPLANATION]: cats"))])
+
+    client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
+    explainer = ChatExplainer(client, "local-model", temperature=0.0, max_tokens=200)
+    assert explain(explainer, [SENTENCE]) == "cats"
+    assert sent[0]["model"] == "local-model" and sent[0]["temperature"] == 0.0 and sent[0]["max_tokens"] == 200
+    assert sent[0]["messages"] == explainer_messages([SENTENCE])

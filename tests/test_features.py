@@ -283,3 +283,31 @@ def test_a_k_sparse_code_folds_to_the_statistics_of_the_dense_activations():
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, err_msg=name)
     relu = dl.Dictionary(dl.DictionarySpec("relu", d_in, f), dl.init(jax.random.key(0), dl.DictionarySpec("relu", d_in, f)))
     assert relu.encode_sparse(x) is None
+
+
+def test_non_activating_windows_hold_no_firing_token():
+    """Windows drawn where the feature fires nowhere: every value 0 against the entries, each a
+    real window of the corpus, and fewer than asked when the feature fires almost everywhere."""
+    from jaxinterp.features.corpus import Entries
+    from jaxinterp.features.examples import FeatureIndex, non_activating
+
+    rng = np.random.default_rng(0)
+    n, t, f = 30, 12, 3
+    contexts = rng.integers(0, 50, size=(n, t)).astype(np.int32)
+    strings = [f"<{i}>" for i in range(50)]
+    locs = np.asarray([c * t + p for c in range(n) for p in range(1, t)], np.int32)
+    fires = {0: rng.random(len(locs)) < 0.05, 1: np.ones(len(locs), bool), 2: np.zeros(len(locs), bool)}
+    rows = [(l, g) for i, l in enumerate(locs) for g in range(f) if fires[g][i]]
+    entries = Entries(np.asarray([l for l, _ in rows], np.int32), np.asarray([g for _, g in rows], np.int32),
+                      np.ones(len(rows), np.float32))
+    index = FeatureIndex(entries, f)
+    got = non_activating(contexts, strings, index, 0, 10, left=3, right=2)
+    on = set(locs[fires[0]].tolist())
+    assert len(got) == 10 and len({e.location for e in got}) > 5
+    for e in got:
+        c, p = divmod(e.location, t)
+        lo = max(1, p - 3)
+        assert e.tokens == tuple(strings[i] for i in contexts[c, lo : min(t, p + 3)]) and e.focus == p - lo
+        assert not any(c * t + q in on for q in range(lo, min(t, p + 3))) and not any(e.values)
+    assert non_activating(contexts, strings, index, 1, 5) == []
+    assert len(non_activating(contexts, strings, index, 2, 5)) == 5

@@ -105,3 +105,21 @@ def build_reports(stats: FeatureStats, entries: Entries, contexts_nt: np.ndarray
             report.logit_hist = (tuple(int(h) for h in lg.hist[f]), tuple(lg.hist_edges(f)))
         reports.append(report)
     return reports
+
+
+def non_activating(contexts_nt: np.ndarray, strings: Sequence[str], index: FeatureIndex, feature: int, n: int, *,
+                   left: int = 12, right: int = 4, seed: int = 0) -> list[Example]:
+    """Up to `n` windows of the corpus where `feature` fires on no token (the non-activating
+    examples an explanation is scored against), drawn from `seed`; fewer when such windows are rare."""
+    rng = np.random.default_rng([seed, feature])
+    t = contexts_nt.shape[1]
+    out: list[Example] = []
+    for _ in range(8):  # a few rounds of draws; a feature firing almost everywhere gives up
+        c = rng.integers(0, contexts_nt.shape[0], size=4 * n)
+        p = rng.integers(1, t, size=4 * n)
+        for ex in examples(contexts_nt, strings, index, feature, (c * t + p).tolist(), left, right):
+            if not any(ex.values) and len(out) < n:
+                out.append(ex)
+        if len(out) == n:
+            break
+    return out

@@ -58,6 +58,19 @@ class Explainer(Protocol):
     def generate(self, messages: list[dict]) -> str: ...
 
 
+class ChatExplainer:
+    """An `Explainer` over an OpenAI-style client (`openai.OpenAI(base_url=...)`, or any object with
+    `chat.completions.create(model=, messages=, **options)` returning `choices[0].message.content`),
+    e.g. a local server; jaxinterp bundles no model and no client."""
+
+    def __init__(self, client, model: str, **options):
+        self.client, self.model, self.options = client, model, options
+
+    def generate(self, messages: list[dict]) -> str:
+        reply = self.client.chat.completions.create(model=self.model, messages=messages, **self.options)
+        return reply.choices[0].message.content or ""
+
+
 class Sample(NamedTuple):
     """One example as a scorer is shown it."""
 
