@@ -1,11 +1,12 @@
 """Search a dictionary's features: what fires on a prompt, and which features separate two sets of texts.
 
-    python launch/search.py fires --dictionary runs/default --prompt "Thou art" [--k 10] [--json]
+    python launch/search.py fires --dictionary runs/default --prompt "Thou art" [--k 10] [--dashboard dash/] [--json]
     python launch/search.py contrast --dictionary runs/default \
         [--pairs shakespearean_vs_modern|FILE.jsonl] [--held-out 10] [--k 10] [--json]
     python launch/search.py token --dashboard dash/ --text thou [--contains] [--k 10] [--json]
 
-`fires`: each token's top features with their activations. `contrast`: the features most active on
+`fires`: each token's top features with their activations (with `--dashboard`, the contexts each
+fires most on in that dashboard's corpus pass). `contrast`: the features most active on
 the positive texts relative to the negative ones (Cohen's d of per-token activations), from the
 training pairs only (all but the last `--held-out`, which `launch/caa.py` keeps for measuring), with
 the `launch/generate.py` line that steers the top one. `token`: the features whose top contexts in a
@@ -46,6 +47,9 @@ def main() -> int:
     tk.add_argument("--k", type=int, default=10)
     tk.add_argument("--json", action="store_true")
     sub.choices["fires"].add_argument("--prompt", required=True)
+    sub.choices["fires"].add_argument("--dashboard", help="a launch/dashboard.py --out folder: also show the "
+                                      "contexts each listed feature fires most on in its corpus pass")
+    sub.choices["fires"].add_argument("--contexts", type=int, default=3, help="with --dashboard: contexts a feature")
     sub.choices["contrast"].add_argument("--pairs", default="shakespearean_vs_modern")
     sub.choices["contrast"].add_argument("--held-out", type=int, default=10)
     sub.choices["contrast"].add_argument("--prompt", default="The weather today is", help="for the generate line")
@@ -77,14 +81,65 @@ def _fires(args, model, tok, dictionary) -> int:
     rows = [{"position": t, "token": tok.decode([ids[t]]),
              "features": [{"id": int(f), "value": float(v)} for f, v in zip(here.ids[t], here.values[t]) if f >= 0]}
             for t in range(1, len(ids))]
+    seen = sorted({f["id"] for r in rows for f in r["features"]})
+    contexts = _top_contexts(args.dashboard, dictionary, seen, args.contexts) if args.dashboard else {}
     if args.json:
-        print(json.dumps({"site": dictionary.site, "prompt": args.prompt, "tokens": rows}))
+        print(json.dumps({"site": dictionary.site, "prompt": args.prompt, "tokens": rows,
+                          "top_contexts": {str(f): c for f, c in contexts.items()}}))
         return 0
     print(f"{dictionary.site}: top {args.k} features per token")
     for r in rows:
         feats = "  ".join(f"{f['id']}={f['value']:.2f}" for f in r["features"]) or "(none)"
         print(f"{r['position']:4d} {r['token']!r:>14}  {feats}")
+    for f, found in contexts.items():
+        print(f"feature {f} fires most on:")
+        for c in found:
+            print(f"  {c['value']:7.2f}  {c['text']!r}")
     return 0
+
+
+def _dashboard_pass(folder: str):
+    """(summary, statistics, contexts, token strings, model) of a finished launch/dashboard.py run."""
+    from jaxinterp.features import load_stats
+    from jaxinterp.features.dashboard import corpus_contexts
+    from jaxinterp.features.examples import token_strings
+    from jaxinterp.models import load_model
+
+    folder = Path(folder)
+    if not (folder / "summary.json").is_file() or not (folder / "pass" / "stats.npz").is_file():
+        raise UsageError(f"--dashboard {folder}: no summary.json and pass/stats.npz there; give the --out folder "
+                         "of a finished launch/dashboard.py run")
+    summary = json.loads((folder / "summary.json").read_text())
+    stats, _ = load_stats(folder / "pass" / "stats.npz")
+    model, tok = load_model(summary["model"])
+    s = summary["settings"]
+    contexts = corpus_contexts(s["corpus"], tok, s["tokens"], s["context_length"], s["seed"])
+    return summary, stats, contexts, token_strings(tok, model.cfg.vocab_size), model
+
+
+def _top_contexts(folder: str, dictionary, features, n: int) -> dict[int, list[dict]]:
+    """Each feature's `n` top contexts in the dashboard's pass: its value and the text around the
+    token (the token itself in [brackets])."""
+    import numpy as np
+
+    summary, stats, contexts, strings, _ = _dashboard_pass(folder)
+    if summary["d_sae"] != dictionary.d_sae or summary["site"] != dictionary.site:
+        raise UsageError(f"--dashboard {folder} was built for another dictionary ({summary['dictionary']}); "
+                         "give the dashboard of this one")
+    t = contexts.shape[1]
+    top_locs, top_vals = np.asarray(stats.top_locs), np.asarray(stats.top_vals)
+    out = {}
+    for f in features:
+        found = []
+        for loc, val in zip(top_locs[f][:n], top_vals[f][:n]):
+            if loc < 0:
+                break
+            c, p = divmod(int(loc), t)
+            text = ("".join(strings[i] for i in contexts[c, max(1, p - 10) : p]) + f"[{strings[contexts[c, p]]}]"
+                    + "".join(strings[i] for i in contexts[c, p + 1 : p + 4]))
+            found.append({"value": float(val), "text": text})
+        out[int(f)] = found
+    return out
 
 
 def _contrast(args, model, tok, dictionary) -> int:
@@ -114,23 +169,12 @@ def _contrast(args, model, tok, dictionary) -> int:
 
 
 def _token(args) -> int:
-    from jaxinterp.features import by_token, load_stats, logit_effects
-    from jaxinterp.features.dashboard import corpus_contexts
-    from jaxinterp.features.examples import token_strings
     from jaxinterp.dictionaries import load_dictionary
-    from jaxinterp.models import load_model
+    from jaxinterp.features import by_token, logit_effects
 
+    summary, stats, contexts, strings, model = _dashboard_pass(args.dashboard)
     folder = Path(args.dashboard)
-    if not (folder / "summary.json").is_file() or not (folder / "pass" / "stats.npz").is_file():
-        raise UsageError(f"--dashboard {folder}: no summary.json and pass/stats.npz there; give the --out folder "
-                         "of a finished launch/dashboard.py run")
-    summary = json.loads((folder / "summary.json").read_text())
-    stats, _ = load_stats(folder / "pass" / "stats.npz")
-    model, tok = load_model(summary["model"])
     dictionary = load_dictionary(summary["dictionary"])
-    s = summary["settings"]
-    contexts = corpus_contexts(s["corpus"], tok, s["tokens"], s["context_length"], s["seed"])
-    strings = token_strings(tok, model.cfg.vocab_size)
     found = by_token(stats, contexts, strings, args.text, logits=logit_effects(model, dictionary),
                      contains=args.contains, k=args.k)
     rows = [{"id": int(f), "in_top": int(a), "in_logits": int(b), "page": str(folder / "f" / f"{int(f)}.html")}

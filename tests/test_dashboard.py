@@ -259,3 +259,24 @@ def test_search_by_token_over_a_dashboards_pass(built):
     bad = subprocess.run([*cmd[:4], str(built["root"]), *cmd[5:]], cwd=REPO, env=subprocess_env(),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "give the --out folder of a finished launch/dashboard.py run" in bad.stderr
+
+
+def test_what_fires_here_with_the_contexts_each_feature_fires_most_on(built):
+    """`launch/search.py fires --dashboard`: each feature listed on the prompt comes with its top
+    contexts from the dashboard's pass, the same as its page's."""
+    site = built["root"] / "site"
+    cmd = [sys.executable, "launch/search.py", "fires", "--dictionary", str(built["root"] / "dictionary"),
+           "--prompt", "the lazy cats sit", "--k", "3", "--dashboard", str(site), "--contexts", "2", "--json"]
+    run = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(run.stdout)
+    listed = {f["id"] for r in res["tokens"] for f in r["features"]}
+    assert listed and set(res["top_contexts"]) == {str(f) for f in listed}
+    for f in listed:
+        page = _page_data(site / "f" / f"{f}.html")["feature"]
+        got = res["top_contexts"][str(f)]
+        assert len(got) == min(2, len(page["top"]))
+        for c, ex in zip(got, page["top"]):
+            assert c["value"] == pytest.approx(ex["values"][ex["focus"]], rel=1e-3)
+            assert f"[{ex['tokens'][ex['focus']]}]" in c["text"]
+            assert c["text"].endswith("".join(ex["tokens"][ex["focus"] + 1 : ex["focus"] + 4]))
