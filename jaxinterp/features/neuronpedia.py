@@ -141,33 +141,33 @@ def neuronpedia_batches(reports: Iterable[FeatureReport], *, model_id: str, laye
              "features": features[i:i + batch_size]} for i in range(0, len(features), batch_size)]
 
 
-def _check(value, kind: str, path: str) -> None:
+def _check(value, expected: str, path: str) -> None:
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
     def is_num(v):
         return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
-    if kind in (_INTS, _NUMS, _STRS, _LIST):
+    if expected in (_INTS, _NUMS, _STRS, _LIST):
         if not isinstance(value, list):
             raise UsageError(f"{path}: need a list, got {type(value).__name__}")
-        each = {_INTS: is_int, _NUMS: is_num, _STRS: lambda v: isinstance(v, str), _LIST: lambda v: True}[kind]
+        each = {_INTS: is_int, _NUMS: is_num, _STRS: lambda v: isinstance(v, str), _LIST: lambda v: True}[expected]
         bad = next((i for i, v in enumerate(value) if not each(v)), None)
         if bad is not None:
-            raise UsageError(f"{path}[{bad}]: {value[bad]!r} is not a finite {kind.rstrip('s')}")
-    elif not {_INT: is_int, _NUM: is_num, _STR: lambda v: isinstance(v, str)}[kind](value):
-        raise UsageError(f"{path}: {value!r} is not a finite {kind}" if kind == _NUM else
-                         f"{path}: need {'an' if kind == _INT else 'a'} {kind}, got {type(value).__name__}")
+            raise UsageError(f"{path}[{bad}]: {value[bad]!r} is not a finite {expected.rstrip('s')}")
+    elif not {_INT: is_int, _NUM: is_num, _STR: lambda v: isinstance(v, str)}[expected](value):
+        raise UsageError(f"{path}: {value!r} is not a finite {expected}" if expected == _NUM else
+                         f"{path}: need {'an' if expected == _INT else 'a'} {expected}, got {type(value).__name__}")
 
 
 def _check_fields(obj, schema: dict, path: str) -> None:
     if not isinstance(obj, dict):
         raise UsageError(f"{path or 'feature'}: need an object, got {type(obj).__name__}")
-    for key, kind in schema.items():
+    for key, expected in schema.items():
         where = f"{path}.{key}" if path else key
         if key not in obj:
             raise UsageError(f"{where}: missing; a Neuronpedia feature needs {', '.join(schema)}")
-        _check(obj[key], kind, where)
+        _check(obj[key], expected, where)
 
 
 def _validate_feature(feature, path: str) -> None:
