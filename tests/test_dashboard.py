@@ -280,3 +280,38 @@ def test_what_fires_here_with_the_contexts_each_feature_fires_most_on(built):
             assert c["value"] == pytest.approx(ex["values"][ex["focus"]], rel=1e-3)
             assert f"[{ex['tokens'][ex['focus']]}]" in c["text"]
             assert c["text"].endswith("".join(ex["tokens"][ex["focus"] + 1 : ex["focus"] + 4]))
+
+
+@pytest.mark.parametrize("activation,architecture,widths", [("relu", "sae", ()), ("topk", "transcoder", ()),
+                                                            ("topk", "sae", (16, 48))])
+def test_every_kind_gets_its_dashboard(built, tmp_path, activation, architecture, widths):
+    """A ReLU SAE (dense activations), a transcoder (reads blocks.0.mlp_in, its logits are its write
+    at blocks.0.mlp_out) and a Matryoshka TopK: every page's top values are the largest of the
+    dictionary's own activations at its input site."""
+    import jax
+
+    from jaxinterp import dictionaries as dl
+    from jaxinterp.data.activations import site_activations
+    from jaxinterp.features.dashboard import DashboardSettings, build_dashboard, corpus_contexts
+
+    model, gguf = built["model"], built["dictionary"].model
+    d = model.cfg.d_model
+    spec = dl.DictionarySpec(activation, d, D_SAE, k=K, architecture=architecture, matryoshka_widths=widths)
+    params = dl.init(jax.random.key(3), spec) | {"b_enc": 0.3 * jax.random.normal(jax.random.key(4), (D_SAE,))}
+    site, target = ("blocks.0.mlp_in", "blocks.0.mlp_out") if architecture == "transcoder" else ("blocks.1.resid_post", None)
+    dictionary = dl.Dictionary(spec, params, site=site, target_site=target, model=gguf)
+    dl.save(tmp_path / "dictionary", dictionary)
+    settings = DashboardSettings(corpus=built["corpus"], tokens=300, context_length=T, k=4, samples=4, n_quantiles=2,
+                                 batch_contexts=8)
+    summary = build_dashboard(str(tmp_path / "dictionary"), tmp_path / "site", settings, log=lambda line: None)
+    from jaxinterp.models import load_model
+
+    _, tok = load_model(gguf)
+    contexts = corpus_contexts(built["corpus"], tok, 300, T, 0)
+    acts = np.asarray(dictionary.encode(site_activations(model, contexts, site)))
+    assert summary["tokens"] == len(acts) and (acts > 0).sum() == summary["entries"]
+    for f in range(D_SAE):
+        data = _page_data(tmp_path / "site" / "f" / f"{f}.html")
+        top = [ex["values"][ex["focus"]] for ex in data["feature"]["top"]]
+        np.testing.assert_allclose(top, np.sort(acts[:, f][acts[:, f] > 0])[::-1][:4], rtol=1e-3)
+        assert f"{site}:feature={f}:" in data["steer"][0]
