@@ -41,6 +41,7 @@ def main() -> int:
     ap.add_argument("--batch-contexts", type=int, default=d.batch_contexts)
     ap.add_argument("--max-active", type=int, default=d.max_active)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--no-cofiring", action="store_true", help="skip the table of features each fires with")
     ap.add_argument("--neuronpedia", help="also write Neuronpedia batch files into this folder")
     ap.add_argument("--delphi", help="also write delphi's activation cache into this folder")
     ap.add_argument("--delphi-splits", type=int, default=8)
@@ -55,7 +56,8 @@ def main() -> int:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: give a positive number")
     settings = DashboardSettings(corpus=args.corpus, tokens=args.tokens, context_length=args.context_length,
                                  seed=args.seed, k=args.top, samples=args.samples, n_quantiles=args.quantiles,
-                                 batch_contexts=args.batch_contexts, max_active=args.max_active)
+                                 batch_contexts=args.batch_contexts, max_active=args.max_active,
+                                 cofiring=not args.no_cofiring)
     log = (lambda s: None) if args.json else (lambda s: print(s, flush=True))
     summary = build_dashboard(args.dictionary, args.out, settings, features=args.features, model_name=args.model,
                               neuronpedia=args.neuronpedia, delphi=args.delphi, delphi_splits=args.delphi_splits,

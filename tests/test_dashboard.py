@@ -168,6 +168,8 @@ def test_the_site_in_headless_chromium(built):
                                                        - min(i for i, h in enumerate(f["hist"]) if h) + 1)
         assert page.locator("svg.hist").first.locator("rect").count() == n_bins
         assert page.locator("table.logits tr").count() == len(f["pos_logits"])
+        assert f["correlated"] and page.locator("table.correlated tr").count() == len(f["correlated"]) + 1
+        assert page.locator("table.correlated a").first.get_attribute("href") == f"{f['correlated'][0][0]}.html"
         assert f"feature={busiest}:add=" in page.locator("pre.cmd").first.inner_text()
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
@@ -193,6 +195,10 @@ def test_neuronpedia_batches_and_the_delphi_cache(built):
         validate_neuronpedia(batch)
         features += batch["features"]
     assert sorted(x["feature_index"] for x in features) == list(range(D_SAE))
+    for x in features:
+        page = _page_data(root / "site" / "f" / f"{x['feature_index']}.html")["feature"]
+        assert x["correlated_features_indices"] == [c[0] for c in page["correlated"]]
+        assert x["correlated_features_pearson"] == pytest.approx([c[1] for c in page["correlated"]], rel=1e-5)
     assert json.loads((root / "np" / "skipped_indexes.json").read_text())["skipped_indexes"] == []
 
     files = sorted((root / "delphi" / "blocks.1.resid_post").glob("*.safetensors"),

@@ -311,3 +311,32 @@ def test_non_activating_windows_hold_no_firing_token():
         assert not any(c * t + q in on for q in range(lo, min(t, p + 3))) and not any(e.values)
     assert non_activating(contexts, strings, index, 1, 5) == []
     assert len(non_activating(contexts, strings, index, 2, 5)) == 5
+
+
+@pytest.mark.parametrize("chunk", [50, 4_000_000])
+def test_correlated_features_equal_numpy_on_the_dense_activations(chunk):
+    """Co-firing counts and Pearson correlations (over every token, zeros included) from the firing
+    entries equal numpy's on the dense matrix; chunks of pairs that split the tokens change nothing."""
+    from jaxinterp.features.cofiring import correlated_features
+    from jaxinterp.features.corpus import Entries
+
+    rng = np.random.default_rng(5)
+    n, f, top = 300, 9, 4
+    acts = rng.lognormal(0, 0.5, (n, f)) * (rng.random((n, f)) < 0.3)
+    acts[:, 2] = np.where(acts[:, 1] > 0, 2 * acts[:, 1], 0.0)  # fires exactly with feature 1
+    acts[:, 7] = 0.0  # never fires
+    locs = np.arange(n) * 5 + 3
+    on = np.nonzero(acts > 0)  # row-major: location order
+    entries = Entries(locs[on[0]].astype(np.int32), on[1].astype(np.int32), acts[on].astype(np.float32))
+    got = correlated_features(entries, f, n, top=top, pairs_per_chunk=chunk)
+    counts = (acts > 0).T.astype(int) @ (acts > 0).astype(int)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(acts.T)
+    for a in range(f):
+        ok = [b for b in range(f) if b != a and counts[a, b] > 0 and np.isfinite(corr[a, b])]
+        want = sorted(ok, key=lambda b: (-corr[a, b], b))[:top]
+        listed = [int(b) for b in got.ids[a] if b >= 0]
+        assert listed == want, a
+        np.testing.assert_allclose(got.pearson[a][: len(want)], corr[a, want], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got.count[a][: len(want)], counts[a, want])
+    assert got.ids[1][0] == 2 and got.pearson[1][0] == pytest.approx(1.0) and (got.ids[7] == -1).all()

@@ -49,6 +49,8 @@ class DashboardSettings:
     right: int = 4
     """Tokens shown after it."""
     n_logits: int = 10
+    cofiring: bool = True
+    """Correlated features per feature (dictionaries up to `cofiring.MAX_FEATURES` features)."""
     save_every: int = 128
     """Contexts between saves of the pass."""
 
@@ -141,6 +143,7 @@ def build_dashboard(dictionary_path: str, out_dir, settings: DashboardSettings =
     write the site into `out_dir`, and the Neuronpedia batches and delphi cache when asked. Returns
     the run's summary (also written to summary.json)."""
     from jaxinterp import load_dictionary
+    from jaxinterp.features.cofiring import MAX_FEATURES, correlated_features
     from jaxinterp.features.examples import build_reports, token_strings
     from jaxinterp.features.logits import logit_effects
     from jaxinterp.features.site import write_site
@@ -163,8 +166,13 @@ def build_dashboard(dictionary_path: str, out_dir, settings: DashboardSettings =
     t_reports = time.perf_counter()
     logits = logit_effects(model, dictionary, k=settings.n_logits)
     strings = token_strings(tok, model.cfg.vocab_size)
+    correlated = None
+    if settings.cofiring and dictionary.d_sae <= MAX_FEATURES:
+        correlated = correlated_features(done.entries, dictionary.d_sae, int(done.stats.n_rows))
+    elif settings.cofiring:
+        log(f"no co-firing table: d_sae {dictionary.d_sae} is above {MAX_FEATURES}")
     reports = build_reports(done.stats, done.entries, contexts, strings, ids, logits=logits, left=settings.left,
-                            right=settings.right, n_quantiles=settings.n_quantiles)
+                            right=settings.right, n_quantiles=settings.n_quantiles, correlated=correlated)
     t_site = time.perf_counter()
     subtitle = (f"{dictionary.spec.activation} dictionary at {dictionary.site} of {name}, d_sae {dictionary.d_sae}; "
                 f"{int(done.stats.n_rows):,} tokens of {settings.corpus}")

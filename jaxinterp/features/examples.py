@@ -75,8 +75,9 @@ def examples(contexts_nt: np.ndarray, strings: Sequence[str], index: FeatureInde
 
 def build_reports(stats: FeatureStats, entries: Entries, contexts_nt: np.ndarray, strings: Sequence[str],
                   features: Sequence[int], *, logits: LogitEffects | None = None, left: int = 12, right: int = 4,
-                  n_top: int | None = None, n_quantiles: int = 4) -> list[FeatureReport]:
-    """A `FeatureReport` per feature of `features` (statistics pulled to the host once)."""
+                  n_top: int | None = None, n_quantiles: int = 4, correlated=None) -> list[FeatureReport]:
+    """A `FeatureReport` per feature of `features` (statistics pulled to the host once;
+    `correlated`: a `cofiring.Correlated` of the same pass)."""
     host = FeatureStats(*(np.asarray(a) for a in stats))
     lg = None if logits is None else LogitEffects(*(np.asarray(a) for a in logits))
     d_sae = host.count.shape[0]
@@ -103,6 +104,9 @@ def build_reports(stats: FeatureStats, entries: Entries, contexts_nt: np.ndarray
             report.pos_logits = tuple((strings[i], float(v)) for i, v in zip(lg.pos_ids[f], lg.pos_vals[f]))
             report.neg_logits = tuple((strings[i], float(v)) for i, v in zip(lg.neg_ids[f], lg.neg_vals[f]))
             report.logit_hist = (tuple(int(h) for h in lg.hist[f]), tuple(lg.hist_edges(f)))
+        if correlated is not None:
+            report.correlated = tuple((int(g), float(r), int(c)) for g, r, c in
+                                      zip(correlated.ids[f], correlated.pearson[f], correlated.count[f]) if g >= 0)
         reports.append(report)
     return reports
 

@@ -24,8 +24,10 @@ Mapping from a `FeatureReport`:
 - the activation histogram lies on log10 edges, so `freq_hist_data_bar_values` are the geometric
   centers 10 ** ((e[i] + e[i+1]) / 2) in activation units; empty bins at either end are dropped,
   so the heights still sum to `count`. Logit histogram values are the arithmetic bin centers;
-- the neuron/feature alignment tables, `decoder_weights_dist`, `dataset` and the prompt counts are
-  written empty (or as given), as SAEDashboard does when it does not compute them.
+- `correlated_features_indices` / `_pearson` are the report's correlated features (Pearson over
+  every token); the neuron alignment tables, `correlated_features_l1`, `decoder_weights_dist`,
+  `dataset` and the prompt counts are written empty (or as given), as SAEDashboard does when it does
+  not compute them.
 
 A feature that never fired is written like the others, with no activations and an empty activation
 histogram. Floats keep 6 significant digits. `skipped_indexes.json` beside the batches names the
@@ -107,7 +109,8 @@ def to_neuronpedia(report: FeatureReport, *, dataset: str = "", n_prompts_total:
         "feature_index": int(report.index),
         "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
         "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
-        "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
+        "correlated_features_indices": [int(g) for g, _, _ in report.correlated], "correlated_features_l1": [],
+        "correlated_features_pearson": [_num(r) for _, r, _ in report.correlated],
         "neg_str": [tok for tok, _ in report.neg_logits], "neg_values": [_num(v) for _, v in report.neg_logits],
         "pos_str": [tok for tok, _ in report.pos_logits], "pos_values": [_num(v) for _, v in report.pos_logits],
         "frac_nonzero": _num(report.frac_nonzero),

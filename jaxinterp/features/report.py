@@ -61,6 +61,9 @@ class FeatureReport:
     """Tokens it suppresses most, most negative first."""
     logit_hist: tuple[tuple[int, ...], tuple[float, ...]] = ((), ())
     """(counts, bin edges) of its effect on every vocabulary token."""
+    correlated: tuple[tuple[int, float, int], ...] = ()
+    """(feature, Pearson correlation over every token, tokens where both fire) of the features it
+    fires with, most correlated first."""
 
     @property
     def frac_nonzero(self) -> float:

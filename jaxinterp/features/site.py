@@ -1,8 +1,8 @@
 """A static dashboard site from FeatureReports: viewable from disk, with no network access.
 
     out/index.html           every feature in one table, sortable, with a search box
-    out/f/{id}.html          one page per feature: stats, histogram, logit table, top contexts,
-                             quantile bands, steering lines
+    out/f/{id}.html          one page per feature: stats, histogram, logit table, the features it
+                             fires with, top contexts, quantile bands, steering lines
     out/static/dash.css, dash.js
 
 Each page carries its data as one JSON blob; `dash.js` (shipped beside it, no library) renders it:
@@ -134,6 +134,21 @@ function featurePage() {
     lt.appendChild(tr);
   }
   right.appendChild(lt);
+  if (f.correlated.length) {
+    right.appendChild($("h2", {}, "Fires together with"));
+    const ct = $("table", {class: "correlated"});
+    const head = $("tr");
+    ["feature", "correlation", "tokens both fire on"].forEach(h => head.appendChild($("th", {}, h)));
+    ct.appendChild(head);
+    f.correlated.forEach(([g, r, c]) => {
+      const tr = $("tr"), td = $("td");
+      td.appendChild($("a", {href: `${g}.html`}, String(g)));
+      tr.append(td, $("td", {class: "num"}, r.toFixed(3)),
+                $("td", {class: "num"}, `${c} (${(100 * c / Math.max(1, f.count)).toPrecision(3)}%)`));
+      ct.appendChild(tr);
+    });
+    right.appendChild(ct);
+  }
   main.appendChild($("h2", {}, `Top activations (${f.top.length})`));
   const top = $("div", {id: "top"});
   f.top.forEach(ex => top.appendChild(example(ex, f.max)));
@@ -214,7 +229,8 @@ def _feature_data(r: FeatureReport) -> dict:
             "quantiles": [[q.lo, q.hi, len(q.examples) / n_sampled, [_example(e) for e in q.examples]]
                           for q in r.quantiles],
             "pos_logits": [list(p) for p in r.pos_logits], "neg_logits": [list(p) for p in r.neg_logits],
-            "logit_hist": [list(r.logit_hist[0]), list(r.logit_hist[1])]}
+            "logit_hist": [list(r.logit_hist[0]), list(r.logit_hist[1])],
+            "correlated": [list(c) for c in r.correlated]}
 
 
 def top_tokens(r: FeatureReport, n: int = 5) -> list[str]:
