@@ -1,0 +1,215 @@
+"""Cross-layer transcoders (CLTs) as pure functions over a parameter dict.
+
+Axes: `B` batch, `L` covered layers, `D` d_model, `F` features per layer, `T` a source layer's
+targets, `K` top-k.
+
+A CLT covers L consecutive layers. Features of layer l read that layer's input site (normalised
+`x_l`) and write to the MLP outputs of layers l .. l + T_l - 1, where T_l = min(span, L - l):
+
+    h_l    = x_l @ W_enc[l] + b_enc[l]                                  [B, F]
+    a_l    = act(h_l)               jumprelu(h, threshold[l]) or the row's top k (relu)
+    y^_j   = b_dec[j] + sum over l <= j < l + T_l of  a_l @ W_dec_l[:, j - l, :]   (+ x_j @ W_skip[j])
+
+Parameters (the layout shards every large array over `d_sae` on the `model` axis):
+
+    W_enc     [L, D, F]      ("layer", "d_model", "d_sae")
+    b_enc     [L, F]         ("layer", "d_sae");  threshold [L, F] for jumprelu
+    W_dec_{l} [F, T_l, D]    ("d_sae", None, "d_model"), one array per source layer: the triangle
+                             is stored without the L(L - 1)/2 empty blocks a dense [L, L, F, D] holds
+    b_dec     [L, D]         ("layer", "d_model");  W_skip [L, D, D] when asked
+    norm_in, norm_out [L]    buffers: per-layer scales with E||x_l||^2 = D (and the same for targets)
+
+Weights: F * D * (L + sum_l T_l) (+ L D^2 with skips); sum_l T_l = L (L + 1) / 2 without a span.
+
+Training loss (normalised units, every target layer weighted the same):
+
+    mse      = sum_j mean_b ||y^_j - y_j||^2
+    sparsity = lambda   * mean_b sum_{l, i} tanh(c * ||W_dec,l,i|| * a_{l,i})      (jumprelu)
+    pre      = lambda_P * mean_b sum_{l, i} relu(threshold_{l,i} - h_{l,i}) * ||W_dec,l,i||
+    where ||W_dec,l,i|| is feature (l, i)'s decoder vectors concatenated over all its targets.
+
+The penalties follow Anthropic's recipe ("Circuit Tracing", Ameisen et al. 2025); top-k CLTs
+(EleutherAI's recipe) train on the mse alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxinterp.dictionaries.activations import jumprelu_ste
+from jaxinterp.errors import UsageError
+
+ACTIVATIONS = ("jumprelu", "topk")
+Params = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class CLTSpec:
+    """The static shape of a cross-layer transcoder (hashable: a jit static argument)."""
+
+    activation: str
+    """jumprelu or topk."""
+    n_layers: int
+    """L: the layers covered (the first is `first_layer` of the model)."""
+    d_model: int
+    d_sae: int
+    """F: features per layer."""
+    k: int = 32
+    """topk: features kept per layer and row."""
+    span: int | None = None
+    """Targets per source layer (None: every later layer), EleutherAI's `--cross_layer`."""
+    skip: bool = False
+    """A linear skip path W_skip[j] from each layer's input to its output."""
+    first_layer: int = 0
+    jumprelu_bandwidth: float = 0.05
+    tanh_scale: float = 4.0
+    """c in the tanh sparsity penalty."""
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"CLT activation {self.activation!r}: choose one of {ACTIVATIONS}")
+        if self.n_layers < 1 or self.d_model < 1 or self.d_sae < 1:
+            raise UsageError(f"CLT n_layers={self.n_layers}, d_model={self.d_model}, d_sae={self.d_sae}: "
+                             "all must be at least 1")
+        if self.span is not None and self.span < 1:
+            raise UsageError(f"CLT span={self.span}: give at least 1 (1 is a set of per-layer transcoders) or None")
+        if self.activation == "topk" and not 0 < self.k <= self.d_sae:
+            raise UsageError(f"CLT k={self.k} must be in [1, d_sae={self.d_sae}]")
+
+    def targets(self, layer: int) -> int:
+        """T_l: how many layers source layer `layer` (0-based within the CLT) writes to."""
+        span = self.n_layers if self.span is None else self.span
+        return min(span, self.n_layers - layer)
+
+    @property
+    def n_weights(self) -> int:
+        """Parameters, biases and thresholds included."""
+        f, d, n = self.d_sae, self.d_model, self.n_layers
+        dec = sum(self.targets(l) for l in range(n))
+        return (f * d * (n + dec) + n * f * (2 if self.activation == "jumprelu" else 1) + n * d
+                + (n * d * d if self.skip else 0))
+
+
+def param_axes(spec: CLTSpec) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of every parameter and buffer."""
+    axes = {"W_enc": ("layer", "d_model", "d_sae"), "b_enc": ("layer", "d_sae"), "b_dec": ("layer", "d_model"),
+            "norm_in": ("layer",), "norm_out": ("layer",)}
+    axes |= {f"W_dec_{l}": ("d_sae", None, "d_model") for l in range(spec.n_layers)}
+    if spec.activation == "jumprelu":
+        axes["threshold"] = ("layer", "d_sae")
+    if spec.skip:
+        axes["W_skip"] = ("layer", "d_model", None)
+    return axes
+
+
+def init(key: jax.Array, spec: CLTSpec, *, threshold: float = 0.03) -> Params:
+    """Encoders uniform in +-1/sqrt(D), decoders in +-1/sqrt(L * F) (summed over up to L sources),
+    biases zero, thresholds `threshold`, skips zero, scales one."""
+    n, d, f = spec.n_layers, spec.d_model, spec.d_sae
+    keys = jax.random.split(key, n + 1)
+    enc = 1.0 / d**0.5
+    dec = 1.0 / (n * f) ** 0.5
+    p = {"W_enc": jax.random.uniform(keys[0], (n, d, f), jnp.float32, -enc, enc),
+         "b_enc": jnp.zeros((n, f), jnp.float32), "b_dec": jnp.zeros((n, d), jnp.float32),
+         "norm_in": jnp.ones((n,), jnp.float32), "norm_out": jnp.ones((n,), jnp.float32)}
+    for l in range(n):
+        p[f"W_dec_{l}"] = jax.random.uniform(keys[l + 1], (f, spec.targets(l), d), jnp.float32, -dec, dec)
+    if spec.activation == "jumprelu":
+        p["threshold"] = jnp.full((n, f), threshold, jnp.float32)
+    if spec.skip:
+        p["W_skip"] = jnp.zeros((n, d, d), jnp.float32)
+    return p
+
+
+def decoder_norms(spec: CLTSpec, params: Params) -> jax.Array:
+    """[L, F] the norm of each feature's decoder vectors concatenated over all its targets."""
+    return jnp.stack([jnp.sqrt(jnp.sum(params[f"W_dec_{l}"] ** 2, axis=(1, 2))) for l in range(spec.n_layers)])
+
+
+def pre_acts(spec: CLTSpec, params: Params, xn_bld: jax.Array) -> jax.Array:
+    """h [B, L, F] of normalised inputs."""
+    return jnp.einsum("bld,ldf->blf", xn_bld, params["W_enc"]) + params["b_enc"]
+
+
+def activate(spec: CLTSpec, params: Params, h_blf: jax.Array) -> jax.Array:
+    """a [B, L, F]: jumprelu against each feature's threshold, or each (row, layer)'s top k."""
+    if spec.activation == "jumprelu":
+        return jumprelu_ste(h_blf, params["threshold"], spec.jumprelu_bandwidth)
+    kth = jax.lax.top_k(h_blf, spec.k)[0][..., -1:]  # ties at the k-th value keep more than k
+    return jnp.where(h_blf >= kth, jax.nn.relu(h_blf), 0.0)
+
+
+def decode(spec: CLTSpec, params: Params, a_blf: jax.Array, xn_bld: jax.Array | None = None) -> jax.Array:
+    """y^ [B, L, D] (normalised units): every source layer's features written to its targets."""
+    b = a_blf.shape[0]
+    out = jnp.broadcast_to(params["b_dec"], (b, spec.n_layers, spec.d_model))
+    for l in range(spec.n_layers):
+        t = spec.targets(l)
+        out = out.at[:, l : l + t].add(jnp.einsum("bf,ftd->btd", a_blf[:, l], params[f"W_dec_{l}"]))
+    if spec.skip:
+        if xn_bld is None:
+            raise UsageError("a CLT with skips decodes from its inputs too: pass xn_bld")
+        out = out + jnp.einsum("bld,lde->ble", xn_bld, params["W_skip"])
+    return out
+
+
+def normalise_in(params: Params, x_bld: jax.Array) -> jax.Array:
+    return x_bld * params["norm_in"][:, None]
+
+
+def normalise_out(params: Params, y_bld: jax.Array) -> jax.Array:
+    return y_bld * params["norm_out"][:, None]
+
+
+def encode(spec: CLTSpec, params: Params, x_bld: jax.Array) -> jax.Array:
+    """Feature activations [B, L, F] of raw inputs [B, L, D]."""
+    return activate(spec, params, pre_acts(spec, params, normalise_in(params, x_bld)))
+
+
+def reconstruct(spec: CLTSpec, params: Params, x_bld: jax.Array) -> jax.Array:
+    """The CLT's raw output [B, L, D] for raw inputs [B, L, D] (every covered layer's mlp_out)."""
+    xn = normalise_in(params, x_bld)
+    return decode(spec, params, activate(spec, params, pre_acts(spec, params, xn)), xn) / params["norm_out"][:, None]
+
+
+class LossWeights(NamedTuple):
+    sparsity: jax.Array | float = 0.0
+    """lambda of the tanh penalty (jumprelu; warm it up from 0)."""
+    pre_act: jax.Array | float = 0.0
+    """lambda_P of the pre-activation penalty (jumprelu)."""
+
+
+class CLTOutput(NamedTuple):
+    loss: jax.Array
+    mse: jax.Array
+    """sum over target layers of the per-row squared error, mean over rows (normalised units)."""
+    mse_per_layer: jax.Array
+    """[L] each target layer's share of `mse`."""
+    sparsity: jax.Array
+    pre_act: jax.Array
+    l0_per_layer: jax.Array
+    """[L] mean active features per row."""
+    acts: jax.Array
+    """[B, L, F]."""
+
+
+def forward(spec: CLTSpec, params: Params, x_bld: jax.Array, y_bld: jax.Array, weights: LossWeights) -> CLTOutput:
+    """The training loss of raw inputs [B, L, D] against raw targets [B, L, D]."""
+    xn, yn = normalise_in(params, x_bld), normalise_out(params, y_bld)
+    h = pre_acts(spec, params, xn)
+    a = activate(spec, params, h)
+    err = decode(spec, params, a, xn) - yn
+    mse_per_layer = jnp.mean(jnp.sum(err**2, axis=-1), axis=0)
+    mse = jnp.sum(mse_per_layer)
+    sparsity = pre = jnp.float32(0.0)
+    if spec.activation == "jumprelu":
+        norms = decoder_norms(spec, params)
+        sparsity = jnp.mean(jnp.sum(jnp.tanh(spec.tanh_scale * norms * a), axis=(1, 2)))
+        pre = jnp.mean(jnp.sum(jax.nn.relu(params["threshold"] - h) * norms, axis=(1, 2)))
+    loss = mse + weights.sparsity * sparsity + weights.pre_act * pre
+    l0 = jnp.mean(jnp.sum(a > 0, axis=-1), axis=0)
+    return CLTOutput(loss, mse, mse_per_layer, sparsity, pre, l0, a)

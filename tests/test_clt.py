@@ -1,0 +1,152 @@
+"""Cross-layer transcoders against an explicit float64 NumPy implementation: the triangular
+forward, every loss term (the tanh penalty on each feature's decoder norm concatenated over its
+targets, the pre-activation penalty) and every gradient, written out by hand from the definitions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp.dictionaries import clt
+from jaxinterp.errors import UsageError
+
+LAM, LAM_P = 0.3, 0.7
+
+
+def _params(spec, seed=0):
+    rng = np.random.default_rng(seed)
+    p = {k: np.asarray(v, np.float64) for k, v in clt.init(jax.random.key(seed), spec).items()}
+    p["W_enc"] = rng.normal(0, 0.5, p["W_enc"].shape)
+    p["b_enc"] = rng.normal(0, 0.2, p["b_enc"].shape)
+    p["b_dec"] = rng.normal(0, 0.1, p["b_dec"].shape)
+    p["norm_in"] = rng.uniform(0.5, 1.5, spec.n_layers)
+    p["norm_out"] = rng.uniform(0.5, 1.5, spec.n_layers)
+    for l in range(spec.n_layers):
+        p[f"W_dec_{l}"] = rng.normal(0, 0.4, p[f"W_dec_{l}"].shape)
+    if "threshold" in p:
+        p["threshold"] = rng.uniform(0.1, 0.6, p["threshold"].shape)
+    if "W_skip" in p:
+        p["W_skip"] = rng.normal(0, 0.2, p["W_skip"].shape)
+    return p
+
+
+def _reference(spec, p, x, y):
+    """(loss terms, gradients) of the CLT loss, in float64, loops over (source, target) pairs."""
+    b, n = x.shape[0], spec.n_layers
+    eps, c = spec.jumprelu_bandwidth, spec.tanh_scale
+    xn, yn = x * p["norm_in"][:, None], y * p["norm_out"][:, None]
+    h = np.einsum("bld,ldf->blf", xn, p["W_enc"]) + p["b_enc"]
+    if spec.activation == "jumprelu":
+        on = h > p["threshold"]
+    else:
+        on = h >= np.sort(h, axis=-1)[..., -spec.k][..., None]
+    a = np.where(on, np.maximum(h, 0.0), 0.0)
+    r = np.broadcast_to(p["b_dec"], y.shape).copy()
+    for l in range(n):
+        for j in range(l, min(n, l + spec.targets(l))):
+            r[:, j] += a[:, l] @ p[f"W_dec_{l}"][:, j - l]
+    if spec.skip:
+        for j in range(n):
+            r[:, j] += xn[:, j] @ p["W_skip"][j]
+    e = r - yn
+    mse_layer = (e**2).sum(-1).mean(0)
+    norms = np.stack([np.sqrt((p[f"W_dec_{l}"] ** 2).sum((1, 2))) for l in range(n)])
+    jump = spec.activation == "jumprelu"
+    sparsity = np.tanh(c * norms * a).sum((1, 2)).mean() if jump else 0.0
+    pre = (np.maximum(p["threshold"] - h, 0.0) * norms).sum((1, 2)).mean() if jump else 0.0
+    terms = {"mse": mse_layer.sum(), "mse_per_layer": mse_layer, "sparsity": sparsity, "pre_act": pre,
+             "loss": mse_layer.sum() + LAM * sparsity + LAM_P * pre, "l0_per_layer": (a > 0).sum(-1).mean(0)}
+
+    g = {k: np.zeros_like(v) for k, v in p.items()}
+    dr = 2.0 * e / b
+    g["b_dec"] = dr.sum(0)
+    da = np.zeros_like(a)
+    for l in range(n):
+        for j in range(l, min(n, l + spec.targets(l))):
+            g[f"W_dec_{l}"][:, j - l] += a[:, l].T @ dr[:, j]
+            da[:, l] += dr[:, j] @ p[f"W_dec_{l}"][:, j - l].T
+    if spec.skip:
+        for j in range(n):
+            g["W_skip"][j] = xn[:, j].T @ dr[:, j]
+    dh = np.zeros_like(h)
+    if jump:
+        sech2 = 1.0 - np.tanh(c * norms * a) ** 2
+        da += LAM / b * c * norms * sech2
+        dnorm = LAM / b * (c * a * sech2).sum(0) + LAM_P / b * np.maximum(p["threshold"] - h, 0.0).sum(0)
+        for l in range(n):
+            g[f"W_dec_{l}"] += (dnorm[l] / norms[l])[:, None, None] * p[f"W_dec_{l}"]
+        below = p["threshold"] > h
+        dh += -LAM_P / b * below * norms
+        rect = (np.abs((h - p["threshold"]) / eps) < 0.5).astype(float)
+        g["threshold"] = (-(p["threshold"] / eps) * rect * da).sum(0) + (LAM_P / b * below * norms).sum(0)
+    dh += np.where(on & (h > 0), da, 0.0)
+    g["W_enc"] = np.einsum("bld,blf->ldf", xn, dh)
+    g["b_enc"] = dh.sum(0)
+    return terms, g
+
+
+@pytest.mark.parametrize("activation,span,skip", [("jumprelu", None, False), ("jumprelu", 2, True),
+                                                  ("topk", None, False), ("topk", 3, True)])
+def test_clt_loss_terms_and_gradients_equal_numpy(activation, span, skip):
+    spec = clt.CLTSpec(activation, n_layers=4, d_model=6, d_sae=9, k=3, span=span, skip=skip)
+    p = _params(spec)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(0, 1, (16, 4, 6)), rng.normal(0, 1, (16, 4, 6))
+    want, want_g = _reference(spec, p, x, y)
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+    weights = clt.LossWeights(sparsity=LAM, pre_act=LAM_P)
+
+    def loss(trainable):
+        out = clt.forward(spec, params | trainable, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), weights)
+        return out.loss, out
+
+    trainable = {k: v for k, v in params.items() if not k.startswith("norm_")}
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+    for name in ("loss", "mse", "mse_per_layer", "sparsity", "pre_act", "l0_per_layer"):
+        np.testing.assert_allclose(np.asarray(getattr(out, name)), want[name], rtol=2e-5, atol=1e-5, err_msg=name)
+    assert 0 < float(out.l0_per_layer.mean()) < spec.d_sae  # some features on, some off
+    for name, gv in grads.items():
+        np.testing.assert_allclose(np.asarray(gv), want_g[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    # the triangle: a source writes only to its targets
+    assert [params[f"W_dec_{l}"].shape[1] for l in range(4)] == [spec.targets(l) for l in range(4)]
+    assert [spec.targets(l) for l in range(4)] == ([4, 3, 2, 1] if span is None else [min(span, 4 - l) for l in range(4)])
+
+
+def test_clt_reconstruct_is_the_forward_in_raw_units_and_counts_its_weights():
+    spec = clt.CLTSpec("jumprelu", n_layers=3, d_model=4, d_sae=5, skip=True)
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in _params(spec, seed=2).items()}
+    x = jnp.asarray(np.random.default_rng(3).normal(0, 1, (8, 3, 4)), jnp.float32)
+    xn = clt.normalise_in(p, x)
+    want = clt.decode(spec, p, clt.activate(spec, p, clt.pre_acts(spec, p, xn)), xn) / p["norm_out"][:, None]
+    np.testing.assert_allclose(np.asarray(clt.reconstruct(spec, p, x)), np.asarray(want), rtol=1e-6)
+    assert spec.n_weights == sum(int(np.prod(v.shape)) for k, v in p.items() if not k.startswith("norm_"))
+    assert clt.param_axes(spec).keys() == p.keys()
+    with pytest.raises(UsageError, match="CLT activation 'gated'"):
+        clt.CLTSpec("gated", 2, 4, 5)
+    with pytest.raises(UsageError, match="span=0"):
+        clt.CLTSpec("topk", 2, 4, 5, k=2, span=0)
+
+
+def test_clt_gradients_on_a_4x2_mesh_equal_one_device():
+    """Parameters split over d_sae on `model` as `param_axes` declare, rows over `data` (the
+    trainer's mesh of Auto axes): the same loss and gradients as on one device."""
+    from jaxinterp.sharding import named
+
+    spec = clt.CLTSpec("jumprelu", n_layers=3, d_model=8, d_sae=16, span=2)
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in _params(spec, seed=4).items()}
+    rng = np.random.default_rng(5)
+    x, y = (jnp.asarray(rng.normal(0, 1, (32, 3, 8)), jnp.float32) for _ in range(2))
+    weights = clt.LossWeights(sparsity=LAM, pre_act=LAM_P)
+    step = jax.jit(jax.value_and_grad(lambda q, a, b: clt.forward(spec, q, a, b, weights).loss))
+    want_loss, want = step(p, x, y)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as training's
+    axes = clt.param_axes(spec)
+    placed = {k: jax.device_put(v, named(mesh, axes[k], v.shape, name=k)) for k, v in p.items()}
+    rows = named(mesh, ("batch", None, None), x.shape)
+    got_loss, got = step(placed, jax.device_put(x, rows), jax.device_put(y, rows))
+    assert placed["W_enc"].sharding.spec[2] == "model" and placed["W_dec_0"].sharding.spec[0] == "model"
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-4, atol=1e-6, err_msg=k)
