@@ -150,3 +150,26 @@ def test_clt_gradients_on_a_4x2_mesh_equal_one_device():
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_one_forward_gives_every_covered_layers_input_and_target():
+    """The rows of one stopped-early forward over the CLT's sites split into x [N, L, D] and
+    y [N, L, D] equal each site captured alone."""
+    from helpers import TINY_DECODERS, tiny_model
+
+    from jaxinterp.data.activations import site_activations
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    spec = clt.CLTSpec("topk", n_layers=2, d_model=model.cfg.d_model, d_sae=8, k=2, first_layer=1,
+                       input_point="mlp_in")
+    inputs, targets = clt.sites(spec)
+    assert inputs == ("blocks.1.mlp_in", "blocks.2.mlp_in") and targets == ("blocks.1.mlp_out", "blocks.2.mlp_out")
+    ctx = np.random.default_rng(0).integers(1, model.cfg.vocab_size, size=(3, 7)).astype(np.int32)
+    x, y = clt.split_rows(spec, jnp.asarray(site_activations(model, ctx, inputs + targets)))
+    for i, (a, b) in enumerate(zip(inputs, targets)):
+        np.testing.assert_allclose(np.asarray(x[:, i]), site_activations(model, ctx, a), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(y[:, i]), site_activations(model, ctx, b), rtol=1e-6)
+    with pytest.raises(UsageError, match="expected \\[N, 128\\]"):
+        clt.split_rows(spec, jnp.zeros((4, 100)))
+    with pytest.raises(UsageError, match="input_point 'resid_post'"):
+        clt.CLTSpec("topk", 2, 4, 5, k=2, input_point="resid_post")

@@ -44,6 +44,7 @@ from jaxinterp.dictionaries.activations import jumprelu_ste
 from jaxinterp.errors import UsageError
 
 ACTIVATIONS = ("jumprelu", "topk")
+INPUT_POINTS = ("resid_mid", "mlp_in")
 Params = dict[str, jax.Array]
 
 
@@ -65,6 +66,8 @@ class CLTSpec:
     skip: bool = False
     """A linear skip path W_skip[j] from each layer's input to its output."""
     first_layer: int = 0
+    input_point: str = "resid_mid"
+    """Where each layer's features read: resid_mid, or mlp_in (the MLP's normalised input)."""
     jumprelu_bandwidth: float = 0.05
     tanh_scale: float = 4.0
     """c in the tanh sparsity penalty."""
@@ -77,6 +80,8 @@ class CLTSpec:
                              "all must be at least 1")
         if self.span is not None and self.span < 1:
             raise UsageError(f"CLT span={self.span}: give at least 1 (1 is a set of per-layer transcoders) or None")
+        if self.input_point not in INPUT_POINTS:
+            raise UsageError(f"CLT input_point {self.input_point!r}: choose one of {INPUT_POINTS}")
         if self.activation == "topk" and not 0 < self.k <= self.d_sae:
             raise UsageError(f"CLT k={self.k} must be in [1, d_sae={self.d_sae}]")
 
@@ -92,6 +97,22 @@ class CLTSpec:
         dec = sum(self.targets(l) for l in range(n))
         return (f * d * (n + dec) + n * f * (2 if self.activation == "jumprelu" else 1) + n * d
                 + (n * d * d if self.skip else 0))
+
+
+def sites(spec: CLTSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the input site of each covered layer, its mlp_out), in layer order: what one forward captures."""
+    layers = range(spec.first_layer, spec.first_layer + spec.n_layers)
+    return (tuple(f"blocks.{l}.{spec.input_point}" for l in layers), tuple(f"blocks.{l}.mlp_out" for l in layers))
+
+
+def split_rows(spec: CLTSpec, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows [N, 2 L D] of the sites `sites(spec)` side by side (inputs, then targets) as (x [N, L, D],
+    y [N, L, D]): a CLT's training batch stays one array, as a transcoder's does."""
+    n, (l, d) = rows.shape[0], (spec.n_layers, spec.d_model)
+    if rows.shape[1:] != (2 * l * d,):
+        raise UsageError(f"CLT rows of shape {tuple(rows.shape)}: expected [N, {2 * l * d}] (the {l} input sites, "
+                         f"then the {l} mlp_out sites, {d} each)")
+    return rows[:, : l * d].reshape(n, l, d), rows[:, l * d :].reshape(n, l, d)
 
 
 def param_axes(spec: CLTSpec) -> dict[str, tuple[str | None, ...]]:
