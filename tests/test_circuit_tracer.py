@@ -1,0 +1,101 @@
+"""circuit-tracer's CLT files: what they hold computed as circuit-tracer computes it (from the
+files alone, in NumPy) equals our CLT's reconstruction, and they read back to the same function."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file, save_file
+
+from jaxinterp.dictionaries import clt
+from jaxinterp.interop.circuit_tracer import CircuitTracerError, export_clt, load_clt
+
+
+def _clt(span=2, point="resid_mid", seed=0):
+    spec = clt.CLTSpec("jumprelu", n_layers=3, d_model=6, d_sae=5, span=span, input_point=point)
+    rng = np.random.default_rng(seed)
+    p = dict(clt.init(jax.random.key(seed), spec))
+    p["W_enc"] = jnp.asarray(rng.normal(0, 0.6, p["W_enc"].shape), jnp.float32)
+    p["b_enc"] = jnp.asarray(rng.normal(0, 0.2, p["b_enc"].shape), jnp.float32)
+    p["b_dec"] = jnp.asarray(rng.normal(0, 0.2, p["b_dec"].shape), jnp.float32)
+    p["threshold"] = jnp.asarray(rng.uniform(0.1, 0.5, p["threshold"].shape), jnp.float32)
+    p["norm_in"] = jnp.asarray(rng.uniform(0.5, 2.0, 3), jnp.float32)
+    p["norm_out"] = jnp.asarray(rng.uniform(0.5, 2.0, 3), jnp.float32)
+    for l in range(3):
+        p[f"W_dec_{l}"] = jnp.asarray(rng.normal(0, 0.5, p[f"W_dec_{l}"].shape), jnp.float32)
+    return spec, p
+
+
+def _as_circuit_tracer_computes(directory, x_bld):
+    """y [B, L, D] from the files: h = x @ W_enc.T + b_enc, a = h * (h > threshold),
+    y_j = sum_{i <= j} a_i @ W_dec_i[:, j - i] + b_dec_j."""
+    n = x_bld.shape[1]
+    enc = [load_file(str(directory / f"W_enc_{i}.safetensors")) for i in range(n)]
+    dec = [load_file(str(directory / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"] for i in range(n)]
+    y = np.stack([np.broadcast_to(enc[j][f"b_dec_{j}"], x_bld[:, 0].shape) for j in range(n)], 1).astype(np.float64)
+    for i in range(n):
+        h = x_bld[:, i] @ enc[i][f"W_enc_{i}"].T + enc[i][f"b_enc_{i}"]
+        thr = enc[i].get(f"threshold_{i}", np.zeros_like(h[0]))
+        a = h * (h > thr)
+        for j in range(i, n):
+            y[:, j] += a @ dec[i][:, j - i]
+    return y
+
+
+def test_an_exported_clt_computes_in_circuit_tracer_as_here_and_reads_back(tmp_path):
+    spec, p = _clt(span=2, point="mlp_in")
+    out = export_clt(tmp_path / "ct", spec, p, model_name="smollm2-135m")
+    names = sorted(f.name for f in out.iterdir())
+    assert names == sorted(["config.yaml"] + [f"W_{w}_{i}.safetensors" for w in ("enc", "dec") for i in range(3)])
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {
+        "model_kind": "cross_layer_transcoder", "model_name": "smollm2-135m", "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "hook_mlp_out"}
+    e0 = load_file(str(out / "W_enc_0.safetensors"))
+    assert e0["W_enc_0"].shape == (5, 6) and e0["threshold_0"].shape == (5,) and e0["b_dec_0"].shape == (6,)
+    assert [load_file(str(out / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"].shape for i in range(3)] == [
+        (5, 3, 6), (5, 2, 6), (5, 1, 6)]
+    # past the span: zeros (source 0 reaches layers 0 and 1 only)
+    assert not load_file(str(out / "W_dec_0.safetensors"))["W_dec_0"][:, 2].any()
+
+    x = np.random.default_rng(1).normal(0, 1.5, (20, 3, 6)).astype(np.float32)
+    ours = np.asarray(clt.reconstruct(spec, p, jnp.asarray(x)))
+    np.testing.assert_allclose(_as_circuit_tracer_computes(out, x), ours, rtol=1e-4, atol=1e-5)
+    spec2, p2, config = load_clt(out)
+    assert spec2.n_layers == 3 and spec2.d_sae == 5 and spec2.input_point == "mlp_in" and spec2.span is None
+    np.testing.assert_allclose(np.asarray(clt.reconstruct(spec2, p2, jnp.asarray(x))), ours, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(clt.encode(spec2, p2, jnp.asarray(x))),
+                               np.asarray(clt.encode(spec, p, jnp.asarray(x))), rtol=1e-4, atol=1e-5)
+    assert config["model_name"] == "smollm2-135m"
+
+
+def test_a_relu_clt_reads_as_jumprelu_at_zero_and_bad_input_is_named(tmp_path):
+    spec, p = _clt(span=None)
+    out = export_clt(tmp_path / "ct", spec, p)
+    for i in range(3):  # circuit-tracer's ReLU CLT: no thresholds
+        z = load_file(str(out / f"W_enc_{i}.safetensors"))
+        del z[f"threshold_{i}"]
+        save_file(z, str(out / f"W_enc_{i}.safetensors"))
+    x = np.random.default_rng(2).normal(0, 1.5, (10, 3, 6)).astype(np.float32)
+    spec2, p2, _ = load_clt(out)
+    assert not np.asarray(p2["threshold"]).any()
+    np.testing.assert_allclose(np.asarray(clt.reconstruct(spec2, p2, jnp.asarray(x))),
+                               _as_circuit_tracer_computes(out, x), rtol=1e-4, atol=1e-5)
+
+    topk = clt.CLTSpec("topk", 3, 6, 5, k=2)
+    with pytest.raises(CircuitTracerError, match="a topk CLT cannot be written"):
+        export_clt(tmp_path / "x", topk, clt.init(jax.random.key(0), topk))
+    skip = clt.CLTSpec("jumprelu", 3, 6, 5, skip=True)
+    with pytest.raises(CircuitTracerError, match="skip connections"):
+        export_clt(tmp_path / "x", skip, clt.init(jax.random.key(0), skip))
+    late = clt.CLTSpec("jumprelu", 3, 6, 5, first_layer=2)
+    with pytest.raises(CircuitTracerError, match="starts at layer 2"):
+        export_clt(tmp_path / "x", late, clt.init(jax.random.key(0), late))
+    (out / "W_dec_1.safetensors").unlink()
+    with pytest.raises(Exception, match="W_dec_1.safetensors is missing"):
+        load_clt(out)
+    (out / "config.yaml").write_text("model_kind: transcoder_set\n")
+    with pytest.raises(CircuitTracerError, match="expected cross_layer_transcoder"):
+        load_clt(out)
