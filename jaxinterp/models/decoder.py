@@ -59,7 +59,7 @@ class DecoderConfig:
     """Biases on the attention output and the MLP's linears (GPT-2)."""
     mlp: Literal["gated", "plain"] = "gated"
     """`gated`: down(act(gate(x)) * up(x)); `plain`: down(act(up(x)))."""
-    activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"
+    activation: Literal["silu", "gelu_tanh", "gelu", "relu"] = "silu"
     post_norms: bool = False
     """Norms on the attention and MLP outputs before they join the residual (Gemma 2)."""
     embed_scale: float | None = None
@@ -122,6 +122,7 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": partial(jax.nn.gelu, approximate=True),
     "gelu": partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
 }
 
 

@@ -27,7 +27,13 @@ EditFn = Callable[..., jax.Array]
 """`fn(x_btd, params, positions_bt) -> x_btd`: rewrites a site's value; `params` is the site's pytree
 of arrays, `positions_bt` [B, T] the token positions (for edits confined to a window). An edit that
 reads an earlier site (a transcoder's, which reads its input site and writes its target) is
-`fn(x_btd, params, positions_bt, read_btd)`, with `read_btd` that site's value."""
+`fn(x_btd, params, positions_bt, read_btd)`, with `read_btd` that site's value; an edit may read
+several (earlier sites, or values derived at earlier sites), in the order it names them.
+
+A derived value is computed at one site and kept for later edits of the same forward, without
+changing the site: `(name, site, fn)` in `Plan.derive` stores `fn(x_btd, edit_params[name],
+positions_bt)` under `name` (a cross-layer transcoder encodes each layer's features once, at its
+input site, and every later mlp_out it writes to reads them)."""
 
 
 class SiteError(JaxinterpError):
@@ -68,20 +74,30 @@ class Plan:
 
     capture: tuple[str, ...] = ()
     """Sites whose values are returned (after any edit at that site)."""
-    edits: tuple[tuple[str, EditFn] | tuple[str, EditFn, str], ...] = ()
+    edits: tuple[tuple, ...] = ()
     """(site, fn) pairs: the site's value x becomes fn(x, edit_params[site], positions); (site, fn,
-    read_site) triples: fn(x, edit_params[site], positions, value at read_site), the read site
-    coming earlier in the forward."""
+    read, ...): fn(x, edit_params[site], positions, value of each read), each read a site or a
+    derived value coming earlier in the forward."""
     stop_early: bool = False
     """Stop right after the deepest captured site: no logits, no compute beyond it."""
+    derive: tuple[tuple[str, str, EditFn], ...] = ()
+    """(name, site, fn): at `site`, after its edit, store fn(x, edit_params[name], positions) under
+    `name` for later edits to read; the site's value is left as it is."""
 
     def validate(self, n_layers: int) -> None:
-        for s in self.capture + tuple(e[0] for e in self.edits):
+        for s in self.capture + tuple(e[0] for e in self.edits) + tuple(d[1] for d in self.derive):
             parse_site(s, n_layers)
-        for site, _, read in (e for e in self.edits if len(e) == 3):
-            if _depth(read, n_layers) >= _depth(site, n_layers):
-                raise SiteError(f"an edit at {site!r} reads {read!r}, which the forward reaches at or after it; "
-                                "read a site that comes before the one edited")
+        derived = {name: site for name, site, _ in self.derive}
+        clash = [n for n in derived if n in site_names(n_layers)]
+        if clash or len(derived) != len(self.derive):
+            raise SiteError(f"derived values {[d[0] for d in self.derive]}: names must be unique and not site "
+                            "names; rename them")
+        for site, _, *reads in self.edits:
+            for read in reads:
+                where = derived.get(read, read)
+                if _depth(where, n_layers) >= _depth(site, n_layers):
+                    raise SiteError(f"an edit at {site!r} reads {read!r}, which the forward reaches at or after "
+                                    "it; read a site (or a value derived at a site) that comes before the one edited")
 
     def deepest(self, n_layers: int) -> tuple[int, int] | None:
         if not self.capture:
@@ -104,7 +120,10 @@ class Recorder:
         self.positions_bt = positions_bt
         self.edit_params = edit_params or {}
         self._edits = {e[0]: e[1:] for e in plan.edits}
-        self._reads = {e[2] for e in plan.edits if len(e) == 3}
+        self._reads = {r for e in plan.edits for r in e[2:]}
+        self._derive: dict[str, list[tuple[str, EditFn]]] = {}
+        for name, site, fn in plan.derive:
+            self._derive.setdefault(site, []).append((name, fn))
         self._capture = set(plan.capture)
         self.captured: dict[str, jax.Array] = {}
         self._read: dict[str, jax.Array] = {}
@@ -116,6 +135,8 @@ class Recorder:
             x = fn(x, self.edit_params.get(site), self.positions_bt, *(self._read[r] for r in read))
         if site in self._reads:
             self._read[site] = x
+        for name, fn in self._derive.get(site, ()):
+            self._read[name] = fn(x, self.edit_params.get(name), self.positions_bt)
         if site in self._capture:
             self.captured[site] = x
         return x
