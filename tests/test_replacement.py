@@ -35,20 +35,24 @@ def test_with_error_terms_the_replacement_model_is_the_model_exactly(activation,
     assert float(jnp.max(jnp.abs(without - want))) > 1e-2  # a random CLT is no stand-in without them
 
 
-def test_a_clt_holding_the_mlps_weights_reproduces_the_model():
-    """A model with plain ReLU MLPs (no biases): a CLT reading mlp_in with W_enc = W_up, threshold 0,
-    and each layer's own decoder W_down (later targets zero) is the same model, logits to 1e-4; the
-    MLP outputs it writes at each layer are computed from the replaced earlier layers."""
+def _relu_model_and_exact_clt():
     cfg = dataclasses.replace(TINY_DECODERS["gpt2-like"], activation="relu", out_bias=False, qkv_bias=False)
     model = tiny_model(cfg)
     n, d, f = cfg.n_layers, cfg.d_model, cfg.d_ff
     spec = clt.CLTSpec("jumprelu", n_layers=n, d_model=d, d_sae=f, input_point="mlp_in")
     p = dict(clt.init(jax.random.key(0), spec, threshold=0.0))
-    blocks = model.blocks
-    p["W_enc"] = jnp.stack([blocks[i].w_up[...] for i in range(n)]).astype(jnp.float32)
+    p["W_enc"] = jnp.stack([model.blocks[i].w_up[...] for i in range(n)]).astype(jnp.float32)
     for l in range(n):
-        w = jnp.zeros((f, n - l, d), jnp.float32)
-        p[f"W_dec_{l}"] = w.at[:, 0].set(blocks[l].w_down[...].astype(jnp.float32))
+        p[f"W_dec_{l}"] = jnp.zeros((f, n - l, d), jnp.float32).at[:, 0].set(model.blocks[l].w_down[...])
+    return model, spec, p
+
+
+def test_a_clt_holding_the_mlps_weights_reproduces_the_model():
+    """A model with plain ReLU MLPs (no biases): a CLT reading mlp_in with W_enc = W_up, threshold 0,
+    and each layer's own decoder W_down (later targets zero) is the same model, logits to 1e-4; the
+    MLP outputs it writes at each layer are computed from the replaced earlier layers."""
+    model, spec, p = _relu_model_and_exact_clt()
+    cfg, d, f = model.cfg, model.cfg.d_model, model.cfg.d_ff
     tokens = np.random.default_rng(1).integers(1, cfg.vocab_size, size=(3, 11))
     want = forward(model, jnp.asarray(tokens)).logits
     got = replacement_forward(model, tokens, spec, p).logits
@@ -68,3 +72,47 @@ def test_a_derived_value_must_come_before_its_reader():
     clash = Plan(derive=(("blocks.0.mlp_out", "blocks.0.resid_mid", ident),))
     with pytest.raises(SiteError, match="not site names"):
         forward(model, jnp.ones((1, 4), jnp.int32), plan=clash)
+
+
+def test_fidelity_metrics_equal_their_definitions():
+    """Agreement, KL, the three cross-entropies, ce_loss_score, per-layer FVU and L0 against NumPy
+    on the logits and activations; a CLT holding the MLPs' weights scores as the model itself."""
+    from jaxinterp.circuits import replacement_fidelity
+
+    model, spec, exact = _relu_model_and_exact_clt()
+    ctx = np.random.default_rng(2).integers(1, model.cfg.vocab_size, size=(5, 8)).astype(np.int32)
+    got = replacement_fidelity(model, spec, exact, ctx, batch=2)
+    assert got["agreement"] == 1.0 and abs(got["kl"]) < 1e-5 and got["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert max(got["fvu_per_layer"]) < 1e-8 and got["tokens"] == 5 * 7
+
+    noisy = dict(exact)
+    noisy["W_enc"] = exact["W_enc"] + 0.3 * jax.random.normal(jax.random.key(5), exact["W_enc"].shape)
+    got = replacement_fidelity(model, spec, noisy, ctx, batch=2)
+
+    def logp(logits):
+        z = np.asarray(logits, np.float64)[:, :-1]
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    orig = logp(forward(model, jnp.asarray(ctx)).logits)
+    repl = logp(replacement_forward(model, ctx, spec, noisy).logits)
+    zero = Plan(edits=tuple((f"blocks.{i}.mlp_out", lambda x, p, pos: jnp.zeros_like(x)) for i in range(3)))
+    abl = logp(forward(model, jnp.asarray(ctx), plan=zero).logits)
+    nxt = ctx[:, 1:, None]
+    ce = [float(-np.take_along_axis(a, nxt, -1).mean()) for a in (orig, repl, abl)]
+    assert got["agreement"] == pytest.approx(float((orig.argmax(-1) == repl.argmax(-1)).mean()))
+    assert got["kl"] == pytest.approx(float((np.exp(orig) * (orig - repl)).sum(-1).mean()), rel=1e-4)
+    assert [got["ce_original"], got["ce_replacement"], got["ce_ablated"]] == pytest.approx(ce, rel=1e-5)
+    assert got["ce_loss_score"] == pytest.approx((ce[2] - ce[1]) / (ce[2] - ce[0]), rel=1e-4)
+    assert 0 < got["agreement"] < 1
+    from jaxinterp.data.activations import site_activations
+
+    inputs, targets = clt.sites(spec)
+    x = np.stack([site_activations(model, ctx, s) for s in inputs], 1)
+    y = np.stack([site_activations(model, ctx, s) for s in targets], 1).astype(np.float64)
+    r = np.asarray(clt.reconstruct(spec, noisy, jnp.asarray(x)), np.float64)
+    fvu = ((r - y) ** 2).sum((0, 2)) / ((y - y.mean(0)) ** 2).sum((0, 2))
+    np.testing.assert_allclose(got["fvu_per_layer"], fvu, rtol=1e-4)
+    a = np.asarray(clt.encode(spec, noisy, jnp.asarray(x)))
+    np.testing.assert_allclose(got["l0_per_layer"], (a > 0).sum(-1).mean(0), rtol=1e-6)
+    assert got["dead_fraction"] == pytest.approx(float(1 - (a > 0).any(0).mean()))
