@@ -173,3 +173,21 @@ def test_one_forward_gives_every_covered_layers_input_and_target():
         clt.split_rows(spec, jnp.zeros((4, 100)))
     with pytest.raises(UsageError, match="input_point 'resid_post'"):
         clt.CLTSpec("topk", 2, 4, 5, k=2, input_point="resid_post")
+
+
+def test_memory_estimate_and_refusal():
+    """The published Gemma-2-2B CLT size (F 16,384 per layer, D 2,304, L 26: about 14 billion weights)
+    and a per-device estimate that is refused over budget with its numbers, before any allocation."""
+    gemma = clt.CLTSpec("jumprelu", n_layers=26, d_model=2304, d_sae=16384)
+    assert gemma.n_weights == 16384 * 2304 * (26 + 26 * 27 // 2) + 26 * 16384 * 2 + 26 * 2304
+    assert 14.0e9 < gemma.n_weights < 14.3e9
+    est = clt.memory_estimate(gemma, batch=4096, data=4, model=8)
+    per_device = (gemma.n_weights - 2 * 26 * 2304 - 2 * 26) // 8 + 2 * 26 * 2304 + 2 * 26
+    assert est.weights == 4 * per_device and est.optimizer == 8 * per_device and est.gradients == 4 * per_device
+    assert est.activations == 1024 * (2 * 26 * 2304 + 4 * 26 * 16384 // 8) * 4
+    assert est.total / 2**30 == pytest.approx(4 * 4 * 14.2e9 / 8 / 2**30 + 1.27, rel=0.01)  # ~27.8 GiB
+    with pytest.raises(UsageError, match=rf"needs {est.total / 2**30:.2f} GiB per device .* over the budget of 16\.00 GiB"):
+        clt.check_memory(est, 16 * 2**30)
+    clt.check_memory(clt.memory_estimate(clt.CLTSpec("topk", 4, 6, 9, k=2), batch=8), 2**20)
+    # a span bounds the triangle: L + sum min(span, L - l) decoder blocks
+    assert clt.CLTSpec("topk", 4, 6, 9, k=2, span=2).n_weights == 9 * 6 * (4 + 2 + 2 + 2 + 1) + 4 * 9 + 4 * 6

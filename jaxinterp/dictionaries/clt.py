@@ -234,3 +234,43 @@ def forward(spec: CLTSpec, params: Params, x_bld: jax.Array, y_bld: jax.Array, w
     loss = mse + weights.sparsity * sparsity + weights.pre_act * pre
     l0 = jnp.mean(jnp.sum(a > 0, axis=-1), axis=0)
     return CLTOutput(loss, mse, mse_per_layer, sparsity, pre, l0, a)
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes per device of a training step, on a mesh of `data` x `model` devices."""
+
+    weights: int
+    optimizer: int
+    gradients: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.gradients + self.activations
+
+
+def memory_estimate(spec: CLTSpec, *, batch: int, data: int = 1, model: int = 1, weight_bytes: int = 4,
+                    optimizer_slots: int = 2) -> MemoryEstimate:
+    """Per-device bytes of training: weights split over `model` by d_sae (the small [L, D] biases
+    and scales replicated), Adam's `optimizer_slots` float32 copies and one float32 gradient of
+    them, and activations of `batch` rows split over `data` (and their F axis over `model`):
+    inputs and targets 2 L D, and per feature pre-activation, activation and their gradients,
+    4 L F, float32."""
+    n, d, f = spec.n_layers, spec.d_model, spec.d_sae
+    replicated = 2 * n * d + 2 * n + (n * d * d if spec.skip else 0)
+    split = spec.n_weights - replicated
+    per_device = split // model + replicated
+    rows = -(-batch // data)
+    return MemoryEstimate(weights=per_device * weight_bytes, optimizer=per_device * 4 * optimizer_slots,
+                          gradients=per_device * 4, activations=rows * (2 * n * d + 4 * n * f // model) * 4)
+
+
+def check_memory(estimate: MemoryEstimate, budget_bytes: int, *, what: str = "this CLT") -> None:
+    """Raise a one-line `UsageError` with the numbers when `estimate` exceeds `budget_bytes`."""
+    if estimate.total > budget_bytes:
+        gib = 2**30
+        raise UsageError(
+            f"{what} needs {estimate.total / gib:.2f} GiB per device (weights {estimate.weights / gib:.2f}, "
+            f"optimizer {estimate.optimizer / gib:.2f}, gradients {estimate.gradients / gib:.2f}, activations "
+            f"{estimate.activations / gib:.2f}) over the budget of {budget_bytes / gib:.2f} GiB; split d_sae over "
+            "more devices (mesh model axis), shrink the batch, d_sae or the span, or raise the budget")
