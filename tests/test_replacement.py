@@ -116,3 +116,29 @@ def test_fidelity_metrics_equal_their_definitions():
     a = np.asarray(clt.encode(spec, noisy, jnp.asarray(x)))
     np.testing.assert_allclose(got["l0_per_layer"], (a > 0).sum(-1).mean(0), rtol=1e-6)
     assert got["dead_fraction"] == pytest.approx(float(1 - (a > 0).any(0).mean()))
+
+
+@pytest.mark.parametrize("mode,value", [("add", 2.0), ("clamp", 1.5), ("ablate", 0.0)])
+def test_steering_a_clt_feature_writes_its_decoder_vectors_into_every_target(mode, value):
+    """Each target layer's mlp_out moves by exactly (a' - a) W_dec_l[i, j - l] / norm_out[j] over what
+    its MLP computes from its (steered) input; layers the feature does not write to move by nothing."""
+    from jaxinterp.steering.clt import steer_clt
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    spec = clt.CLTSpec("jumprelu", n_layers=3, d_model=model.cfg.d_model, d_sae=12, span=2)
+    p = dict(clt.init(jax.random.key(0), spec, threshold=0.05))
+    p["b_enc"] = 0.5 + 0.1 * jax.random.normal(jax.random.key(1), p["b_enc"].shape)  # feature 3 fires
+    p["norm_out"] = jnp.asarray([0.5, 2.0, 1.0], jnp.float32)
+    plan, ep = steer_clt(spec, p, {(1, 3): value}, mode)
+    sites = tuple(f"blocks.{j}.{pt}" for j in range(3) for pt in ("resid_mid", "mlp_in", "mlp_out"))
+    plan = dataclasses.replace(plan, capture=sites)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(1, model.cfg.vocab_size, size=(2, 6)))
+    got = forward(model, tokens, plan=plan, edit_params=ep).captured
+    x1 = got["blocks.1.resid_mid"]
+    a = np.asarray(clt.encode(spec, p, jnp.stack([x1] * 3, 2).reshape(-1, 3, spec.d_model)))[:, 1, 3].reshape(2, 6)
+    assert (a > 0).any() and (a == 0).any()  # tokens where it fires and where it does not
+    new = {"add": a + value, "clamp": np.full_like(a, value), "ablate": np.zeros_like(a)}[mode]
+    for j in range(3):
+        moved = got[f"blocks.{j}.mlp_out"] - model.blocks[j].mlp(model.cfg, got[f"blocks.{j}.mlp_in"])
+        want = 0.0 if j == 0 else (new - a)[..., None] * np.asarray(p["W_dec_1"][3, j - 1]) / float(p["norm_out"][j])
+        np.testing.assert_allclose(np.asarray(moved), np.broadcast_to(want, moved.shape), atol=2e-5, rtol=1e-4)

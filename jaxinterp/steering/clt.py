@@ -1,0 +1,93 @@
+"""Steering through a cross-layer transcoder: a feature edited at its source layer, the change of
+its activation written through its decoder vectors into every layer it writes to.
+
+Axes: `B` batch, `T` positions, `D` d_model, `S` steered features of one source layer.
+
+For feature i of source layer l with activation a (its value at this token, from the source's
+input site in this same forward) and new value a' (add: a + v, clamp: v, scale: a * v,
+ablate: 0), each target j = l + t of the feature gets
+
+    mlp_out_j += (a' - a) * W_dec_l[i, t] / norm_out[j]
+
+which is exactly what the CLT's reconstruction of layer j changes by. The features' activations are
+derived once per forward at their source site (`Plan.derive`); ids and values are data, so new
+values or other features of the same count never recompile.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+
+import jax.numpy as jnp
+
+from jaxinterp.dictionaries import clt
+from jaxinterp.errors import UsageError
+from jaxinterp.models import Plan
+
+MODES = ("add", "clamp", "scale", "ablate")
+
+
+def _selected_acts(spec: clt.CLTSpec, x_btd, p, positions_bt):
+    """[B, T, S] the steered features' activations (top-k: their value when selected, with the
+    selection over every feature of the layer)."""
+    del positions_bt
+    h = (x_btd.astype(jnp.float32) * p["norm_in"]) @ p["W_enc"] + p["b_enc"]
+    return jnp.take(clt.activate(spec, p, h), p["ids"], axis=-1)
+
+
+def _new_value(mode: str, a, v):
+    return {"add": lambda: a + v, "clamp": lambda: jnp.broadcast_to(v, a.shape), "scale": lambda: a * v,
+            "ablate": lambda: jnp.zeros_like(a)}[mode]()
+
+
+def _write(modes: tuple[str, ...], x_btd, p, positions_bt, *acts):
+    del positions_bt
+    delta = sum((_new_value(m, a, q["values"]) - a) @ q["rows"] for m, a, q in zip(modes, acts, p["sources"]))
+    return x_btd + (delta / p["norm_out"]).astype(x_btd.dtype)
+
+
+@lru_cache(maxsize=64)
+def steering_plan(spec: clt.CLTSpec, layers: tuple[tuple[int, str], ...]) -> Plan:
+    """The static plan for steered features at source layers `layers` ((layer, mode) pairs, layers
+    within the CLT, each once)."""
+    inputs, targets = clt.sites(spec)
+    derive = tuple((f"clt_steer.{l}", inputs[l], partial(_selected_acts, spec)) for l, _ in layers)
+    edits = []
+    for j in range(spec.n_layers):
+        src = [(l, m) for l, m in layers if l <= j < l + spec.targets(l)]
+        if src:
+            edits.append((targets[j], partial(_write, tuple(m for _, m in src)), *(f"clt_steer.{l}" for l, _ in src)))
+    return Plan(edits=tuple(edits), derive=derive)
+
+
+def steer_clt(spec: clt.CLTSpec, params: clt.Params, features: dict[tuple[int, int], float],
+              mode: str = "add") -> tuple[Plan, dict]:
+    """(plan, edit params) that steer CLT features `{(layer, feature): value}` with `mode`; pass
+    them to `models.forward` (layers count from the CLT's first)."""
+    if mode not in MODES:
+        raise UsageError(f"CLT steering mode {mode!r} unknown; choose one of {MODES}")
+    by_layer: dict[int, list[tuple[int, float]]] = {}
+    for (l, i), v in features.items():
+        if not (0 <= l < spec.n_layers and 0 <= i < spec.d_sae):
+            raise UsageError(f"CLT feature ({l}, {i}): layers are 0..{spec.n_layers - 1} and features "
+                             f"0..{spec.d_sae - 1}")
+        by_layer.setdefault(l, []).append((i, float(v)))
+    layers = tuple(sorted(by_layer))
+    plan = steering_plan(spec, tuple((l, mode) for l in layers))
+    _, targets = clt.sites(spec)
+    ep: dict = {}
+    for l in layers:
+        ids = jnp.asarray([i for i, _ in by_layer[l]], jnp.int32)
+        enc = {"W_enc": params["W_enc"][l], "b_enc": params["b_enc"][l], "norm_in": params["norm_in"][l], "ids": ids}
+        if spec.activation == "jumprelu":
+            enc["threshold"] = params["threshold"][l]
+        ep[f"clt_steer.{l}"] = enc
+    for j in range(spec.n_layers):
+        src = [l for l in layers if l <= j < l + spec.targets(l)]
+        if src:
+            ep[targets[j]] = {"norm_out": params["norm_out"][j], "sources": tuple(
+                {"values": jnp.asarray([v for _, v in by_layer[l]], jnp.float32),
+                 "rows": jnp.take(params[f"W_dec_{l}"][:, j - l], jnp.asarray([i for i, _ in by_layer[l]]), axis=0)}
+                for l in src)}
+    return plan, ep
+
