@@ -58,10 +58,7 @@ def replacement_params(spec: clt.CLTSpec, params: clt.Params) -> dict:
     inputs, targets = clt.sites(spec)
     out = {}
     for l in range(spec.n_layers):
-        enc = {"W_enc": params["W_enc"][l], "b_enc": params["b_enc"][l], "norm_in": params["norm_in"][l]}
-        if spec.activation == "jumprelu":
-            enc["threshold"] = params["threshold"][l]
-        out[f"clt.{l}"] = enc
+        out[f"clt.{l}"] = clt.layer_encoder(spec, params, l)
     for j in range(spec.n_layers):
         sources = [l for l in range(j + 1) if j - l < spec.targets(l)]
         out[targets[j]] = {"W_dec": tuple(params[f"W_dec_{l}"][:, j - l] for l in sources), "b_dec": params["b_dec"][j],

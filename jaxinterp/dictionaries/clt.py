@@ -178,6 +178,12 @@ def decode(spec: CLTSpec, params: Params, a_blf: jax.Array, xn_bld: jax.Array | 
     return out
 
 
+def layer_encoder(spec: CLTSpec, params: Params, layer: int) -> Params:
+    """Layer `layer`'s encoder alone (W_enc [D, F], b_enc, norm_in, threshold for jumprelu): what
+    `activate(spec, p, (x * p["norm_in"]) @ p["W_enc"] + p["b_enc"])` needs at that layer's site."""
+    return {name: params[name][layer] for name in ("W_enc", "b_enc", "norm_in", "threshold") if name in params}
+
+
 def normalise_in(params: Params, x_bld: jax.Array) -> jax.Array:
     return x_bld * params["norm_in"][:, None]
 

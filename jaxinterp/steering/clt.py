@@ -78,10 +78,7 @@ def steer_clt(spec: clt.CLTSpec, params: clt.Params, features: dict[tuple[int, i
     ep: dict = {}
     for l in layers:
         ids = jnp.asarray([i for i, _ in by_layer[l]], jnp.int32)
-        enc = {"W_enc": params["W_enc"][l], "b_enc": params["b_enc"][l], "norm_in": params["norm_in"][l], "ids": ids}
-        if spec.activation == "jumprelu":
-            enc["threshold"] = params["threshold"][l]
-        ep[f"clt_steer.{l}"] = enc
+        ep[f"clt_steer.{l}"] = clt.layer_encoder(spec, params, l) | {"ids": ids}
     for j in range(spec.n_layers):
         src = [l for l in layers if l <= j < l + spec.targets(l)]
         if src:
