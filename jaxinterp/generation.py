@@ -225,11 +225,14 @@ def generate(
     encode: str = "full",
     monitor: Monitor | None = None,
     return_logits: bool = False,
+    intercepts: tuple[Plan, dict] | None = None,
 ) -> GenerateResult:
     """Generate up to `max_new_tokens` per prompt (text or token ids), steered by `steering` (a
     `SteeringVector`, a list for every row, or one list per row) through `dictionaries`, reading the
     top `read_k` features at each `read` site and monitoring drift at `monitor.sites`. `stop`: token
-    ids that end a row (default: EOS)."""
+    ids that end a row (default: EOS). `intercepts`: (plan, edit params) of further edits and
+    derived values applied in every forward of the loop, e.g. a replacement model
+    (`jaxinterp.circuits.replacement_intercepts`); its sites may not be steered as well."""
     cfg = model.cfg
     rows = _encode_prompts(prompts, tokenizer)
     b = len(rows)
@@ -268,7 +271,16 @@ def generate(
     aborts = tuple(r.site for r in monitor.abort_when)
     abort_ids = np.asarray([r.feature for r in monitor.abort_when], np.int32)
     abort_thr = np.asarray([r.threshold for r in monitor.abort_when], np.float32)
-    plan = Plan(capture=tuple(need), edits=edits)
+    derive = ()
+    if intercepts is not None:
+        extra, extra_params = intercepts
+        both = sorted({e[0] for e in edits} & {e[0] for e in extra.edits})
+        if both:
+            raise SteeringError(f"sites {both} are both steered and edited by `intercepts`; steer other sites "
+                                "(a CLT's features: jaxinterp.steering.clt)")
+        edits, derive = tuple(edits) + extra.edits, extra.derive
+        edit_params = {**edit_params, **extra_params}
+    plan = Plan(capture=tuple(need), edits=edits, derive=derive)
     stop_ids = np.asarray(stop if stop is not None else ([cfg.eos_id] if cfg.eos_id is not None else [-1]), np.int32)
     samp = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p))
     graphdef, state = nnx.split(model)

@@ -142,3 +142,39 @@ def test_steering_a_clt_feature_writes_its_decoder_vectors_into_every_target(mod
         moved = got[f"blocks.{j}.mlp_out"] - model.blocks[j].mlp(model.cfg, got[f"blocks.{j}.mlp_in"])
         want = 0.0 if j == 0 else (new - a)[..., None] * np.asarray(p["W_dec_1"][3, j - 1]) / float(p["norm_out"][j])
         np.testing.assert_allclose(np.asarray(moved), np.broadcast_to(want, moved.shape), atol=2e-5, rtol=1e-4)
+
+
+def test_the_replacement_model_generates_with_the_kv_cache_without_recompiling(monkeypatch):
+    """Greedy generation through the replacement model: with error terms the tokens and logits of
+    the model; a CLT holding a ReLU model's MLP weights generates the model's tokens; new CLT
+    weights of the same shape reuse the compiled program; a steered mlp_out is refused."""
+    import chex
+
+    from jaxinterp import generation
+    from jaxinterp.circuits import replacement_intercepts
+    from jaxinterp.generation import Sampling, generate
+    from jaxinterp.steering import SteeringError, SteeringVector
+
+    model, spec, exact = _relu_model_and_exact_clt()
+    prompts = [[2, 3, 4, 5], [7, 8, 9]]
+    plain = generate(model, prompts, max_new_tokens=6, return_logits=True)
+    chex.clear_trace_counter()
+    counted = jax.jit(chex.assert_max_traces(generation.generate_program, n=1), static_argnames=generation.STATIC)
+    monkeypatch.setattr(generation, "_generate", counted)
+    got = generate(model, prompts, max_new_tokens=6, return_logits=True, intercepts=replacement_intercepts(spec, exact))
+    np.testing.assert_array_equal(got.tokens, plain.tokens)
+    np.testing.assert_allclose(got.logits, plain.logits, atol=1e-4)
+    noisy = dict(exact)
+    noisy["W_enc"] = exact["W_enc"] + 0.5 * jax.random.normal(jax.random.key(9), exact["W_enc"].shape)
+    other = generate(model, prompts, max_new_tokens=6, return_logits=True, intercepts=replacement_intercepts(spec, noisy))
+    assert np.abs(other.logits - plain.logits).max() > 1e-3  # another CLT, the same compiled program
+    chex.clear_trace_counter()
+    monkeypatch.undo()
+    with_errors = generate(model, prompts, max_new_tokens=6, return_logits=True,
+                           intercepts=replacement_intercepts(spec, noisy, error_terms=True))
+    np.testing.assert_array_equal(with_errors.tokens, plain.tokens)
+    # another compiled program than the plain one: equal up to XLA's float reassociation
+    np.testing.assert_allclose(with_errors.logits, plain.logits, atol=2e-6, rtol=2e-6)
+    with pytest.raises(SteeringError, match="both steered and edited"):
+        generate(model, prompts, max_new_tokens=2, intercepts=replacement_intercepts(spec, exact),
+                 steering=SteeringVector("blocks.1.mlp_out", vector=np.ones(model.cfg.d_model)), sampling=Sampling())

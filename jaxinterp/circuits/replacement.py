@@ -76,3 +76,8 @@ def replacement_forward(model, tokens_bt, spec: clt.CLTSpec, params: clt.Params,
                          f"d_model {spec.d_model}; the model has {model.cfg.n_layers} layers of {model.cfg.d_model}")
     return forward(model, jnp.asarray(tokens_bt), plan=replacement_plan(spec, error_terms, capture),
                    edit_params=replacement_params(spec, params), attention_mask=attention_mask)
+
+
+def replacement_intercepts(spec: clt.CLTSpec, params: clt.Params, *, error_terms: bool = False) -> tuple[Plan, dict]:
+    """(plan, edit params) of the replacement model, for `jaxinterp.generate(..., intercepts=...)`."""
+    return replacement_plan(spec, error_terms), replacement_params(spec, params)
