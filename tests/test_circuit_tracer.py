@@ -99,3 +99,58 @@ def test_a_relu_clt_reads_as_jumprelu_at_zero_and_bad_input_is_named(tmp_path):
     (out / "config.yaml").write_text("model_kind: transcoder_set\n")
     with pytest.raises(CircuitTracerError, match="expected cross_layer_transcoder"):
         load_clt(out)
+
+
+@pytest.mark.parametrize("activation,architecture", [("jumprelu", "transcoder"), ("relu", "skip_transcoder")])
+def test_a_transcoder_set_computes_in_circuit_tracer_as_here_and_reads_back(tmp_path, activation, architecture):
+    from jaxinterp import dictionaries as dl
+    from jaxinterp.interop.circuit_tracer import export_transcoder_set, load_transcoder_set
+
+    rng = np.random.default_rng(0)
+    ds = []
+    for i in range(3):
+        spec = dl.DictionarySpec(activation, 6, 5, architecture=architecture)
+        p = dict(dl.init(jax.random.key(i), spec, threshold=0.2))
+        for k in p:
+            if k.startswith(("W_", "b_")):
+                p[k] = jnp.asarray(rng.normal(0, 0.5, p[k].shape), jnp.float32)
+        p["norm_scale"], p["norm_scale_out"] = jnp.float32(rng.uniform(0.5, 2)), jnp.float32(rng.uniform(0.5, 2))
+        ds.append(dl.Dictionary(spec, p, site=f"blocks.{i}.resid_mid", target_site=f"blocks.{i}.mlp_out"))
+    out = export_transcoder_set(tmp_path / "set", ds, model_name="m")
+    assert yaml.safe_load((out / "config.yaml").read_text())["model_kind"] == "transcoder_set"
+    x = rng.normal(0, 1.5, (12, 6)).astype(np.float32)
+    back = load_transcoder_set(out)
+    for i, d in enumerate(ds):
+        z = load_file(str(out / f"layer_{i}.safetensors"))
+        assert z["W_enc"].shape == (5, 6) and z["W_dec"].shape == (5, 6)
+        h = x @ z["W_enc"].T + z["b_enc"]
+        a = h * (h > z.get("activation_function.threshold", np.zeros(5, np.float32)))
+        y = a @ z["W_dec"] + z["b_dec"] + (x @ z["W_skip"].T if "W_skip" in z else 0.0)
+        ours = np.asarray(d.reconstruct(x))
+        np.testing.assert_allclose(y, ours, rtol=1e-4, atol=1e-5)
+        assert back[i].site == f"blocks.{i}.resid_mid" and back[i].target_site == f"blocks.{i}.mlp_out"
+        np.testing.assert_allclose(np.asarray(back[i].reconstruct(x)), ours, rtol=1e-4, atol=1e-5)
+    topk = dl.DictionarySpec("topk", 6, 5, k=2, architecture="transcoder")
+    bad = [dl.Dictionary(topk, dl.init(jax.random.key(0), topk), site="blocks.0.resid_mid", target_site="blocks.0.mlp_out")]
+    with pytest.raises(CircuitTracerError, match="topk transcoder"):
+        export_transcoder_set(tmp_path / "x", bad)
+    with pytest.raises(CircuitTracerError, match="for each layer i from 0"):
+        export_transcoder_set(tmp_path / "x", ds[1:])
+
+
+def test_a_clt_read_back_gives_the_replacement_models_logits(tmp_path):
+    from helpers import TINY_DECODERS, tiny_model
+
+    from jaxinterp.circuits import replacement_forward
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    spec = clt.CLTSpec("jumprelu", n_layers=3, d_model=model.cfg.d_model, d_sae=10, span=2)
+    p = dict(clt.init(jax.random.key(0), spec, threshold=0.05))
+    p["b_enc"] = 0.2 * jax.random.normal(jax.random.key(1), p["b_enc"].shape)
+    p["norm_in"] = jnp.asarray([0.7, 1.3, 2.0], jnp.float32)
+    p["norm_out"] = jnp.asarray([1.5, 0.6, 1.1], jnp.float32)
+    spec2, p2, _ = load_clt(export_clt(tmp_path / "ct", spec, p))
+    tokens = np.random.default_rng(0).integers(1, model.cfg.vocab_size, size=(2, 7))
+    want = replacement_forward(model, tokens, spec, p).logits
+    np.testing.assert_allclose(np.asarray(replacement_forward(model, tokens, spec2, p2).logits), np.asarray(want),
+                               rtol=1e-4, atol=1e-5)

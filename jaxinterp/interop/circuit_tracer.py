@@ -1,4 +1,4 @@
-"""circuit-tracer's cross-layer transcoder format, both ways.
+"""circuit-tracer's formats, both ways: cross-layer transcoders and per-layer transcoder sets.
 
 A directory of
 
@@ -18,6 +18,12 @@ and thresholds stay in pre-activation units. A CLT with a span writes zeros past
 holds the whole triangle); one read back is a full-span CLT with the same function. A relu CLT is
 read as JumpReLU with zero thresholds (the same function). circuit-tracer has no TopK CLT and does
 not store CLT skips, and it wants every layer of the model from layer 0: those are refused.
+
+A transcoder set is one transcoder per layer, `layer_{i}.safetensors` with `W_enc [F, D]`, `W_dec
+[F, D]`, `b_enc [F]`, `b_dec [D]`, `activation_function.threshold [F]` (JumpReLU; absent: relu) and
+`W_skip [D, D]` (out, in: `x @ W_skip.T`), read as `h = x @ W_enc.T + b_enc`, `y = act(h) @ W_dec +
+b_dec (+ x @ W_skip.T)`, and `config.yaml` with `model_kind: transcoder_set`. Our transcoders'
+scales and input bias fold in as for SAELens (`saelens.folded_weights`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 import yaml
 from safetensors.numpy import load_file, save_file
 
+from jaxinterp import dictionaries as dl
 from jaxinterp.dictionaries import clt
 from jaxinterp.errors import JaxinterpError, MissingFileError, ModelFileError
 
@@ -112,3 +119,80 @@ def load_clt(directory: str | Path) -> tuple[clt.CLTSpec, clt.Params, dict]:
               "norm_in": jnp.ones((n,), jnp.float32), "norm_out": jnp.ones((n,), jnp.float32)}
     params |= {f"W_dec_{i}": jnp.asarray(w, jnp.float32) for i, w in enumerate(decs)}
     return spec, params, config
+
+
+SET_ACTIVATIONS = ("relu", "jumprelu")
+
+
+def export_transcoder_set(directory: str | Path, dictionaries, *, model_name: str = "") -> Path:
+    """Write per-layer transcoders (one `Dictionary` per model layer, in layer order, each reading
+    `blocks.{i}.resid_mid` or `mlp_in` and writing `blocks.{i}.mlp_out`) as circuit-tracer's set."""
+    from jaxinterp.interop.saelens import folded_weights
+
+    if not dictionaries:
+        raise CircuitTracerError("no transcoders given; pass one per model layer, layer 0 first")
+    points = set()
+    for i, d in enumerate(dictionaries):
+        point = (d.site or "").rpartition(".")[2]
+        if d.site != f"blocks.{i}.{point}" or point not in HOOKS or d.target_site != f"blocks.{i}.mlp_out":
+            raise CircuitTracerError(f"transcoder {i} reads {d.site!r} and writes {d.target_site!r}; a set holds, "
+                                     f"for each layer i from 0, one reading blocks.i.resid_mid or mlp_in and writing "
+                                     "blocks.i.mlp_out")
+        if d.spec.activation not in SET_ACTIVATIONS or not d.spec.arch.reads_target:
+            raise CircuitTracerError(f"transcoder {i} is a {d.spec.activation} {d.spec.architecture}; circuit-tracer "
+                                     f"reads {SET_ACTIVATIONS} transcoders from files")
+        points.add(point)
+    if len(points) > 1 or len({d.d_sae for d in dictionaries}) > 1 or len({d.spec.arch.skip for d in dictionaries}) > 1:
+        raise CircuitTracerError("the transcoders differ in input site, d_sae or skip path; circuit-tracer's set "
+                                 "needs them alike")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(dictionaries):
+        w = folded_weights(d.spec, d.params)
+        tensors = {"W_enc": w["W_enc"].T, "W_dec": w["W_dec"], "b_enc": w["b_enc"], "b_dec": w["b_dec"]}
+        if "threshold" in w:
+            tensors["activation_function.threshold"] = w["threshold"]
+        if "W_skip" in w:
+            tensors["W_skip"] = w["W_skip"]
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(out / f"layer_{i}.safetensors"))
+    config = {"model_kind": "transcoder_set", "model_name": model_name, "feature_input_hook": HOOKS[points.pop()],
+              "feature_output_hook": OUTPUT_HOOK}
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def load_transcoder_set(directory: str | Path) -> list:
+    """The per-layer transcoders of a circuit-tracer set, as `Dictionary` values (raw units)."""
+    d = Path(directory)
+    if not (d / "config.yaml").is_file():
+        raise MissingFileError(f"{d}: no config.yaml; pass a circuit-tracer transcoder directory")
+    config = yaml.safe_load((d / "config.yaml").read_text()) or {}
+    if config.get("model_kind") != "transcoder_set":
+        raise CircuitTracerError(f"{d / 'config.yaml'}: model_kind {config.get('model_kind')!r}, expected transcoder_set")
+    point = {v: k for k, v in HOOKS.items()}.get(config.get("feature_input_hook", "hook_resid_mid"))
+    if point is None or config.get("feature_output_hook", OUTPUT_HOOK) != OUTPUT_HOOK:
+        raise CircuitTracerError(f"{d}: hooks {config.get('feature_input_hook')!r} -> "
+                                 f"{config.get('feature_output_hook')!r}; jaxinterp reads transcoders from "
+                                 f"{sorted(HOOKS.values())} to {OUTPUT_HOOK!r}")
+    layers = sorted(int(m.group(1)) for f in d.glob("layer_*.safetensors")
+                    if (m := re.fullmatch(r"layer_(\d+)\.safetensors", f.name)))
+    if not layers or layers != list(range(len(layers))):
+        raise ModelFileError(f"{d}: layer_i.safetensors for layers {layers}; expected 0 .. L - 1 without gaps")
+    out = []
+    for i in layers:
+        z = load_file(str(d / f"layer_{i}.safetensors"))
+        f_, dm = z["W_enc"].shape
+        jump = "activation_function.threshold" in z
+        spec = dl.DictionarySpec("jumprelu" if jump else "relu", dm, f_,
+                                 architecture="skip_transcoder" if "W_skip" in z else "transcoder")
+        params = {"W_enc": z["W_enc"].T, "W_dec": z["W_dec"], "b_enc": z["b_enc"], "b_dec": z["b_dec"],
+                  "b_in": np.zeros(dm, np.float32), "norm_scale": np.ones((), np.float32),
+                  spec.arch.target_scale: np.ones((), np.float32)}
+        if jump:
+            params["threshold"] = z["activation_function.threshold"]
+        if "W_skip" in z:
+            params["W_skip"] = z["W_skip"]
+        out.append(dl.Dictionary(spec, {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in params.items()},
+                                 site=f"blocks.{i}.{point}", target_site=f"blocks.{i}.mlp_out",
+                                 model=config.get("model_name") or None))
+    return out
