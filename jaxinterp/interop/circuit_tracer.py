@@ -49,6 +49,27 @@ class CircuitTracerError(JaxinterpError):
     """A CLT that circuit-tracer's format cannot hold, or a directory that is not in it."""
 
 
+def _read_directory(directory, kind: str, prefix: str) -> tuple[Path, dict, str, list[int]]:
+    """(directory, config, our input point, layer numbers of the `{prefix}_{i}.safetensors` files) of
+    a circuit-tracer directory of `model_kind` `kind`, checked."""
+    d = Path(directory)
+    if not (d / "config.yaml").is_file():
+        raise MissingFileError(f"{d}: no config.yaml; pass a circuit-tracer transcoder directory")
+    config = yaml.safe_load((d / "config.yaml").read_text()) or {}
+    if config.get("model_kind") != kind:
+        raise CircuitTracerError(f"{d / 'config.yaml'}: model_kind {config.get('model_kind')!r}, expected {kind}")
+    point = {v: k for k, v in HOOKS.items()}.get(config.get("feature_input_hook", "hook_resid_mid"))
+    if point is None or config.get("feature_output_hook", OUTPUT_HOOK) != OUTPUT_HOOK:
+        raise CircuitTracerError(f"{d}: hooks {config.get('feature_input_hook')!r} -> "
+                                 f"{config.get('feature_output_hook')!r}; jaxinterp reads transcoders from "
+                                 f"{sorted(HOOKS.values())} to {OUTPUT_HOOK!r}")
+    layers = sorted(int(m.group(1)) for f in d.glob(f"{prefix}_*.safetensors")
+                    if (m := re.fullmatch(rf"{prefix}_(\d+)\.safetensors", f.name)))
+    if not layers or layers != list(range(len(layers))):
+        raise ModelFileError(f"{d}: {prefix}_i.safetensors for layers {layers}; expected 0 .. L - 1 without gaps")
+    return d, config, point, layers
+
+
 def export_clt(directory: str | Path, spec: clt.CLTSpec, params: clt.Params, *, model_name: str = "") -> Path:
     """Write the CLT as circuit-tracer reads it; returns the directory."""
     if spec.activation != "jumprelu":
@@ -81,22 +102,7 @@ def export_clt(directory: str | Path, spec: clt.CLTSpec, params: clt.Params, *, 
 def load_clt(directory: str | Path) -> tuple[clt.CLTSpec, clt.Params, dict]:
     """(spec, params, config) of a circuit-tracer CLT directory (scales one: the weights are in the
     model's units)."""
-    d = Path(directory)
-    if not (d / "config.yaml").is_file():
-        raise MissingFileError(f"{d}: no config.yaml; pass a circuit-tracer transcoder directory")
-    config = yaml.safe_load((d / "config.yaml").read_text()) or {}
-    if config.get("model_kind") != "cross_layer_transcoder":
-        raise CircuitTracerError(f"{d / 'config.yaml'}: model_kind {config.get('model_kind')!r}, expected "
-                                 "cross_layer_transcoder")
-    point = {v: k for k, v in HOOKS.items()}.get(config.get("feature_input_hook", "hook_resid_mid"))
-    if point is None or config.get("feature_output_hook", OUTPUT_HOOK) != OUTPUT_HOOK:
-        raise CircuitTracerError(f"{d}: hooks {config.get('feature_input_hook')!r} -> "
-                                 f"{config.get('feature_output_hook')!r}; jaxinterp reads CLTs from "
-                                 f"{sorted(HOOKS.values())} to {OUTPUT_HOOK!r}")
-    layers = sorted(int(m.group(1)) for f in d.glob("W_enc_*.safetensors")
-                    if (m := re.fullmatch(r"W_enc_(\d+)\.safetensors", f.name)))
-    if not layers or layers != list(range(len(layers))):
-        raise ModelFileError(f"{d}: W_enc_i.safetensors for layers {layers}; expected 0 .. L - 1 without gaps")
+    d, config, point, layers = _read_directory(directory, "cross_layer_transcoder", "W_enc")
     n = len(layers)
     enc = [load_file(str(d / f"W_enc_{i}.safetensors")) for i in range(n)]
     decs = []
@@ -163,21 +169,7 @@ def export_transcoder_set(directory: str | Path, dictionaries, *, model_name: st
 
 def load_transcoder_set(directory: str | Path) -> list:
     """The per-layer transcoders of a circuit-tracer set, as `Dictionary` values (raw units)."""
-    d = Path(directory)
-    if not (d / "config.yaml").is_file():
-        raise MissingFileError(f"{d}: no config.yaml; pass a circuit-tracer transcoder directory")
-    config = yaml.safe_load((d / "config.yaml").read_text()) or {}
-    if config.get("model_kind") != "transcoder_set":
-        raise CircuitTracerError(f"{d / 'config.yaml'}: model_kind {config.get('model_kind')!r}, expected transcoder_set")
-    point = {v: k for k, v in HOOKS.items()}.get(config.get("feature_input_hook", "hook_resid_mid"))
-    if point is None or config.get("feature_output_hook", OUTPUT_HOOK) != OUTPUT_HOOK:
-        raise CircuitTracerError(f"{d}: hooks {config.get('feature_input_hook')!r} -> "
-                                 f"{config.get('feature_output_hook')!r}; jaxinterp reads transcoders from "
-                                 f"{sorted(HOOKS.values())} to {OUTPUT_HOOK!r}")
-    layers = sorted(int(m.group(1)) for f in d.glob("layer_*.safetensors")
-                    if (m := re.fullmatch(r"layer_(\d+)\.safetensors", f.name)))
-    if not layers or layers != list(range(len(layers))):
-        raise ModelFileError(f"{d}: layer_i.safetensors for layers {layers}; expected 0 .. L - 1 without gaps")
+    d, config, point, layers = _read_directory(directory, "transcoder_set", "layer")
     out = []
     for i in layers:
         z = load_file(str(d / f"layer_{i}.safetensors"))
