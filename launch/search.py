@@ -82,7 +82,7 @@ def _fires(args, model, tok, dictionary) -> int:
              "features": [{"id": int(f), "value": float(v)} for f, v in zip(here.ids[t], here.values[t]) if f >= 0]}
             for t in range(1, len(ids))]
     seen = sorted({f["id"] for r in rows for f in r["features"]})
-    contexts = _top_contexts(args.dashboard, dictionary, seen, args.contexts) if args.dashboard else {}
+    contexts = _top_contexts(args.dashboard, dictionary, seen, args.contexts, (model, tok)) if args.dashboard else {}
     if args.json:
         print(json.dumps({"site": dictionary.site, "prompt": args.prompt, "tokens": rows,
                           "top_contexts": {str(f): c for f, c in contexts.items()}}))
@@ -98,8 +98,9 @@ def _fires(args, model, tok, dictionary) -> int:
     return 0
 
 
-def _dashboard_pass(folder: str):
-    """(summary, statistics, contexts, token strings, model) of a finished launch/dashboard.py run."""
+def _dashboard_pass(folder: str, loaded=None):
+    """(summary, statistics, contexts, token strings, model) of a finished launch/dashboard.py run
+    (`loaded`: its (model, tokenizer) when already loaded)."""
     from jaxinterp.features import load_stats
     from jaxinterp.features.dashboard import corpus_contexts
     from jaxinterp.features.examples import token_strings
@@ -111,18 +112,18 @@ def _dashboard_pass(folder: str):
                          "of a finished launch/dashboard.py run")
     summary = json.loads((folder / "summary.json").read_text())
     stats, _ = load_stats(folder / "pass" / "stats.npz")
-    model, tok = load_model(summary["model"])
+    model, tok = loaded or load_model(summary["model"])
     s = summary["settings"]
     contexts = corpus_contexts(s["corpus"], tok, s["tokens"], s["context_length"], s["seed"])
     return summary, stats, contexts, token_strings(tok, model.cfg.vocab_size), model
 
 
-def _top_contexts(folder: str, dictionary, features, n: int) -> dict[int, list[dict]]:
+def _top_contexts(folder: str, dictionary, features, n: int, loaded) -> dict[int, list[dict]]:
     """Each feature's `n` top contexts in the dashboard's pass: its value and the text around the
     token (the token itself in [brackets])."""
     import numpy as np
 
-    summary, stats, contexts, strings, _ = _dashboard_pass(folder)
+    summary, stats, contexts, strings, _ = _dashboard_pass(folder, loaded)
     if summary["d_sae"] != dictionary.d_sae or summary["site"] != dictionary.site:
         raise UsageError(f"--dashboard {folder} was built for another dictionary ({summary['dictionary']}); "
                          "give the dashboard of this one")

@@ -264,7 +264,7 @@ def write_site(out_dir, reports: Sequence[FeatureReport], *, dictionary: str, si
     _write(out / "static" / "dash.js", _JS)
     ids = [r.index for r in reports]
     for i, r in enumerate(reports):
-        nav = (f'<p class="meta"><a href="../index.html">all features</a>'
+        nav = ('<p class="meta"><a href="../index.html">all features</a>'
                + (f' · <a href="{ids[i - 1]}.html">previous</a>' if i else "")
                + (f' · <a href="{ids[i + 1]}.html">next</a>' if i + 1 < len(ids) else "") + "</p>")
         data = {"feature": _feature_data(r), "steer": steering_lines(r, dictionary=dictionary, site=site)}
