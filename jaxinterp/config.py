@@ -19,7 +19,7 @@ from jaxinterp.errors import JaxinterpError
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
-Architecture = Literal["sae", "transcoder", "skip_transcoder"]
+Architecture = Literal["sae", "transcoder", "skip_transcoder", "clt"]
 ARCHITECTURES: tuple[str, ...] = typing.get_args(Architecture)
 
 
@@ -120,8 +120,6 @@ class DataConfig:
         _choice(self.source, "data.source", ("npy", "synthetic", "model", "cache"))
         _check(self.context_length >= 2, "data.context_length", f"must be >= 2, got {self.context_length}")
         _check(self.chunk_contexts >= 1, "data.chunk_contexts", f"must be >= 1, got {self.chunk_contexts}")
-        if self.source == "model":
-            _check(self.site is not None, "data.site", "required when data.source is 'model' (e.g. blocks.15.resid_post)")
         _choice(self.dtype, "data.dtype", ("auto", "float16", "bfloat16", "float32"))
         if self.source == "npy":
             _check(self.path is not None, "data.path", "required when data.source is 'npy'")
@@ -141,12 +139,43 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CLTConfig:
+    """A cross-layer transcoder (`dictionary.architecture: clt`): which layers it covers and how
+    far each layer's features write. `dictionary.d_sae` is the number of features per layer."""
+
+    first_layer: int = 0
+    """The first covered layer of the model."""
+    n_layers: int | None = None
+    """Covered layers, from `first_layer`; unset: every layer to the model's last."""
+    span: int | None = None
+    """Target layers per source layer (layers l .. l + span - 1); unset: every later covered layer."""
+    skip: bool = False
+    """A linear skip path W_skip per layer, from its input to its MLP output."""
+    input_point: Literal["resid_mid", "mlp_in"] = "resid_mid"
+    """Where each layer's features read: the residual stream before the MLP, or the MLP's normalised input."""
+    tanh_scale: float = 4.0
+    """jumprelu: c in the sparsity penalty lambda * tanh(c * ||W_dec,i|| * a_i), lambda being
+    `dictionary.l0_coefficient` (warmed up over `train.sparsity_warmup_steps`)."""
+    pre_act_coefficient: float = 3e-6
+    """jumprelu: lambda_P of the pre-activation loss relu(theta - h) * ||W_dec,i||."""
+
+    def __post_init__(self) -> None:
+        _check(self.first_layer >= 0, "dictionary.clt.first_layer", f"must be >= 0, got {self.first_layer}")
+        _check(self.n_layers is None or self.n_layers >= 1, "dictionary.clt.n_layers", "must be >= 1")
+        _check(self.span is None or self.span >= 1, "dictionary.clt.span", "must be >= 1 (1: one transcoder per layer)")
+        _choice(self.input_point, "dictionary.clt.input_point", ("resid_mid", "mlp_in"))
+        _check(self.tanh_scale > 0, "dictionary.clt.tanh_scale", "must be > 0")
+        _check(self.pre_act_coefficient >= 0, "dictionary.clt.pre_act_coefficient", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class DictionaryConfig:
     """The sparse dictionary's architecture and its sparsity objective."""
 
     architecture: Architecture = "sae"
     """What the dictionary reconstructs: `sae` (its input), `transcoder` (another site, `data.target_site`
-    or `data.target_path`), `skip_transcoder` (a transcoder with a linear skip path)."""
+    or `data.target_path`), `skip_transcoder` (a transcoder with a linear skip path), `clt` (a
+    cross-layer transcoder over several layers' MLPs, shaped by `dictionary.clt`)."""
     activation: Activation = "topk"
     """One of relu (with L1), topk, batchtopk, jumprelu, gated."""
     d_in: int | None = None
@@ -189,6 +218,8 @@ class DictionaryConfig:
     """How `b_dec` is initialised from the first batch."""
     unit_norm_decoder: bool = True
     """Keep decoder rows at unit norm (project gradients, renormalise after each step)."""
+    clt: CLTConfig = dataclasses.field(default_factory=CLTConfig)
+    """Architecture `clt`: the layers covered and the span."""
     topk_path: Literal["auto", "pallas", "sparse", "dense"] = "auto"
     """How topk decodes: `auto` (the Pallas kernel where the backend and sizes allow it, else the
     plain-JAX sparse path), `pallas` (force the kernel; interpret mode on CPU), `sparse` (the
@@ -260,6 +291,10 @@ class TrainConfig:
     """Batches used to estimate the input norm and b_dec before training."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the encoder/decoder matmuls (parameters and optimizer state stay float32)."""
+    memory_budget_gib: float = 0.0
+    """CLTs: refuse, before allocating, a run whose estimated bytes per device (weights, optimizer
+    state, gradients, activations) exceed this many GiB; 0: the device's own memory where JAX
+    reports it, else no check."""
 
     def __post_init__(self) -> None:
         _check(self.tokens > 0, "train.tokens", f"must be > 0, got {self.tokens}")
@@ -279,6 +314,7 @@ class TrainConfig:
         _check(self.resample_every >= 0, "train.resample_every", "must be >= 0")
         _check(self.init_batches >= 1, "train.init_batches", "must be >= 1")
         _choice(self.compute_dtype, "train.compute_dtype", ("float32", "bfloat16"))
+        _check(self.memory_budget_gib >= 0, "train.memory_budget_gib", "must be >= 0 (0: the device's memory)")
 
     @property
     def steps(self) -> int:
@@ -344,6 +380,18 @@ class Config:
         if d.aux_k is not None and d.d_sae is not None:
             _check(d.aux_k <= d.d_sae, "dictionary.aux_k", f"aux_k={d.aux_k} exceeds d_sae={d.d_sae}")
         has_target = self.data.target_site is not None or self.data.target_path is not None
+        if d.architecture == "clt":
+            _check(d.activation in ("jumprelu", "topk"), "dictionary.activation",
+                   f"{d.activation!r} with architecture clt; a CLT trains jumprelu or topk")
+            _check(self.data.source in ("model", "cache"), "data.source", f"{self.data.source!r} with architecture "
+                   "clt; a CLT reads every covered layer's sites from data.source model or cache")
+            _check(not has_target and self.data.site is None, "data.site",
+                   "a CLT reads the sites of every layer it covers (dictionary.clt sets them); drop data.site and "
+                   "data.target_site")
+            return
+        if self.data.source == "model":
+            _check(self.data.site is not None, "data.site",
+                   "required when data.source is 'model' (e.g. blocks.15.resid_post)")
         from jaxinterp.dictionaries.kinds import architecture
 
         if architecture(d.architecture).reads_target:

@@ -2,7 +2,8 @@
 `python launch/harvest.py --config configs/cache.yaml --out runs/cache [--contexts N] [--dtype float16] [--force]`.
 
 Reads the config's `data` section (model, corpus, site, context_length, chunk_contexts,
-eval_fraction) and `train.seed`. Re-running the same command continues after the last completed
+eval_fraction) and `train.seed`; for a CLT config (`dictionary.architecture: clt`), every covered
+layer's input site and mlp_out, side by side in each row, from one forward. Re-running the same command continues after the last completed
 chunk. Train on the result with `data.source: cache`, `data.path: DIR`.
 """
 
@@ -36,7 +37,8 @@ def main() -> int:
     cfg = load_config(args.config, args.set)
     manifest = harvest(cfg, args.out, contexts=args.contexts, dtype=args.dtype, force=args.force)
     rows = sum(c["n_rows"] for c in manifest["chunks"])
-    sites = manifest["site"] + (f" -> {manifest['target_site']}" if manifest["target_site"] else "")
+    sites = manifest["sites"]
+    sites = " -> ".join(sites) if len(sites) <= 2 else f"{len(sites)} sites ({sites[0]} ... {sites[-1]})"
     print(f"cache: {rows:,} rows x {manifest['d_model']} ({manifest['dtype']}) of {sites} in "
           f"{len(manifest['chunks'])} chunks at {args.out}")
     return 0

@@ -154,3 +154,48 @@ def test_a_clt_read_back_gives_the_replacement_models_logits(tmp_path):
     want = replacement_forward(model, tokens, spec, p).logits
     np.testing.assert_allclose(np.asarray(replacement_forward(model, tokens, spec2, p2).logits), np.asarray(want),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["transcoder", "skip_transcoder"])
+def test_a_transcoder_set_reads_as_a_span_one_clt_with_the_same_replacement_model(tmp_path, architecture):
+    """`load_dictionary` on a circuit-tracer set gives a CLT of span 1 (skips where the set has them);
+    its replacement model writes, at each layer, what that layer's transcoder makes of this
+    forward's own input there, and a CLT directory reads back to the same logits."""
+    from helpers import TINY_DECODERS, tiny_model
+
+    from jaxinterp import dictionaries as dl
+    from jaxinterp.circuits import replacement_forward
+    from jaxinterp.interop.circuit_tracer import export_transcoder_set
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    d, n = model.cfg.d_model, model.cfg.n_layers
+    rng = np.random.default_rng(3)
+    ds = []
+    for i in range(n):
+        spec = dl.DictionarySpec("jumprelu", d, 7, architecture=architecture)
+        p = dict(dl.init(jax.random.key(i), spec, threshold=0.1))
+        for k in p:
+            if k.startswith(("W_", "b_")):
+                p[k] = jnp.asarray(rng.normal(0, 0.3, p[k].shape), jnp.float32)
+        ds.append(dl.Dictionary(spec, p, site=f"blocks.{i}.resid_mid", target_site=f"blocks.{i}.mlp_out"))
+    loaded = dl.load_dictionary(export_transcoder_set(tmp_path / "set", ds, model_name="tiny"))
+    assert isinstance(loaded, dl.CLTDictionary) and loaded.spec.span == 1
+    assert loaded.spec.skip == (architecture == "skip_transcoder") and loaded.model == "tiny"
+    inputs, targets = loaded.sites
+    tokens = np.random.default_rng(0).integers(1, model.cfg.vocab_size, size=(2, 8))
+    res = replacement_forward(model, tokens, loaded.spec, loaded.params, capture=inputs + targets)
+    for i, t in enumerate(ds):
+        np.testing.assert_allclose(np.asarray(res.captured[targets[i]]), np.asarray(t.reconstruct(res.captured[inputs[i]])),
+                                   rtol=2e-4, atol=2e-5)
+    assert float(jnp.max(jnp.abs(res.logits - replacement_forward(model, tokens, loaded.spec, loaded.params,
+                                                                  error_terms=True).logits))) > 1e-3
+
+    spec, p = _clt(span=None)
+    export_clt(tmp_path / "clt", spec, p, model_name="tiny")
+    back = dl.load_dictionary(tmp_path / "clt")
+    x = np.random.default_rng(1).normal(0, 1, (4, 3, 6)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(back.reconstruct(x)), np.asarray(clt.reconstruct(spec, p, x)), rtol=1e-4,
+                               atol=1e-5)
+    (tmp_path / "clt" / "config.yaml").write_text("model_kind: sae\n")
+    with pytest.raises(dl.DictionaryError, match="model_kind 'sae'"):
+        dl.load_dictionary(tmp_path / "clt")

@@ -83,7 +83,7 @@ def test_fidelity_metrics_equal_their_definitions():
     ctx = np.random.default_rng(2).integers(1, model.cfg.vocab_size, size=(5, 8)).astype(np.int32)
     got = replacement_fidelity(model, spec, exact, ctx, batch=2)
     assert got["agreement"] == 1.0 and abs(got["kl"]) < 1e-5 and got["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
-    assert max(got["fvu_per_layer"]) < 1e-8 and got["tokens"] == 5 * 7
+    assert max(got["fvu_per_layer"]) < 1e-8 and got["eval_tokens"] == 5 * 7
 
     noisy = dict(exact)
     noisy["W_enc"] = exact["W_enc"] + 0.3 * jax.random.normal(jax.random.key(5), exact["W_enc"].shape)
@@ -178,3 +178,22 @@ def test_the_replacement_model_generates_with_the_kv_cache_without_recompiling(m
     with pytest.raises(SteeringError, match="both steered and edited"):
         generate(model, prompts, max_new_tokens=2, intercepts=replacement_intercepts(spec, exact),
                  steering=SteeringVector("blocks.1.mlp_out", vector=np.ones(model.cfg.d_model)), sampling=Sampling())
+
+
+@pytest.mark.parametrize("activation,span,skip", [("jumprelu", None, True), ("topk", 2, False)])
+def test_each_replaced_mlp_out_is_the_clt_of_this_forwards_own_inputs(activation, span, skip):
+    """What the replacement model writes at every covered mlp_out equals `clt.reconstruct` of the
+    input sites captured in the same forward (skips included)."""
+    model = tiny_model(TINY_DECODERS["llama"])
+    spec = clt.CLTSpec(activation, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=12, k=3, span=span,
+                       skip=skip)
+    p = dict(clt.init(jax.random.key(2), spec))
+    p["b_enc"] = 0.3 * jax.random.normal(jax.random.key(3), p["b_enc"].shape)
+    if skip:
+        p["W_skip"] = 0.2 * jax.random.normal(jax.random.key(4), p["W_skip"].shape)
+    inputs, targets = clt.sites(spec)
+    tokens = np.random.default_rng(5).integers(1, model.cfg.vocab_size, size=(2, 9))
+    res = replacement_forward(model, tokens, spec, p, capture=inputs + targets)
+    x = jnp.stack([res.captured[s] for s in inputs], 2).reshape(-1, spec.n_layers, spec.d_model)
+    y = jnp.stack([res.captured[s] for s in targets], 2).reshape(-1, spec.n_layers, spec.d_model)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(clt.reconstruct(spec, p, x)), rtol=2e-4, atol=2e-5)

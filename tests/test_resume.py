@@ -157,3 +157,27 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path, repo_root):
     proc = _run(repo_root, cfg, "--resume")
     assert _metric_lines(tmp_path / "c")[-1] == last
     assert len([l for l in _metric_lines(tmp_path / "c") if l.get("final")]) == 1
+
+
+def test_sigkill_then_resume_matches_uninterrupted_clt(tmp_path, repo_root):
+    """A cross-layer transcoder on live activations of a tiny 3-layer model: the killed and resumed
+    run ends with the uninterrupted run's CLT, metrics and final evaluation."""
+    from helpers import write_corpus, write_tiny_gguf
+
+    pytest.importorskip("gguf")
+    write_tiny_gguf(tmp_path / "tiny.gguf", n_layers=3)
+    write_corpus(tmp_path / "corpus")
+    raw = yaml.safe_load((Path(repo_root) / "configs" / "clt_tiny.yaml").read_text())
+    raw["data"] |= {"model": str(tmp_path / "tiny.gguf"), "corpus": str(tmp_path / "corpus")}
+    raw["train"]["tokens"] = 64 * STEPS
+    raw["output"] |= {"log_every": 10, "checkpoint_every": 20}
+    configs = []
+    for name in ("a", "b"):
+        raw["output"]["dir"] = str(tmp_path / name)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+        configs.append(str(tmp_path / f"{name}.yaml"))
+    _run(repo_root, configs[0])
+    _kill_after_first_checkpoint(repo_root, configs[1], tmp_path / "b", 0.5)
+    proc = _run(repo_root, configs[1], "--resume")
+    assert "resumed from step" in proc.stdout
+    _assert_same_run(tmp_path / "a", tmp_path / "b")

@@ -6,7 +6,7 @@ Each covered layer l's features are encoded once, at its input site (`blocks.{l}
 `mlp_in`), as a value derived in the forward (`Plan.derive`, name `clt.{l}`); the edit at each
 `blocks.{j}.mlp_out` reads the features of every source that writes to it and returns
 
-    without error terms:  y^_j = (b_dec[j] + sum_l a_l @ W_dec_l[:, j - l]) / norm_out[j]
+    without error terms:  y^_j = (b_dec[j] + sum_l a_l @ W_dec_l[:, j - l] (+ xn_j @ W_skip[j])) / norm_out[j]
     with error terms:     mlp_out_j + (y^_j - stop_gradient(y^_j))
 
 The second equals the original forward exactly (the error `mlp_out - y^` is a constant, what
@@ -32,9 +32,18 @@ def _encode_fn(spec: clt.CLTSpec, x_btd, p, positions_bt):
     return clt.activate(spec, p, h)  # one layer's threshold [F] broadcasts over [B, T, F]
 
 
+def _normalised_input(x_btd, p, positions_bt):
+    del positions_bt
+    return x_btd.astype(jnp.float32) * p["norm_in"]
+
+
 def _write_fn(error_terms: bool, x_btd, p, positions_bt, *acts):
     del positions_bt
-    y = p["b_dec"] + sum(a @ w for a, w in zip(acts, p["W_dec"]))
+    if "W_skip" in p:  # the last value read is this layer's normalised input
+        *acts, xn = acts
+        y = p["b_dec"] + sum(a @ w for a, w in zip(acts, p["W_dec"])) + xn @ p["W_skip"]
+    else:
+        y = p["b_dec"] + sum(a @ w for a, w in zip(acts, p["W_dec"]))
     y = (y / p["norm_out"]).astype(x_btd.dtype)
     if error_terms:
         return x_btd + (y - jax.lax.stop_gradient(y))
@@ -46,10 +55,13 @@ def replacement_plan(spec: clt.CLTSpec, error_terms: bool = False, capture: tupl
     """The static plan (cached per spec, so a new CLT of the same shape never recompiles)."""
     inputs, targets = clt.sites(spec)
     derive = tuple((f"clt.{l}", inputs[l], partial(_encode_fn, spec)) for l in range(spec.n_layers))
+    if spec.skip:
+        derive += tuple((f"clt.x.{l}", inputs[l], _normalised_input) for l in range(spec.n_layers))
     edits = []
     for j in range(spec.n_layers):
         sources = [l for l in range(j + 1) if j - l < spec.targets(l)]
-        edits.append((targets[j], partial(_write_fn, error_terms), *(f"clt.{l}" for l in sources)))
+        reads = (*(f"clt.{l}" for l in sources), *((f"clt.x.{j}",) if spec.skip else ()))
+        edits.append((targets[j], partial(_write_fn, error_terms), *reads))
     return Plan(capture=capture, edits=tuple(edits), derive=derive)
 
 
@@ -63,6 +75,9 @@ def replacement_params(spec: clt.CLTSpec, params: clt.Params) -> dict:
         sources = [l for l in range(j + 1) if j - l < spec.targets(l)]
         out[targets[j]] = {"W_dec": tuple(params[f"W_dec_{l}"][:, j - l] for l in sources), "b_dec": params["b_dec"][j],
                            "norm_out": params["norm_out"][j]}
+        if spec.skip:
+            out[targets[j]]["W_skip"] = params["W_skip"][j]
+            out[f"clt.x.{j}"] = {"norm_in": params["norm_in"][j]}
     return out
 
 

@@ -19,14 +19,19 @@ def make_source(cfg: Config) -> NpySource | CacheSource | ModelSource | Syntheti
     """The training stream named by `cfg.data.source`."""
     if cfg.data.source == "npy":
         return NpySource(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    clt = cfg.dictionary.architecture == "clt"
     if cfg.data.source == "cache":
         from jaxinterp.data.cache import CacheSource
 
-        return CacheSource(cfg.data, cfg.train.batch_size, cfg.train.seed)
+        return CacheSource(cfg.data, cfg.train.batch_size, cfg.train.seed, clt=cfg.dictionary.clt if clt else None)
     if cfg.data.source == "model":
-        from jaxinterp.data.activations import ModelSource
+        from jaxinterp.data.activations import ModelSource, open_site_model, source_sites
 
-        return ModelSource(cfg.data, cfg.train.batch_size, cfg.train.seed)
+        if not clt:
+            return ModelSource(cfg.data, cfg.train.batch_size, cfg.train.seed)
+        model, tokenizer = open_site_model(cfg.data.model, ())
+        return ModelSource(cfg.data, cfg.train.batch_size, cfg.train.seed, model=model, tokenizer=tokenizer,
+                           sites=source_sites(cfg, model.cfg.n_layers))
     return SyntheticSource(cfg.data.synthetic, cfg.train.batch_size, cfg.train.seed)
 
 

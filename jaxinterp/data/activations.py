@@ -3,7 +3,9 @@
 Axes: `N` contexts, `T` context length, `D` d_model.
 
 A transcoder reads two sites (`data.site`, `data.target_site`): one forward captures both and
-each row holds their values side by side, [D_in + D_out] (see `dictionaries.split`).
+each row holds their values side by side, [D_in + D_out] (see `dictionaries.split`). A CLT reads
+every covered layer's input and mlp_out (`clt_sites`), [2 L D], from one forward stopped after its
+last layer.
 
 Contexts are visited in a seeded order (new each epoch), `chunk_contexts` at a time: the forward
 runs up to the site only, the BOS position is dropped, and the chunk's rows are shuffled across
@@ -33,6 +35,27 @@ def site_tuple(cfg: DataConfig) -> tuple[str, ...]:
     """The sites a source reads for `cfg`: `data.site`, then `data.target_site` when set."""
     assert cfg.site is not None
     return (cfg.site,) if cfg.target_site is None else (cfg.site, cfg.target_site)
+
+
+def clt_sites(clt_cfg, n_model_layers: int) -> tuple[str, ...]:
+    """A CLT's sites (`dictionary.clt`): each covered layer's input site, then each one's mlp_out;
+    the covered layers run from `first_layer` for `n_layers` (unset: to the model's last layer).
+    A row holds them side by side: 2 L D values, which is what a row costs (float32: 8 L D bytes;
+    SmolLM2-135M over all 30 layers: 138 KB a row)."""
+    n = clt_cfg.n_layers if clt_cfg.n_layers is not None else n_model_layers - clt_cfg.first_layer
+    if n < 1 or clt_cfg.first_layer + n > n_model_layers:
+        raise DataError(f"dictionary.clt covers layers {clt_cfg.first_layer}..{clt_cfg.first_layer + n - 1}, the "
+                        f"model has {n_model_layers} (0..{n_model_layers - 1}); lower dictionary.clt.first_layer or "
+                        "n_layers")
+    layers = range(clt_cfg.first_layer, clt_cfg.first_layer + n)
+    return (*(f"blocks.{l}.{clt_cfg.input_point}" for l in layers), *(f"blocks.{l}.mlp_out" for l in layers))
+
+
+def source_sites(cfg, n_model_layers: int) -> tuple[str, ...]:
+    """The sites a training run of `cfg` (a whole `Config`) reads."""
+    if cfg.dictionary.architecture == "clt":
+        return clt_sites(cfg.dictionary.clt, n_model_layers)
+    return site_tuple(cfg.data)
 
 
 def open_site_model(name: str, site: Sites, *, model=None, tokenizer=None):
@@ -83,10 +106,11 @@ class ModelSource:
     host_side = False
     """Batches come from an XLA program (the LM forward)."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, *, model=None, tokenizer=None):
-        if cfg.site is None:
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, *, model=None, tokenizer=None,
+                 sites: tuple[str, ...] | None = None):
+        if cfg.site is None and sites is None:
             raise DataError("data.site: required for data.source 'model', for example blocks.15.resid_post")
-        self.sites = site_tuple(cfg)
+        self.sites = tuple(sites) if sites is not None else site_tuple(cfg)
         model, tokenizer = open_site_model(cfg.model, self.sites, model=model, tokenizer=tokenizer)
         self.model, self.tokenizer, self.site, self.target_site = model, tokenizer, cfg.site, cfg.target_site
         self.batch_size, self.seed, self.chunk_contexts = batch_size, seed, cfg.chunk_contexts

@@ -33,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxinterp.config import Config, DataConfig
-from jaxinterp.data.activations import chunk_rows, eval_activation_batches, open_site_model, site_tuple, visit_order
+from jaxinterp.data.activations import (chunk_rows, clt_sites, eval_activation_batches, open_site_model, source_sites,
+                                        visit_order)
 from jaxinterp.data.batches import IndexedSource, batch_rows
 from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents, token_contexts
 from jaxinterp.data.npy import DataError, memmap_npy
@@ -42,7 +43,7 @@ FORMAT = 1
 """Version of the manifest layout; a cache of another version is refused."""
 MANIFEST = "manifest.json"
 CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-SETTINGS = ("format", "model", "site", "target_site", "corpus", "context_length", "eval_fraction", "seed", "chunk_contexts",
+SETTINGS = ("format", "model", "site", "target_site", "sites", "corpus", "context_length", "eval_fraction", "seed", "chunk_contexts",
             "dtype", "train_contexts", "contexts_digest", "contexts_planned", "d_model")
 """Manifest keys that a resumed harvest must agree with."""
 
@@ -88,6 +89,8 @@ def read_manifest(directory: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         manifest.setdefault("target_site", None)  # caches of one site written before transcoders
+        if "site" in manifest:  # caches written before CLTs name their sites only as site and target_site
+            manifest.setdefault("sites", [s for s in (manifest["site"], manifest["target_site"]) if s is not None])
         missing = [k for k in (*SETTINGS, "chunks") if k not in manifest]
         chunks = manifest["chunks"] if not missing else []
         bad = missing or [c for c in chunks if not {"file", "n_rows", "contexts"} <= set(c)]
@@ -137,12 +140,14 @@ def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype:
             force: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict:
     """Write (or finish writing) the cache of `cfg.data`'s train contexts to `out`; returns its manifest."""
     data, seed, out = cfg.data, cfg.train.seed, Path(out)
-    if data.site is None:
+    clt = cfg.dictionary.architecture == "clt"
+    if data.site is None and not clt:
         raise DataError("data.site: required to harvest activations, for example blocks.15.resid_post")
     if dtype not in CACHE_DTYPES:
         raise DataError(f"--dtype {dtype!r}: allowed: {', '.join(CACHE_DTYPES)}")
-    sites = site_tuple(data)
-    model, tokenizer = open_site_model(data.model, sites, model=model, tokenizer=tokenizer)
+    model, tokenizer = open_site_model(data.model, (), model=model, tokenizer=tokenizer)
+    sites = source_sites(cfg, model.cfg.n_layers)
+    open_site_model(data.model, sites, model=model, tokenizer=tokenizer)
     train_docs, _ = split_documents(corpus_documents(data.corpus), data.eval_fraction)
     train_nt = token_contexts(train_docs, tokenizer, data.context_length)
     n_planned = len(train_nt) if contexts is None else contexts
@@ -150,8 +155,8 @@ def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype:
         raise DataError(f"--contexts {contexts}: the corpus has {len(train_nt)} train contexts of "
                         f"{data.context_length} tokens; pass a number from 1 to {len(train_nt)}")
     settings = {
-        "format": FORMAT, "model": data.model, "site": data.site, "target_site": data.target_site,
-        "corpus": data.corpus,
+        "format": FORMAT, "model": data.model, "site": sites[0] if not clt else None,
+        "target_site": data.target_site, "sites": list(sites), "corpus": data.corpus,
         "context_length": data.context_length, "eval_fraction": data.eval_fraction, "seed": seed,
         "chunk_contexts": data.chunk_contexts, "dtype": dtype, "train_contexts": len(train_nt),
         "contexts_digest": _digest(train_nt), "contexts_planned": n_planned, "d_model": int(model.cfg.d_model),
@@ -185,7 +190,7 @@ def open_chunk(directory: Path, entry: dict, manifest: dict) -> np.ndarray:
         raise DataError(f"{path} is listed in the manifest but missing; {fix}")
     arr = memmap_npy(path, fix)
     want = CACHE_DTYPES.get(manifest["dtype"])
-    expected = (entry["n_rows"], manifest["d_model"] * (1 if manifest["target_site"] is None else 2))
+    expected = (entry["n_rows"], manifest["d_model"] * len(manifest["sites"]))
     if arr.shape != expected or want is None or arr.dtype != np.dtype(want):
         raise DataError(f"{path} holds {arr.dtype} {arr.shape}, the manifest says {manifest['dtype']} {expected}; "
                         f"{fix}")
@@ -196,22 +201,27 @@ class CacheSource(IndexedSource):
     """Shuffled, batched, resumable rows of an activation cache; the cache's model (when it loads)
     gives the held-out evaluation and loss recovered."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, *, clt=None):
         assert cfg.path is not None
         self.path = Path(cfg.path)
         self.manifest = read_manifest(self.path)
-        self._chunks = [open_chunk(self.path, c, self.manifest) for c in self.manifest["chunks"]]
-        self.site: str = self.manifest["site"]
+        self.site: str | None = self.manifest["site"]
         self.model_name: str = self.manifest["model"]
         self.target_site: str | None = self.manifest["target_site"]
-        self.sites = (self.site,) if self.target_site is None else (self.site, self.target_site)
+        self.sites = tuple(self.manifest["sites"])
         self.d_in = int(self.manifest["d_model"])
         self.d_out = None if self.target_site is None else self.d_in
         self.true_directions = None
-        if cfg.site is not None and cfg.site != self.site:
+        if clt is not None:
+            self._check_clt_sites(clt)
+        elif self.site is None:
+            raise DataError(f"the cache {str(self.path)!r} holds a CLT's sites ({self.sites[0]} ... {self.sites[-1]}); "
+                            "train it with dictionary.architecture: clt")
+        self._chunks = [open_chunk(self.path, c, self.manifest) for c in self.manifest["chunks"]]
+        if clt is None and cfg.site is not None and cfg.site != self.site:
             raise DataError(f"data.site is {cfg.site!r}, but the cache {str(self.path)!r} holds {self.site!r}; "
                             "drop data.site or point data.path at a cache of that site")
-        if cfg.target_site != self.target_site:
+        if clt is None and cfg.target_site != self.target_site:
             held = "no target site" if self.target_site is None else f"target site {self.target_site!r}"
             raise DataError(f"data.target_site is {cfg.target_site!r}, but the cache {str(self.path)!r} holds {held}; "
                             "harvest a cache with that data.target_site, or set it to match")
@@ -224,6 +234,18 @@ class CacheSource(IndexedSource):
             raise DataError(f"activation cache {str(self.path)!r} holds {self.n_rows} rows, fewer than "
                             f"train.batch_size={batch_size}; lower the batch size or harvest more contexts")
         self.batch_size, self.seed, self.shuffle = batch_size, seed, cfg.shuffle
+
+    def _check_clt_sites(self, clt) -> None:
+        n = clt.n_layers if clt.n_layers is not None else len(self.sites) // 2
+        try:
+            want = clt_sites(clt, clt.first_layer + n)
+        except DataError:
+            want = ()
+        if self.sites != want:
+            held = f"{self.sites[0]} ... {self.sites[-1]} ({len(self.sites)} sites)"
+            raise DataError(f"the cache {str(self.path)!r} holds {held}, dictionary.clt wants "
+                            f"{want[0] if want else '?'} ... {want[-1] if want else '?'} ({len(want)} sites); harvest "
+                            "with this config (launch/harvest.py --config CONFIG), or match dictionary.clt to the cache")
 
     def rows(self, i: int) -> np.ndarray:
         """Global row indices [B] (over the chunks in order) of training batch `i`, ascending."""

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.dictionaries import sae
+from jaxinterp.dictionaries import clt, sae
 from jaxinterp.errors import JaxinterpError
 
 FORMAT = 1
@@ -121,6 +121,61 @@ class Dictionary:
                                   f"has width {d_model}; it was trained on another model")
 
 
+@dataclasses.dataclass(frozen=True)
+class CLTDictionary:
+    """A cross-layer transcoder (`dictionaries.clt`): its spec, parameters and the model it covers.
+    Its sites are every covered layer's input site and mlp_out (`sites`)."""
+
+    spec: clt.CLTSpec
+    params: clt.Params
+    model: str | None = None
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def sites(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(input sites, mlp_out sites), one per covered layer."""
+        return clt.sites(self.spec)
+
+    @property
+    def d_sae(self) -> int:
+        return self.spec.d_sae
+
+    def _rows(self, x) -> jax.Array:
+        a = jnp.asarray(x)
+        want = (self.spec.n_layers, self.spec.d_model)
+        if a.ndim < 2 or a.shape[-2:] != want:
+            raise DictionaryError(f"expected an array [..., {want[0]}, {want[1]}] (every covered layer's input), "
+                                  f"got shape {tuple(a.shape)}")
+        return a.reshape(-1, *want).astype(jnp.float32)
+
+    def encode(self, x) -> jax.Array:
+        """Feature activations [..., L, F] of raw inputs [..., L, D] (each covered layer's input site)."""
+        a = jnp.asarray(x)
+        return _clt_encode(self.spec, self.params, self._rows(a)).reshape(*a.shape[:-1], self.spec.d_sae)
+
+    def reconstruct(self, x) -> jax.Array:
+        """Every covered layer's mlp_out [..., L, D] as the CLT computes it from raw inputs [..., L, D]."""
+        a = jnp.asarray(x)
+        return _clt_reconstruct(self.spec, self.params, self._rows(a)).reshape(a.shape)
+
+    def check_model(self, d_model: int, n_layers: int, *, model: str = "the model") -> None:
+        """Raise a one-line `DictionaryError` when the CLT does not fit a model of that shape."""
+        last = self.spec.first_layer + self.spec.n_layers - 1
+        if self.spec.d_model != d_model or last >= n_layers:
+            raise DictionaryError(f"the CLT covers layers {self.spec.first_layer}..{last} of width {self.spec.d_model}; "
+                                  f"{model} has {n_layers} layers of width {d_model}: it was trained on another model")
+
+
+@partial(jax.jit, static_argnums=0)
+def _clt_encode(spec, params, x):
+    return clt.encode(spec, params, x)
+
+
+@partial(jax.jit, static_argnums=0)
+def _clt_reconstruct(spec, params, x):
+    return clt.reconstruct(spec, params, x)
+
+
 @partial(jax.jit, static_argnums=0)
 def _encode(spec, params, x):
     return sae.encode(spec, params, x)
@@ -149,7 +204,7 @@ def _rowwise(fn, d: Dictionary, a, width: int, *extra) -> jax.Array:
     return out.reshape(*a.shape[:-1], out.shape[-1])
 
 
-def save(path: str | Path, dictionary: Dictionary, *, overwrite: bool = True) -> Path:
+def save(path: str | Path, dictionary: Dictionary | CLTDictionary, *, overwrite: bool = True) -> Path:
     """Write `dictionary` to the directory `path` (replacing what a previous save left there when
     `overwrite`); returns the directory."""
     import orbax.checkpoint as ocp
@@ -168,8 +223,13 @@ def save(path: str | Path, dictionary: Dictionary, *, overwrite: bool = True) ->
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / WEIGHTS, params)
         ckptr.wait_until_finished()
-    meta = {"format": FORMAT, "spec": dataclasses.asdict(dictionary.spec), "site": dictionary.site,
-            "target_site": dictionary.target_site, "model": dictionary.model, "metadata": dictionary.metadata}
+    if isinstance(dictionary, CLTDictionary):
+        inputs, targets = dictionary.sites
+        meta = {"format": FORMAT, "kind": "clt", "spec": dataclasses.asdict(dictionary.spec), "sites": inputs,
+                "target_sites": targets, "model": dictionary.model, "metadata": dictionary.metadata}
+    else:
+        meta = {"format": FORMAT, "spec": dataclasses.asdict(dictionary.spec), "site": dictionary.site,
+                "target_site": dictionary.target_site, "model": dictionary.model, "metadata": dictionary.metadata}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     tmp.rename(out)  # a dictionary directory appears whole or not at all
     return out
@@ -187,27 +247,56 @@ def _directory(path: Path) -> Path:
                           "written by launch/train.py")
 
 
-def load_dictionary(path: str | Path) -> Dictionary:
-    """The dictionary saved at `path` (a dictionary directory, or a run directory holding one), on
-    the default device."""
+def load_dictionary(path: str | Path) -> Dictionary | CLTDictionary:
+    """The dictionary saved at `path`, on the default device: a dictionary directory, a run
+    directory holding one, or a circuit-tracer directory (`config.yaml` naming `model_kind`: a
+    cross-layer transcoder reads as a `CLTDictionary`, a per-layer transcoder set as one of span 1
+    with skips where the set has them)."""
     import orbax.checkpoint as ocp
 
     p = Path(path).absolute()
     if not p.exists():
         raise DictionaryError(f"{p} not found; pass a dictionary directory or a run directory")
+    if (p / "config.yaml").is_file() and not (p / META).is_file() and not (p / "dictionary" / META).is_file() \
+            and not (p / "checkpoints").is_dir():
+        return _load_circuit_tracer(p)
     d = _directory(p)
     try:
         meta = json.loads((d / META).read_text())
         fmt = meta["format"]
-        spec = sae.DictionarySpec(**meta["spec"])
+        is_clt = meta.get("kind") == "clt"
+        spec = clt.CLTSpec(**meta["spec"]) if is_clt else sae.DictionarySpec(**meta["spec"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DictionaryError(f"{d / META} is not a readable dictionary description ({e}); save it again") from None
     if fmt != FORMAT:
         raise DictionaryError(f"{d / META} has format {fmt}, this jaxinterp reads {FORMAT}")
-    shapes = jax.eval_shape(lambda: sae.init(jax.random.key(0), spec))
+    init = (lambda: clt.init(jax.random.key(0), spec)) if is_clt else (lambda: sae.init(jax.random.key(0), spec))
+    shapes = jax.eval_shape(init)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in shapes.items()}
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(d / WEIGHTS, target)
+    if is_clt:
+        return CLTDictionary(spec=spec, params=dict(params), model=meta.get("model"), metadata=meta.get("metadata") or {})
     return Dictionary(spec=spec, params=dict(params), site=meta.get("site"), target_site=meta.get("target_site"),
                       model=meta.get("model"), metadata=meta.get("metadata") or {})
+
+
+def _load_circuit_tracer(p: Path) -> CLTDictionary:
+    from jaxinterp.interop import circuit_tracer as ct
+
+    try:
+        import yaml
+
+        kind = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("model_kind")
+    except Exception as e:  # noqa: BLE001 - any unreadable config gets the same one-line answer
+        raise DictionaryError(f"{p / 'config.yaml'} is not readable YAML ({e}); expected circuit-tracer's config") from None
+    if kind == "cross_layer_transcoder":
+        spec, params, meta = ct.load_clt(p)
+        return CLTDictionary(spec=spec, params=params, model=meta.get("model_name"), metadata={"format": "circuit-tracer"})
+    if kind == "transcoder_set":
+        spec, params, meta = ct.load_transcoder_set_as_clt(p)
+        return CLTDictionary(spec=spec, params=params, model=meta.get("model_name"),
+                             metadata={"format": "circuit-tracer", "model_kind": "transcoder_set"})
+    raise DictionaryError(f"{p / 'config.yaml'} has model_kind {kind!r}; circuit-tracer directories hold "
+                          "cross_layer_transcoder or transcoder_set, jaxinterp ones a jaxinterp_dictionary.json")

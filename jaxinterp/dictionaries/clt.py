@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxinterp.dictionaries import ops, sparse
 from jaxinterp.dictionaries.activations import jumprelu_ste
 from jaxinterp.errors import UsageError
 
@@ -71,6 +72,12 @@ class CLTSpec:
     jumprelu_bandwidth: float = 0.05
     tanh_scale: float = 4.0
     """c in the tanh sparsity penalty."""
+    compute_dtype: str = "float32"
+    """Dtype of the encoder and decoder matmuls in training (parameters stay float32)."""
+    topk_path: str = "sparse"
+    """topk training: `sparse` (each source layer's decoder [F, T D] read through `sparse.topk_decode`,
+    whose backward touches only the selected rows; `auto`/`pallas` pick its kernels) or `dense` (a
+    dense [B, F] code times the decoder, differentiated by autodiff: the reference)."""
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -84,6 +91,10 @@ class CLTSpec:
             raise UsageError(f"CLT input_point {self.input_point!r}: choose one of {INPUT_POINTS}")
         if self.activation == "topk" and not 0 < self.k <= self.d_sae:
             raise UsageError(f"CLT k={self.k} must be in [1, d_sae={self.d_sae}]")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise UsageError(f"CLT compute_dtype {self.compute_dtype!r}: choose float32 or bfloat16")
+        if self.topk_path not in ("sparse", "dense", "auto", "pallas"):
+            raise UsageError(f"CLT topk_path {self.topk_path!r}: choose sparse, dense, auto or pallas")
 
     def targets(self, layer: int) -> int:
         """T_l: how many layers source layer `layer` (0-based within the CLT) writes to."""
@@ -220,16 +231,69 @@ class CLTOutput(NamedTuple):
     pre_act: jax.Array
     l0_per_layer: jax.Array
     """[L] mean active features per row."""
-    acts: jax.Array
-    """[B, L, F]."""
+    acts: jax.Array | None
+    """[B, L, F] (None on the sparse topk path, which never forms it)."""
+    codes: tuple[jax.Array, jax.Array] | None = None
+    """topk on the sparse path: (values [B, L, K], feature ids [B, L, K])."""
+    pre_acts: jax.Array | None = None
+    """h [B, L, F]."""
+    err: jax.Array | None = None
+    """y^ - y [B, L, D], normalised units."""
+
+
+def _codes(spec: CLTSpec, h_blf: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(values [B, L, K] >= 0, feature ids [B, L, K]): each (row, layer)'s top k, selected per layer
+    so that a d_sae split over the mesh merges candidates instead of gathering [B, F] (`ops.topk`)."""
+    picks = [ops.topk(h_blf[:, l], spec.k) for l in range(spec.n_layers)]
+    return jax.nn.relu(jnp.stack([v for v, _ in picks], 1)), jnp.stack([i for _, i in picks], 1)
+
+
+def decode_sparse(spec: CLTSpec, params: Params, vals_blk: jax.Array, idx_blk: jax.Array,
+                  xn_bld: jax.Array | None = None) -> jax.Array:
+    """`decode` of top-k codes: source layer l's decoder, viewed as [F, T_l D], is read at the k
+    selected rows only, forward and backward (`sparse.topk_decode`: only those rows get gradient)."""
+    b, dt = vals_blk.shape[0], jnp.dtype(spec.compute_dtype)
+    out = jnp.broadcast_to(params["b_dec"], (b, spec.n_layers, spec.d_model))
+    for l in range(spec.n_layers):
+        t = spec.targets(l)
+        table = params[f"W_dec_{l}"].reshape(spec.d_sae, t * spec.d_model).astype(dt)
+        y = sparse.topk_decode(vals_blk[:, l].astype(dt), idx_blk[:, l], table, path=spec.topk_path)
+        out = out.at[:, l : l + t].add(y.astype(jnp.float32).reshape(b, t, spec.d_model))
+    if spec.skip:
+        out = out + _skip(spec, params, xn_bld)
+    return out
+
+
+def _skip(spec: CLTSpec, params: Params, xn_bld: jax.Array | None) -> jax.Array:
+    if xn_bld is None:
+        raise UsageError("a CLT with skips decodes from its inputs too: pass xn_bld")
+    dt = jnp.dtype(spec.compute_dtype)
+    return jnp.einsum("bld,lde->ble", xn_bld.astype(dt), params["W_skip"].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+def _pre_acts_dt(spec: CLTSpec, params: Params, xn_bld: jax.Array) -> jax.Array:
+    dt = jnp.dtype(spec.compute_dtype)
+    return jnp.einsum("bld,ldf->blf", xn_bld.astype(dt), params["W_enc"].astype(dt),
+                      preferred_element_type=jnp.float32) + params["b_enc"]
 
 
 def forward(spec: CLTSpec, params: Params, x_bld: jax.Array, y_bld: jax.Array, weights: LossWeights) -> CLTOutput:
-    """The training loss of raw inputs [B, L, D] against raw targets [B, L, D]."""
+    """The training loss of raw inputs [B, L, D] against raw targets [B, L, D]. A topk CLT on the
+    `sparse` path (the default) decodes from its [B, L, K] codes and returns `acts` None."""
     xn, yn = normalise_in(params, x_bld), normalise_out(params, y_bld)
-    h = pre_acts(spec, params, xn)
-    a = activate(spec, params, h)
-    err = decode(spec, params, a, xn) - yn
+    h = _pre_acts_dt(spec, params, xn)
+    codes = None
+    if spec.activation == "topk" and spec.topk_path != "dense":
+        codes = _codes(spec, h)
+        a = None
+        y_hat = decode_sparse(spec, params, *codes, xn)
+    else:
+        a = activate(spec, params, h)
+        dt = jnp.dtype(spec.compute_dtype)
+        low = {k: v.astype(dt) if k.startswith("W_dec_") or k == "W_skip" else v for k, v in params.items()}
+        y_hat = decode(spec, low, a.astype(dt), xn.astype(dt)).astype(jnp.float32)
+    err = y_hat - yn
     mse_per_layer = jnp.mean(jnp.sum(err**2, axis=-1), axis=0)
     mse = jnp.sum(mse_per_layer)
     sparsity = pre = jnp.float32(0.0)
@@ -238,8 +302,104 @@ def forward(spec: CLTSpec, params: Params, x_bld: jax.Array, y_bld: jax.Array, w
         sparsity = jnp.mean(jnp.sum(jnp.tanh(spec.tanh_scale * norms * a), axis=(1, 2)))
         pre = jnp.mean(jnp.sum(jax.nn.relu(params["threshold"] - h) * norms, axis=(1, 2)))
     loss = mse + weights.sparsity * sparsity + weights.pre_act * pre
-    l0 = jnp.mean(jnp.sum(a > 0, axis=-1), axis=0)
-    return CLTOutput(loss, mse, mse_per_layer, sparsity, pre, l0, a)
+    on = (codes[0] > 0) if codes is not None else (a > 0)
+    l0 = jnp.mean(jnp.sum(on, axis=-1), axis=0)
+    return CLTOutput(loss, mse, mse_per_layer, sparsity, pre, l0, a, codes, h, err)
+
+
+def fired(spec: CLTSpec, out: CLTOutput) -> jax.Array:
+    """[L, F] bool: the features that fired on some row of the batch."""
+    if out.codes is None:
+        return jnp.any(out.acts > 0, axis=0)
+    vals, idx = out.codes
+    on = (vals > 0).transpose(1, 0, 2).reshape(spec.n_layers, -1)
+    ids = idx.transpose(1, 0, 2).reshape(spec.n_layers, -1)
+    return jax.vmap(lambda i, o: jnp.zeros((spec.d_sae,), jnp.bool_).at[i].max(o))(ids, on)
+
+
+def aux_k_loss(spec: CLTSpec, params: Params, x_bld: jax.Array, out: CLTOutput, dead_lf: jax.Array,
+               aux_k: int) -> jax.Array:
+    """EleutherAI's aux-k loss for a topk CLT: each layer's `aux_k` largest pre-activations among
+    its dead features `dead_lf` [L, F] decode (through the same sparse decoder, no bias) into the
+    main reconstruction's error, held constant; the squared error of that fit divided by the
+    error's own squared norm, so the term is scale-free. 0 when no feature is dead."""
+    err = jax.lax.stop_gradient(out.err)  # y^ - y, normalised units
+    h = jnp.where(dead_lf[None], out.pre_acts, -jnp.inf)
+    picks = [ops.topk(h[:, l], aux_k) for l in range(spec.n_layers)]
+    vals = jnp.where(jnp.isfinite(jnp.stack([v for v, _ in picks], 1)), jnp.stack([v for v, _ in picks], 1), 0.0)
+    vals = jax.nn.relu(vals)
+    idx = jnp.stack([i for _, i in picks], 1)
+    zero = params | {"b_dec": jnp.zeros_like(params["b_dec"])}
+    aux_spec = dataclasses.replace(spec, skip=False)
+    fit = decode_sparse(aux_spec, zero, vals, idx)
+    total = jnp.sum(jnp.mean(jnp.sum((fit + err) ** 2, -1), 0))
+    scale = jnp.maximum(jnp.sum(jnp.mean(jnp.sum(err**2, -1), 0)), 1e-12)
+    return jnp.where(jnp.any(dead_lf), total / scale, 0.0)
+
+
+def project_decoder_grad(spec: CLTSpec, grads: Params, params: Params) -> Params:
+    """Each feature's decoder gradient without its component along the feature's (unit-norm)
+    decoder vectors concatenated over all its targets (topk CLTs keep those at norm one)."""
+    out = dict(grads)
+    for l in range(spec.n_layers):
+        w, g = params[f"W_dec_{l}"], grads[f"W_dec_{l}"]
+        out[f"W_dec_{l}"] = g - jnp.sum(g * w, axis=(1, 2), keepdims=True) * w
+    return out
+
+
+def normalise_decoder(spec: CLTSpec, params: Params) -> Params:
+    """Each feature's concatenated decoder vectors scaled to norm one."""
+    out = dict(params)
+    for l in range(spec.n_layers):
+        w = params[f"W_dec_{l}"]
+        out[f"W_dec_{l}"] = w / jnp.maximum(jnp.sqrt(jnp.sum(w**2, axis=(1, 2), keepdims=True)), 1e-12)
+    return out
+
+
+def clamp_params(spec: CLTSpec, params: Params) -> Params:
+    """jumprelu thresholds kept >= 0 after an update."""
+    return params | ({"threshold": jnp.maximum(params["threshold"], 0.0)} if "threshold" in params else {})
+
+
+BUFFERS = ("norm_in", "norm_out")
+"""Parameters that are not trained: the per-layer scales."""
+
+
+def split_params(params: Params) -> tuple[Params, Params]:
+    """(trainable, buffers)."""
+    return ({k: v for k, v in params.items() if k not in BUFFERS}, {k: v for k, v in params.items() if k in BUFFERS})
+
+
+def fit_to_data(spec: CLTSpec, params: Params, x_bld: jax.Array, y_bld: jax.Array, *, normalize: bool = True) -> Params:
+    """Per-layer scales with E||x_l||^2 = D (and the same for each target), from raw rows, and b_dec
+    at the mean of the normalised targets."""
+    d = spec.d_model
+    if normalize:
+        norm_in = jnp.sqrt(d / jnp.maximum(jnp.mean(jnp.sum(x_bld.astype(jnp.float32) ** 2, -1), 0), 1e-12))
+        norm_out = jnp.sqrt(d / jnp.maximum(jnp.mean(jnp.sum(y_bld.astype(jnp.float32) ** 2, -1), 0), 1e-12))
+    else:
+        norm_in = norm_out = jnp.ones((spec.n_layers,), jnp.float32)
+    b_dec = jnp.mean(y_bld.astype(jnp.float32) * norm_out[:, None], axis=0)
+    return params | {"norm_in": norm_in, "norm_out": norm_out, "b_dec": b_dec}
+
+
+def typical_rows(spec: CLTSpec, rows: jax.Array, ratio: float) -> jax.Array:
+    """[N] bool: rows none of whose sites' norms exceed `ratio` times that site's median over the batch."""
+    n = rows.shape[0]
+    norms = jnp.sqrt(jnp.sum(rows.astype(jnp.float32).reshape(n, 2 * spec.n_layers, spec.d_model) ** 2, -1))
+    return jnp.all(norms <= ratio * jnp.median(norms, axis=0), axis=-1)
+
+
+def replace_outliers(spec: CLTSpec, rows: jax.Array, ratio: float) -> jax.Array:
+    """Rows [N, 2 L D] with each atypical row (`typical_rows`) replaced by a typical row of the
+    batch, cycling; unchanged when `ratio` is 0 (the SAE trainer's rule, per site)."""
+    if not ratio:
+        return rows
+    keep = typical_rows(spec, rows, ratio)
+    order = jnp.argsort(~keep, stable=True)
+    n_keep = jnp.maximum(jnp.sum(keep), 1)
+    rank = jnp.cumsum(~keep) - 1
+    return jnp.where(keep[:, None], rows, rows[order[jnp.where(keep, 0, rank) % n_keep]])
 
 
 class MemoryEstimate(NamedTuple):

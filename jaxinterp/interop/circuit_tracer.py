@@ -188,3 +188,26 @@ def load_transcoder_set(directory: str | Path) -> list:
                                  site=f"blocks.{i}.{point}", target_site=f"blocks.{i}.mlp_out",
                                  model=config.get("model_name") or None))
     return out
+
+
+def load_transcoder_set_as_clt(directory: str | Path) -> tuple[clt.CLTSpec, clt.Params, dict]:
+    """(spec, params, config) of a circuit-tracer transcoder set as the CLT it equals: span 1 (each
+    layer's features write to its own mlp_out only), with skips when the set has them."""
+    d, config, point, layers = _read_directory(directory, "transcoder_set", "layer")
+    files = [load_file(str(d / f"layer_{i}.safetensors")) for i in layers]
+    f_, dm = files[0]["W_enc"].shape
+    jump = ["activation_function.threshold" in z for z in files]
+    skip = ["W_skip" in z for z in files]
+    if len(set(jump)) > 1 or len(set(skip)) > 1 or any(z["W_enc"].shape != (f_, dm) for z in files):
+        raise CircuitTracerError(f"{d}: the layers differ in width, threshold or skip; a set read as one CLT needs "
+                                 "them alike (load_transcoder_set reads them one by one)")
+    n = len(files)
+    spec = clt.CLTSpec("jumprelu", n_layers=n, d_model=dm, d_sae=f_, span=1, skip=skip[0], input_point=point)
+    stack = lambda key, fn=lambda a: a: jnp.asarray(np.stack([fn(np.asarray(z[key], np.float32)) for z in files]))  # noqa: E731
+    params = {"W_enc": stack("W_enc", np.transpose), "b_enc": stack("b_enc"), "b_dec": stack("b_dec"),
+              "threshold": stack("activation_function.threshold") if jump[0] else jnp.zeros((n, f_), jnp.float32),
+              "norm_in": jnp.ones((n,), jnp.float32), "norm_out": jnp.ones((n,), jnp.float32)}
+    params |= {f"W_dec_{i}": jnp.asarray(np.asarray(z["W_dec"], np.float32)[:, None, :]) for i, z in enumerate(files)}
+    if skip[0]:
+        params["W_skip"] = stack("W_skip", np.transpose)
+    return spec, params, config

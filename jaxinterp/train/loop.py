@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -16,17 +15,16 @@ import yaml
 from tqdm import tqdm
 
 from jaxinterp import dictionaries as dl
-from jaxinterp import evals
 from jaxinterp.config import Config, config_to_dict, load_config
 from jaxinterp.data import check_finite, make_source
 from jaxinterp.errors import JaxinterpError, MissingFileError
-from jaxinterp.interop.saelens import ExportError, export_saelens, hook_name_for_site
 from jaxinterp.train import sharding
 from jaxinterp.train.checkpoint import Checkpointer, abstract_like
 from jaxinterp.train.health import fault_message, read_fault
 from jaxinterp.train.metrics import MetricsWriter
 from jaxinterp.train.optimizers import resolved_lr
-from jaxinterp.train.step import build_step, init_state, make_spec, place_state, resample_dead
+from jaxinterp.train.step import place_state
+from jaxinterp.train.trainers import make_trainer, trainer_from_run
 from jaxinterp.train.state import TrainState
 
 
@@ -34,21 +32,18 @@ class TrainingError(JaxinterpError, RuntimeError):
     """Training cannot go on (NaN loss, a run directory in the way); the message says what to do."""
 
 
-def _spec_to_json(spec: dl.DictionarySpec) -> dict:
-    return dataclasses.asdict(spec)
-
-
-def checkpoint_dictionary(run_dir: str | Path, step: int | None = None) -> tuple[dl.DictionarySpec, dl.Params]:
+def checkpoint_dictionary(run_dir: str | Path, step: int | None = None) -> tuple:
     """(spec, params) of a run's latest (or given) checkpoint, unsharded (a finished run's dictionary
     is `dl.load_dictionary(run_dir)`, which needs neither the config nor the optimizer state)."""
     run = Path(run_dir)
     spec_path = run / "dictionary.json"
     if not spec_path.is_file():
         raise MissingFileError(f"{spec_path} not found; is {str(run)!r} a jaxinterp run directory?")
-    spec = dl.DictionarySpec(**json.loads(spec_path.read_text()))
     cfg = load_config(run / "config.yaml")
-    dummy = [np.zeros((1, spec.batch_width), np.float32)]
-    abstract = jax.eval_shape(lambda: init_state(cfg, spec, dummy))
+    trainer = trainer_from_run(cfg, json.loads(spec_path.read_text()))
+    spec = trainer.spec
+    dummy = [np.zeros((1, trainer.batch_width), np.float32)]
+    abstract = jax.eval_shape(lambda: trainer.init_state(dummy))
     ckpt = Checkpointer(run / "checkpoints", keep=cfg.output.keep_checkpoints)
     target = abstract_like(abstract, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract))
     state, _ = ckpt.restore(target, step)
@@ -100,9 +95,10 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     ckpt_dir = run / "checkpoints"
     with clock("setup"):
         source = make_source(cfg)
-        spec = make_spec(cfg, source.d_in, getattr(source, "d_out", None))
+        trainer = make_trainer(cfg, source)
         mesh = sharding.make_mesh(cfg.mesh)
     _check_batch(cfg, mesh)
+    trainer.preflight(mesh, log)
 
     existing = Checkpointer(ckpt_dir, keep=cfg.output.keep_checkpoints) if ckpt_dir.exists() else None
     latest = existing.latest_step() if existing else None
@@ -116,14 +112,14 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         log(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    (run / "dictionary.json").write_text(json.dumps(_spec_to_json(spec), indent=2) + "\n")
+    (run / "dictionary.json").write_text(json.dumps(trainer.spec_json(), indent=2) + "\n")
     ckpt = existing or Checkpointer(ckpt_dir, keep=cfg.output.keep_checkpoints)
 
     with clock("init"):
         if latest is not None:
-            dummy = [np.zeros((1, spec.batch_width), np.float32)]
-            abstract = jax.eval_shape(lambda: init_state(cfg, spec, dummy))
-            fns = build_step(cfg, spec, mesh, abstract, max_traces=max_traces)
+            dummy = [np.zeros((1, trainer.batch_width), np.float32)]
+            abstract = jax.eval_shape(lambda: trainer.init_state(dummy))
+            fns = trainer.build_step(mesh, abstract, max_traces=max_traces)
             state, data_state = ckpt.restore(abstract_like(abstract, fns.state_sharding), latest)
             source.set_state(data_state)
             log(f"resumed from step {latest} of {cfg.train.steps}")
@@ -134,23 +130,17 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
                 batch = np.asarray(next(source), np.float32)
                 check_finite(batch, _where(cfg, source, index))
                 init_batches.append(batch)
-            state = init_state(cfg, spec, init_batches)
-            fns = build_step(cfg, spec, mesh, state, max_traces=max_traces)
+            state = trainer.init_state(init_batches)
+            fns = trainer.build_step(mesh, state, max_traces=max_traces)
             state = place_state(state, fns)
 
     total = cfg.train.steps
     start = int(state.step)
     first_batch = _stream_index(source, start)
-    lr = resolved_lr(cfg.train, spec.d_sae)
+    lr = resolved_lr(cfg.train, trainer.d_sae)
     writer = MetricsWriter(run, truncate_after_step=start if latest is not None else None)
-    resample = None
-    if spec.kind.resamples_dead and cfg.train.resample_every > 0:
-        resample = jax.jit(
-            lambda s, x, k: resample_dead(cfg, spec, s, x, k),
-            in_shardings=(fns.state_sharding, fns.batch_sharding, None),
-            out_shardings=fns.state_sharding,
-        )
-    log(f"training {spec.architecture} {spec.activation} d_in={spec.d_in} d_out={spec.d_out} d_sae={spec.d_sae} for {total} steps "
+    resample = trainer.resampler(fns)
+    log(f"training {trainer.describe()} for {total} steps "
         f"({cfg.train.tokens:,} tokens) on {sharding.describe(mesh)}, {cfg.train.optimizer} lr {lr:.3g} "
         f"({cfg.train.lr_schedule})")
 
@@ -237,22 +227,9 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         ckpt.wait()
 
     with clock("eval"):
-        final = final_evaluation(cfg, spec, state, source)
+        final = final_evaluation(cfg, trainer, state, source)
     with clock("export"):
-        dl.save(run / "dictionary", run_dictionary(cfg, spec, jax.device_get(state.dictionary), source))
-        if cfg.output.export_saelens:
-            try:
-                export_saelens(
-                    run / "export" / "saelens",
-                    spec,
-                    jax.device_get(state.dictionary),
-                    hook_name=hook_name_for_site(source_site(cfg, source)),
-                    hook_name_out=hook_name_for_site(getattr(source, "target_site", None)),
-                    model_name=cfg.data.model if cfg.data.source == "model" else getattr(source, "model_name", "unknown"),
-                    extra_metadata={"data_source": cfg.data.source},
-                )
-            except ExportError as e:
-                log(f"export: no SAELens export ({e})")
+        trainer.export(run, state, source, log)
     final["lr"] = lr
     final["loop_tokens_per_s"] = loop_steps * cfg.train.batch_size / loop_seconds if loop_steps else None
     final["seconds"] = {k: round(v, 3) for k, v in clock.seconds.items()}
@@ -275,16 +252,8 @@ def source_site(cfg: Config, source) -> str | None:
     return getattr(source, "site", None) or cfg.data.site
 
 
-def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, source) -> dict:
-    params = jax.device_get(state.dictionary)
-    batches = source.eval_batches(cfg.output.eval_tokens, cfg.train.batch_size)
-    outlier_norm = cfg.data.outlier_norm
-    result = evals.evaluate(spec, params, batches, true_directions=source.true_directions, outlier_norm=outlier_norm)
-    site = source_site(cfg, source)
-    if getattr(source, "eval_contexts", None) is not None and site is not None:
-        ctx = source.eval_contexts[: cfg.output.ce_eval_contexts]
-        result |= evals.loss_recovered(source.model, spec, params, site, ctx,
-                                       target_site=getattr(source, "target_site", None), outlier_norm=outlier_norm)
+def final_evaluation(cfg: Config, trainer, state: TrainState, source) -> dict:
+    result = trainer.final_evaluation(state, source)
     dead = np.asarray(jax.device_get(state.tokens_since_fired)) >= cfg.dictionary.dead_tokens
     return {
         "final": True,
@@ -296,6 +265,6 @@ def final_evaluation(cfg: Config, spec: dl.DictionarySpec, state: TrainState, so
 
 
 def summary_line(final: dict) -> str:
-    keys = ["ce_loss_score", "kl_div_score", "explained_variance", "mse", "cossim", "l2_ratio", "l0", "frac_alive",
-            "dead_fraction", "mmcs"]
+    keys = ["ce_loss_score", "kl_div_score", "agreement", "kl", "explained_variance", "fvu", "mse", "cossim", "l2_ratio",
+            "l0", "frac_alive", "dead_fraction", "mmcs"]
     return "final: " + "  ".join(f"{k}={final[k]:.4g}" for k in keys if k in final)

@@ -41,26 +41,27 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def _param_name(path) -> str | None:
+def _param_name(path, axes: dict[str, tuple] = PARAM_AXES) -> str | None:
     for entry in reversed(path):
         key = getattr(entry, "key", None)
-        if isinstance(key, str) and key in PARAM_AXES:
+        if isinstance(key, str) and key in axes:
             return key
         name = getattr(entry, "name", None)
-        if isinstance(name, str) and name in PARAM_AXES:
+        if isinstance(name, str) and name in axes:
             return name
     return None
 
 
-def tree_shardings(mesh: Mesh, tree):
-    """Shardings for every leaf of a pytree of arrays (or ShapeDtypeStructs) by parameter name."""
+def tree_shardings(mesh: Mesh, tree, axes: dict[str, tuple] = PARAM_AXES):
+    """Shardings for every leaf of a pytree of arrays (or ShapeDtypeStructs) by parameter name,
+    the names' logical axes read from `axes` (default: the SAE kinds' table)."""
 
     def leaf(path, x):
-        name = _param_name(path)
+        name = _param_name(path, axes)
         shape = tuple(getattr(x, "shape", ()))
-        if name is None or len(PARAM_AXES[name]) != len(shape):
+        if name is None or len(axes[name]) != len(shape):
             return NamedSharding(mesh, P())
-        return named(mesh, PARAM_AXES[name], shape, name=name)
+        return named(mesh, axes[name], shape, name=name)
 
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
