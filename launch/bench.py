@@ -1,5 +1,5 @@
 """Benchmarks, one subcommand per area: `python launch/bench.py train [--json] [--compare sparsify]`
-(areas: train, convergence, harvest, generate, drift, kernels, features).
+(areas: train, convergence, harvest, generate, drift, kernels, features, clt).
 
 Each prints human-readable lines by default and one JSON object with `--json`; ratios are measured
 in the same run, absolute figures come with the machine they ran on.
@@ -87,6 +87,14 @@ def _features(args):
     return res, features.format_human
 
 
+def _clt(args):
+    from jaxinterp.benchmarks import clt
+
+    res = clt.run(widths=tuple(args.d_sae), span=None if args.span == 0 else args.span, batch_size=args.batch_size,
+                  k=args.k, steps=args.steps, dtype=args.dtype, mesh_compare=not args.no_mesh)
+    return res, clt.format_human
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
@@ -139,11 +147,19 @@ def main() -> int:
     fe.add_argument("--k", type=int, default=32)
     fe.add_argument("--contexts", type=int, default=16, help="contexts of 128 tokens a batch (4 above d_sae 8192)")
     fe.add_argument("--repeats", type=int, default=3)
-    for p in (t, c, h, g, d, kn, fe):
+    cl = sub.add_parser("clt", help="CLT train step tokens/s, fraction of matmul, memory estimate vs compiled, (4,2) mesh vs 1")
+    cl.add_argument("--d-sae", type=int, nargs="+", default=[1152, 4608], help="features per layer")
+    cl.add_argument("--span", type=int, default=4, help="target layers per source layer (0: all later layers)")
+    cl.add_argument("--batch-size", type=int, default=256)
+    cl.add_argument("--k", type=int, default=32, help="features per layer and row")
+    cl.add_argument("--steps", type=int, default=3)
+    cl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    cl.add_argument("--no-mesh", action="store_true", help="skip the (4, 2) fake-device mesh comparison (CPU only)")
+    for p in (t, c, h, g, d, kn, fe, cl):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     res, fmt = {"train": _train, "convergence": _convergence, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels,
-           "features": _features}[args.area](args)
+           "features": _features, "clt": _clt}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

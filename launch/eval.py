@@ -1,5 +1,9 @@
 """Evaluate a trained dictionary at its site in its language model:
-`python launch/eval.py --checkpoint RUN_OR_DICTIONARY_DIR [--corpus shakespeare|DIR|FILE.jsonl] [--contexts N] [--json]`.
+`python launch/eval.py --checkpoint RUN_OR_DICTIONARY_DIR [--step N] [--corpus shakespeare|DIR|FILE.jsonl] [--contexts N] [--json]`.
+
+A cross-layer transcoder (a run of `dictionary.architecture: clt`, its dictionary, or a
+circuit-tracer directory) is evaluated as a replacement model: next-token agreement, KL, CE and
+ce_loss_score with every covered MLP replaced, and per-layer FVU, L0 and dead fraction.
 
 Prints ce_loss_score / kl_div_score (loss recovered with the dictionary spliced in, against the
 clean model and the zero-ablated site; a transcoder's output in place of its target site) beside
@@ -31,17 +35,29 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, default=32, help="held-out contexts to evaluate")
     ap.add_argument("--outlier-norm", type=float, default=None,
                     help="leave out rows above this multiple of the median norm (default: the run's data.outlier_norm)")
+    ap.add_argument("--step", type=int, help="a run directory's checkpoint at this step instead of its final dictionary")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
     from jaxinterp import evals
     from jaxinterp.config import Config, DataConfig, load_config
     from jaxinterp.data.activations import ModelSource
-    from jaxinterp.dictionaries import DictionaryError, load_dictionary
+    from jaxinterp.dictionaries import CLTDictionary, Dictionary, DictionaryError, load_dictionary
+    from jaxinterp.dictionaries.clt import CLTSpec
 
     run = Path(args.checkpoint)
-    d = load_dictionary(run)
-    cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else Config()
+    cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() and (run / "checkpoints").is_dir() \
+        else Config()
+    if args.step is not None:
+        from jaxinterp.train import checkpoint_dictionary
+
+        spec, params = checkpoint_dictionary(run, args.step)
+        d = CLTDictionary(spec, params) if isinstance(spec, CLTSpec) else Dictionary(
+            spec, params, site=cfg.data.site, target_site=cfg.data.target_site, model=cfg.data.model)
+    else:
+        d = load_dictionary(run)
+    if isinstance(d, CLTDictionary):
+        return _evaluate_clt(args, run, cfg, d)
     data = cfg.data
     if data.source == "cache":  # the cache's manifest names the model and corpus it was read from
         from jaxinterp.data.cache import read_manifest
@@ -73,6 +89,44 @@ def main() -> int:
         keys = ("ce_loss_score", "kl_div_score", "ce_loss_clean", "ce_loss_with_sae", "ce_loss_with_ablation",
                 "explained_variance", "l0")
         print("  ".join(f"{k}={result[k]:.4g}" for k in keys))
+    return 0
+
+
+def _evaluate_clt(args, run: Path, cfg, d) -> int:
+    """A CLT: the replacement model's fidelity (agreement, KL, CE and ce_loss_score with every covered
+    MLP replaced) and per-layer FVU, explained variance, L0 and dead fraction, on held-out contexts."""
+    from jaxinterp.circuits import replacement_fidelity
+    from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents
+    from jaxinterp.dictionaries import DictionaryError
+    from jaxinterp.models import load_model
+
+    data = cfg.data
+    if data.source == "cache":
+        from jaxinterp.data.cache import read_manifest
+
+        m = read_manifest(data.path)
+        data = dataclasses.replace(data, model=m["model"], corpus=m["corpus"], context_length=m["context_length"],
+                                   eval_fraction=m["eval_fraction"])
+    elif not (run / "config.yaml").is_file() or not (run / "checkpoints").is_dir():
+        if d.model is None:
+            raise DictionaryError(f"{run}: the CLT names no model; its replacement model needs the model it was "
+                                  "trained on")
+        data = dataclasses.replace(data, model=d.model)
+    model, tokenizer = load_model(data.model)
+    d.check_model(model.cfg.d_model, model.cfg.n_layers, model=f"model {data.model!r}")
+    train_docs, eval_docs = split_documents(corpus_documents(args.corpus or data.corpus), data.eval_fraction)
+    contexts = held_out_contexts(train_docs, eval_docs, tokenizer, data.context_length)[: args.contexts]
+    result = {"checkpoint": str(run), "step": args.step, "layers": [d.spec.first_layer,
+                                                                     d.spec.first_layer + d.spec.n_layers - 1],
+              "corpus": args.corpus or data.corpus, **replacement_fidelity(model, d.spec, d.params, contexts)}
+    if args.json:
+        print(json.dumps(result, default=float))
+    else:
+        keys = ("agreement", "kl", "ce_loss_score", "ce_original", "ce_replacement", "ce_ablated", "fvu", "l0",
+                "dead_fraction")
+        print("  ".join(f"{k}={result[k]:.4g}" for k in keys))
+        print("fvu per layer: " + " ".join(f"{v:.3f}" for v in result["fvu_per_layer"]))
+        print("l0 per layer:  " + " ".join(f"{v:.1f}" for v in result["l0_per_layer"]))
     return 0
 
 

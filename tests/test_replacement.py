@@ -197,3 +197,32 @@ def test_each_replaced_mlp_out_is_the_clt_of_this_forwards_own_inputs(activation
     x = jnp.stack([res.captured[s] for s in inputs], 2).reshape(-1, spec.n_layers, spec.d_model)
     y = jnp.stack([res.captured[s] for s in targets], 2).reshape(-1, spec.n_layers, spec.d_model)
     np.testing.assert_allclose(np.asarray(y), np.asarray(clt.reconstruct(spec, p, x)), rtol=2e-4, atol=2e-5)
+
+
+def test_adding_to_a_clt_feature_through_steering_vectors_equals_steer_clt_and_reads_see_it():
+    """`steering_vectors` (today's specs, raw vectors at each target mlp_out) moves the model as
+    `steer_clt` add does; `top_features` reads each layer's strongest features of the forward."""
+    from jaxinterp.steering.clt import steer_clt, steering_vectors, top_features
+    from jaxinterp.steering.spec import compile_steering
+
+    model = tiny_model(TINY_DECODERS["llama"])
+    spec = clt.CLTSpec("jumprelu", n_layers=3, d_model=model.cfg.d_model, d_sae=12, span=2)
+    p = dict(clt.init(jax.random.key(0), spec, threshold=0.05))
+    p["b_enc"] = 0.5 + 0.1 * jax.random.normal(jax.random.key(1), p["b_enc"].shape)
+    p["norm_out"] = jnp.asarray([0.5, 2.0, 1.0], jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(1, model.cfg.vocab_size, size=(2, 6)))
+    features = {(0, 2): 1.5, (1, 3): -2.0}
+    plan, ep = steer_clt(spec, p, features, "add")
+    want = forward(model, tokens, plan=plan, edit_params=ep).logits
+    vectors = steering_vectors(spec, p, features)
+    assert sorted(v.site for v in vectors) == ["blocks.0.mlp_out", "blocks.1.mlp_out", "blocks.2.mlp_out"]
+    edits, sparams = compile_steering(vectors, None, model.cfg, [6, 6])
+    got = forward(model, tokens, plan=Plan(edits=edits), edit_params=sparams).logits
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert float(jnp.max(jnp.abs(got - forward(model, tokens).logits))) > 1e-3
+    vals, ids = top_features(model, tokens, spec, p, k=4)
+    assert vals.shape == ids.shape == (2, 6, 3, 4)
+    x = forward(model, tokens, plan=Plan(capture=clt.sites(spec)[0])).captured
+    a = clt.encode(spec, p, jnp.stack([x[s] for s in clt.sites(spec)[0]], 2).reshape(12, 3, spec.d_model))
+    np.testing.assert_allclose(np.asarray(vals).reshape(12, 3, 4), np.sort(np.asarray(a), -1)[..., ::-1][..., :4],
+                               rtol=1e-5, atol=1e-6)

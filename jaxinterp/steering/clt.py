@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from functools import lru_cache, partial
 
+import jax
 import jax.numpy as jnp
 
 from jaxinterp.dictionaries import clt
@@ -88,3 +89,38 @@ def steer_clt(spec: clt.CLTSpec, params: clt.Params, features: dict[tuple[int, i
                 for l in src)}
     return plan, ep
 
+
+
+def steering_vectors(spec: clt.CLTSpec, params: clt.Params, features: dict[tuple[int, int], float], *,
+                     positions="all") -> list:
+    """`SteeringVector`s (raw-vector add at each target `mlp_out`) that add `value` to CLT features
+    `{(layer, feature): value}`: the change a feature's activation makes does not depend on the
+    token for `add`, so the same specs as any steering vector carry it (generation, per-row specs,
+    position windows). clamp, scale and ablate read the feature's activation: use `steer_clt`."""
+    from jaxinterp.steering.spec import SteeringVector
+
+    _, targets = clt.sites(spec)
+    by_site: dict[str, jnp.ndarray] = {}
+    for (l, i), v in features.items():
+        if not (0 <= l < spec.n_layers and 0 <= i < spec.d_sae):
+            raise UsageError(f"CLT feature ({l}, {i}): layers are 0..{spec.n_layers - 1} and features "
+                             f"0..{spec.d_sae - 1}")
+        for t in range(spec.targets(l)):
+            j = l + t
+            vec = float(v) * params[f"W_dec_{l}"][i, t] / params["norm_out"][j]
+            by_site[targets[j]] = by_site.get(targets[j], 0.0) + vec
+    return [SteeringVector(site, vector=vec, mode="add", positions=positions) for site, vec in by_site.items()]
+
+
+def top_features(model, tokens_bt, spec: clt.CLTSpec, params: clt.Params, *, k: int = 5):
+    """Per-layer reads: (values [B, T, L, k], feature ids [B, T, L, k]) of each position's top `k`
+    features at every covered layer, from one forward of the model (stopped after the last layer)."""
+    from jaxinterp.models import forward
+
+    inputs, _ = clt.sites(spec)
+    res = forward(model, jnp.asarray(tokens_bt), plan=Plan(capture=inputs, stop_early=True))
+    x = jnp.stack([res.captured[s] for s in inputs], 2)
+    b, t = x.shape[:2]
+    a = clt.encode(spec, params, x.reshape(b * t, spec.n_layers, spec.d_model))
+    vals, ids = jax.lax.top_k(a, k)
+    return vals.reshape(b, t, spec.n_layers, k), ids.reshape(b, t, spec.n_layers, k)
