@@ -20,12 +20,17 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")
     ap.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     ap.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    ap.add_argument("--estimate", action="store_true",
+                    help="CLTs: print the parameter count and bytes per device on the configured mesh (mesh.data and "
+                         "mesh.model as numbers; they need not exist on this machine), then exit")
     args = ap.parse_args()
 
     from jaxinterp.config import load_config
     from jaxinterp.train import summary_line, train
 
     cfg = load_config(args.config, args.set)
+    if args.estimate:
+        return _estimate(cfg)
     # stderr carries only a failure's one line; progress lines go to stdout unless it holds JSON.
     final = train(cfg, resume=args.resume, log=(lambda s: None) if args.json else (lambda s: print(s, flush=True)))
     if args.json:
@@ -33,6 +38,24 @@ def main() -> int:
     else:
         print(summary_line(final))
         print(f"run directory: {cfg.output.dir} (metrics.jsonl, checkpoints/, dictionary/, export/)")
+    return 0
+
+
+def _estimate(cfg) -> int:
+    from jaxinterp.config import ConfigError
+    from jaxinterp.data.activations import clt_sites
+    from jaxinterp.models import load_model
+    from jaxinterp.train import clt_step
+
+    if cfg.dictionary.architecture != "clt":
+        raise ConfigError("--estimate: sizes CLTs (dictionary.architecture: clt); an SAE's weights are 2 d_in d_sae")
+    if cfg.mesh.data < 1 or cfg.mesh.model < 1:
+        raise ConfigError("--estimate: give the mesh as numbers, e.g. --set mesh.data=4 --set mesh.model=8")
+    model, _ = load_model(cfg.data.model)
+    sites = clt_sites(cfg.dictionary.clt, model.cfg.n_layers)
+    spec = clt_step.make_spec(cfg, len(sites) // 2, model.cfg.d_model)
+    est = clt_step.memory_estimate(cfg, spec, data=cfg.mesh.data, model=cfg.mesh.model)
+    print(clt_step.describe_memory(spec, est, cfg.mesh.data, cfg.mesh.model))
     return 0
 
 

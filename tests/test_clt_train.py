@@ -181,3 +181,35 @@ def test_a_clt_trains_from_a_multi_site_cache_that_names_its_sites(tmp_path, lm_
     sae["dictionary"] = {"activation": "topk", "d_sae": 16, "k": 2}
     with pytest.raises(Exception, match="holds a CLT's sites"):
         make_source(config_from_dict(sae))
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+def test_bfloat16_compute_stays_close_to_float32(activation):
+    spec = clt.CLTSpec(activation, L, D, F, k=3, span=2, skip=True)
+    p = dict(clt.init(jax.random.key(0), spec))
+    p["W_skip"] = 0.1 * jax.random.normal(jax.random.key(1), p["W_skip"].shape)
+    x, y = clt.split_rows(spec, jnp.asarray(_rows(32, 2)))
+    w = clt.LossWeights(sparsity=0.01, pre_act=0.001)
+    lo = dataclasses.replace(spec, compute_dtype="bfloat16")
+    f32, bf16 = clt.forward(spec, p, x, y, w), clt.forward(lo, p, x, y, w)
+    assert float(bf16.loss) == pytest.approx(float(f32.loss), rel=2e-2)
+    g32 = jax.grad(lambda q: clt.forward(spec, q, x, y, w).loss)(p)
+    g16 = jax.grad(lambda q: clt.forward(lo, q, x, y, w).loss)(p)
+    assert all(g16[k].dtype == jnp.float32 for k in g16)  # parameters and their gradients stay float32
+    for k in ("W_enc", "W_dec_0", "W_skip"):
+        cos = float(jnp.vdot(g32[k], g16[k]) / (jnp.linalg.norm(g32[k]) * jnp.linalg.norm(g16[k])))
+        assert cos > 0.99, k
+
+
+def test_estimate_prints_the_memory_of_a_mesh_this_machine_does_not_have(tmp_path, lm_files):
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    out = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/clt_tiny.yaml", "--estimate",
+                          "--set", f"data.model={lm_files / 'tiny.gguf'}", "--set", "mesh.data=4", "--set", "mesh.model=16"],
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    n = 48 * 32 * (3 + 6) + 3 * 48 * 2 + 3 * 32
+    assert f"CLT: {n:,} parameters (3 layers x 48 features, span 3); per device on data=4 x model=16" in out.stdout

@@ -267,15 +267,18 @@ def decode_sparse(spec: CLTSpec, params: Params, vals_blk: jax.Array, idx_blk: j
 def _skip(spec: CLTSpec, params: Params, xn_bld: jax.Array | None) -> jax.Array:
     if xn_bld is None:
         raise UsageError("a CLT with skips decodes from its inputs too: pass xn_bld")
-    dt = jnp.dtype(spec.compute_dtype)
-    return jnp.einsum("bld,lde->ble", xn_bld.astype(dt), params["W_skip"].astype(dt),
-                      preferred_element_type=jnp.float32)
+    return _einsum(spec, "bld,lde->ble", xn_bld, params["W_skip"])
 
 
 def _pre_acts_dt(spec: CLTSpec, params: Params, xn_bld: jax.Array) -> jax.Array:
+    return _einsum(spec, "bld,ldf->blf", xn_bld, params["W_enc"]) + params["b_enc"]
+
+
+def _einsum(spec: CLTSpec, eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """A batched matmul with both operands in the compute dtype, returned as float32 (XLA's CPU
+    runtime has no bfloat16 x bfloat16 -> float32 batched dot, so the product is cast after)."""
     dt = jnp.dtype(spec.compute_dtype)
-    return jnp.einsum("bld,ldf->blf", xn_bld.astype(dt), params["W_enc"].astype(dt),
-                      preferred_element_type=jnp.float32) + params["b_enc"]
+    return jnp.einsum(eq, a.astype(dt), b.astype(dt)).astype(jnp.float32)
 
 
 def forward(spec: CLTSpec, params: Params, x_bld: jax.Array, y_bld: jax.Array, weights: LossWeights) -> CLTOutput:

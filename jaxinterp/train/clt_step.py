@@ -75,12 +75,22 @@ def unit_norm(cfg: Config, spec: clt.CLTSpec) -> bool:
 # memory
 
 
-def memory_estimate(cfg: Config, spec: clt.CLTSpec, mesh: Mesh) -> clt.MemoryEstimate:
+def memory_estimate(cfg: Config, spec: clt.CLTSpec, mesh: Mesh | None = None, *, data: int = 1,
+                    model: int = 1) -> clt.MemoryEstimate:
+    """Bytes per device on `mesh` (or on a `data` x `model` mesh that need not exist here)."""
+    if mesh is not None:
+        data, model = mesh.shape["data"], mesh.shape["model"]
     slots = 2 if cfg.train.optimizer == "adam" else 1
     if cfg.train.lr_schedule == "schedule_free":
         slots += 1
-    return clt.memory_estimate(spec, batch=cfg.train.batch_size, data=mesh.shape["data"], model=mesh.shape["model"],
-                               optimizer_slots=slots)
+    return clt.memory_estimate(spec, batch=cfg.train.batch_size, data=data, model=model, optimizer_slots=slots)
+
+
+def describe_memory(spec: clt.CLTSpec, est: clt.MemoryEstimate, data: int, model: int) -> str:
+    return (f"CLT: {spec.n_weights:,} parameters ({spec.n_layers} layers x {spec.d_sae} features, span "
+            f"{spec.span or spec.n_layers}); per device on data={data} x model={model}: weights "
+            f"{est.weights / GIB:.3f} GiB, optimizer {est.optimizer / GIB:.3f} GiB, gradients {est.gradients / GIB:.3f} GiB, "
+            f"activations {est.activations / GIB:.3f} GiB, total {est.total / GIB:.3f} GiB")
 
 
 def device_memory_bytes(mesh: Mesh) -> int | None:
@@ -96,10 +106,7 @@ def preflight(cfg: Config, spec: clt.CLTSpec, mesh: Mesh, log) -> clt.MemoryEsti
     """Print the parameter count and the bytes per device; refuse (one line) a run over the budget
     (`train.memory_budget_gib`, else the device's memory where known) before anything is allocated."""
     est = memory_estimate(cfg, spec, mesh)
-    log(f"CLT: {spec.n_weights:,} parameters ({spec.n_layers} layers x {spec.d_sae} features, span "
-        f"{spec.span or spec.n_layers}); per device on data={mesh.shape['data']} x model={mesh.shape['model']}: "
-        f"weights {est.weights / GIB:.3f} GiB, optimizer {est.optimizer / GIB:.3f} GiB, gradients "
-        f"{est.gradients / GIB:.3f} GiB, activations {est.activations / GIB:.3f} GiB, total {est.total / GIB:.3f} GiB")
+    log(describe_memory(spec, est, mesh.shape["data"], mesh.shape["model"]))
     budget = cfg.train.memory_budget_gib * GIB if cfg.train.memory_budget_gib > 0 else device_memory_bytes(mesh)
     if budget:
         clt.check_memory(est, int(budget), what=f"this CLT ({spec.n_weights:,} parameters)")
