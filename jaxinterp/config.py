@@ -207,7 +207,7 @@ class DictionaryConfig:
     selecting the top k x B of the batch: its latents learn their directions first (0 disables;
     see the README's note on BatchTopK)."""
     aux_k: int | None = None
-    """Dead features used by the aux-k loss (topk, batchtopk); `d_in // 2` when unset."""
+    """Dead features used by the aux-k loss (topk, batchtopk); `d_in // 2` when unset (CLTs: 2 k per layer)."""
     aux_k_coefficient: float = 1 / 32
     """Weight of the aux-k loss."""
     dead_tokens: int = 1_000_000

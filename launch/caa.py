@@ -104,12 +104,12 @@ def _vector_run(args, model, tok, train, held, scales):
 
 def _feature_run(args, model, tok, train, held, scales):
     """One dictionary feature, added: (result, steer(scale), the registry holding the dictionary)."""
-    from jaxinterp.dictionaries import load_dictionary
+    from jaxinterp.dictionaries import load_site_dictionary
     from jaxinterp.features import contrast
     from jaxinterp.steering import DictionaryRegistry
     from jaxinterp.steering.caa import feature_steer, style_shift
 
-    dictionary = load_dictionary(args.dictionary)
+    dictionary = load_site_dictionary(args.dictionary, use="caa.py --dictionary")
     site = dictionary.site
     if site is None or dictionary.target_site is not None:
         raise UsageError(f"--dictionary {args.dictionary}: feature steering here needs an SAE that names its site")

@@ -63,10 +63,10 @@ def main() -> int:
     from jaxinterp.monitor import drift
     from jaxinterp.monitor.baseline import corpus_stats, load_baseline, save_baseline
     from jaxinterp.config import Config, DataConfig
-    from jaxinterp.dictionaries import DictionaryError, load_dictionary
+    from jaxinterp.dictionaries import DictionaryError, load_site_dictionary
 
     run = Path(args.dictionary)
-    d = load_dictionary(run)
+    d = load_site_dictionary(run, use="monitoring")
     cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else Config(
         data=DataConfig(source="model", model=d.model or "smollm2-135m", site=d.site))
     site = d.site

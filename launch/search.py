@@ -59,10 +59,10 @@ def main() -> int:
     if args.command == "token":
         return _token(args)
 
-    from jaxinterp.dictionaries import load_dictionary
+    from jaxinterp.dictionaries import load_site_dictionary
     from jaxinterp.models import load_model
 
-    dictionary = load_dictionary(args.dictionary)
+    dictionary = load_site_dictionary(args.dictionary, use="search.py")
     model_name = args.model or dictionary.model or "smollm2-135m"
     model, tok = load_model(model_name)
     if tok is None:
@@ -170,12 +170,12 @@ def _contrast(args, model, tok, dictionary) -> int:
 
 
 def _token(args) -> int:
-    from jaxinterp.dictionaries import load_dictionary
+    from jaxinterp.dictionaries import load_site_dictionary
     from jaxinterp.features import by_token, logit_effects
 
     summary, stats, contexts, strings, model = _dashboard_pass(args.dashboard)
     folder = Path(args.dashboard)
-    dictionary = load_dictionary(summary["dictionary"])
+    dictionary = load_site_dictionary(summary["dictionary"], use="search.py")
     found = by_token(stats, contexts, strings, args.text, logits=logit_effects(model, dictionary),
                      contains=args.contains, k=args.k)
     rows = [{"id": int(f), "in_top": int(a), "in_logits": int(b), "page": str(folder / "f" / f"{int(f)}.html")}

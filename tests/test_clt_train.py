@@ -149,12 +149,35 @@ def test_a_clt_run_reports_fidelity_and_writes_artifacts_that_read_back(tmp_path
     x = np.random.default_rng(0).normal(0, 1, (5, 3, 32)).astype(np.float32)
     want = np.asarray(clt.reconstruct(d.spec, d.params, x))
     np.testing.assert_allclose(np.asarray(d.reconstruct(x)), want, rtol=1e-5, atol=1e-6)
+    from jaxinterp.steering import DictionaryRegistry
+
+    with pytest.raises(dl.DictionaryError, match="is a cross-layer transcoder .*steering specs takes one site's"):
+        DictionaryRegistry().add_run(tmp_path / "run")
     ct = dl.load_dictionary(tmp_path / "run" / "export" / "circuit_tracer")  # circuit-tracer's files, detected
     np.testing.assert_allclose(np.asarray(ct.reconstruct(x)), want, rtol=1e-4, atol=1e-4)
     from jaxinterp.train import checkpoint_dictionary
 
     spec, params = checkpoint_dictionary(tmp_path / "run")
     np.testing.assert_allclose(np.asarray(clt.reconstruct(spec, params, x)), want, rtol=1e-6, atol=1e-6)
+    # launch/eval.py evaluates the run as the final evaluation did (same held-out contexts), and a checkpoint
+    import json
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    def evaluate(*extra):
+        out = subprocess.run([sys.executable, "launch/eval.py", "--checkpoint", str(tmp_path / "run"), "--contexts", "8",
+                              "--json", *extra], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    got = evaluate()
+    for key in ("agreement", "kl", "ce_loss_score", "fvu"):
+        assert got[key] == pytest.approx(final[key], rel=1e-5, abs=1e-7), key
+    early = evaluate("--step", "80")
+    assert early["step"] == 80 and early["fvu"] > final["fvu"]  # the step-80 checkpoint is the less trained one
 
 
 def test_a_clt_trains_from_a_multi_site_cache_that_names_its_sites(tmp_path, lm_files):

@@ -1,6 +1,7 @@
 """Sparse dictionaries as pure functions over parameter dicts, and their artifacts on disk."""
 
-from jaxinterp.dictionaries.artifact import CLTDictionary, Dictionary, DictionaryError, load_dictionary, save
+from jaxinterp.dictionaries.artifact import (CLTDictionary, Dictionary, DictionaryError, load_dictionary,
+                                             load_site_dictionary, save)
 from jaxinterp.dictionaries.activations import heaviside_ste, jumprelu_ste
 from jaxinterp.dictionaries.kinds import (
     ACTIVATIONS,
@@ -61,7 +62,7 @@ from jaxinterp.dictionaries.sparse import (
 
 __all__ = [
     "AdaptiveOutput", "AdaptiveRule", "adaptive_reconstruct",
-    "CLTDictionary", "Dictionary", "DictionaryError", "load_dictionary", "save",
+    "CLTDictionary", "Dictionary", "DictionaryError", "load_dictionary", "load_site_dictionary", "save",
     "DictionarySpec", "ForwardOutput", "LossTerms", "LossWeights", "Params",
     "ACTIVATIONS", "ARCHITECTURES", "PARAM_AXES", "Activation", "Architecture", "activation", "architecture", "skip_out", "split", "decode_prefixes", "decode_selected", "decode_sparse", "fit_to_data", "resample", "update_buffers", "typical_rows", "replace_outliers", "target_scale", "from_saelens_architecture", "saelens_name", "encode_selected", "AUX_K_ROW_STRIDE", "aux_k_loss", "aux_k_pool", "clamp_params", "decode", "encode", "forward", "has_aux_k", "init", "normalise_decoder", "project_decoder_grad",
     "reconstruct", "selects_k", "sparsity_penalty", "split_params", "heaviside_ste", "jumprelu_ste", "kth_largest", "topk",

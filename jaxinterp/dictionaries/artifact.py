@@ -282,6 +282,17 @@ def load_dictionary(path: str | Path) -> Dictionary | CLTDictionary:
                       model=meta.get("model"), metadata=meta.get("metadata") or {})
 
 
+def load_site_dictionary(path: str | Path, *, use: str = "this command") -> Dictionary:
+    """`load_dictionary` for uses that need one site's dictionary (steering specs, dashboards,
+    monitoring): a cross-layer transcoder is refused in one line naming what takes it."""
+    d = load_dictionary(path)
+    if isinstance(d, CLTDictionary):
+        raise DictionaryError(f"{path} is a cross-layer transcoder ({d.spec.n_layers} layers); {use} takes one "
+                              "site's dictionary. CLTs: launch/eval.py, jaxinterp.circuits (replacement model) and "
+                              "jaxinterp.steering.clt (steer_clt, steering_vectors, top_features)")
+    return d
+
+
 def _load_circuit_tracer(p: Path) -> CLTDictionary:
     from jaxinterp.interop import circuit_tracer as ct
 

@@ -142,7 +142,7 @@ def build_dashboard(dictionary_path: str, out_dir, settings: DashboardSettings =
     """Read the corpus through the dictionary at `dictionary_path` (a run or dictionary directory),
     write the site into `out_dir`, and the Neuronpedia batches and delphi cache when asked. Returns
     the run's summary (also written to summary.json)."""
-    from jaxinterp import load_dictionary
+    from jaxinterp.dictionaries import load_site_dictionary
     from jaxinterp.features.cofiring import MAX_FEATURES, correlated_features
     from jaxinterp.features.examples import build_reports, token_strings
     from jaxinterp.features.logits import logit_effects
@@ -151,7 +151,7 @@ def build_dashboard(dictionary_path: str, out_dir, settings: DashboardSettings =
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    dictionary = load_dictionary(dictionary_path)
+    dictionary = load_site_dictionary(dictionary_path, use="the dashboard")
     name = model_name or dictionary.model or "smollm2-135m"
     model, tok = load_model(name)
     if tok is None:

@@ -96,7 +96,7 @@ class DictionaryRegistry:
     def add_run(self, path: str | Path, site: str | None = None) -> DictionaryRegistry:
         """Attach the dictionary saved at `path` (a dictionary directory or a run directory) at its
         own site or at `site`."""
-        return self.add_dictionary(dl.load_dictionary(path), site)
+        return self.add_dictionary(dl.load_site_dictionary(path, use="steering specs"), site)
 
     def get(self, site: str) -> Entry:
         if site not in self.entries:

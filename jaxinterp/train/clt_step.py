@@ -48,11 +48,13 @@ def state_axes(spec: clt.CLTSpec) -> dict[str, tuple]:
 
 
 def aux_k(cfg: Config, spec: clt.CLTSpec) -> int:
-    """Dead features per layer in the aux-k loss (0: none; topk only)."""
+    """Dead features per layer and row in the aux-k loss (0: none; topk only); unset: 2 k. Not
+    an SAE's d_model / 2: each one selected decodes into all its T target layers, and at 288 per
+    layer (SmolLM2) the aux-k step of `configs/clt.yaml` ran 2.7x slower than the plain one."""
     d = cfg.dictionary
     if spec.activation != "topk" or d.aux_k_coefficient <= 0:
         return 0
-    return min(d.aux_k if d.aux_k is not None else max(spec.d_model // 2, 1), spec.d_sae)
+    return min(d.aux_k if d.aux_k is not None else 2 * spec.k, spec.d_sae)
 
 
 def make_optimizer(cfg: Config, spec: clt.CLTSpec) -> optax.GradientTransformation:
