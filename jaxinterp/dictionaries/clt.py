@@ -96,6 +96,16 @@ class CLTSpec:
         if self.topk_path not in ("sparse", "dense", "auto", "pallas"):
             raise UsageError(f"CLT topk_path {self.topk_path!r}: choose sparse, dense, auto or pallas")
 
+    @property
+    def selects_k(self) -> bool:
+        """Each (row, layer) keeps its top k features (no sparsity penalty; aux-k for dead ones)."""
+        return self.activation == "topk"
+
+    @property
+    def penalised(self) -> bool:
+        """Trained with the tanh sparsity and pre-activation penalties (jumprelu)."""
+        return self.activation == "jumprelu"
+
     def targets(self, layer: int) -> int:
         """T_l: how many layers source layer `layer` (0-based within the CLT) writes to."""
         span = self.n_layers if self.span is None else self.span

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxinterp.config import Config, ConfigError
+from jaxinterp import dictionaries as dl
 from jaxinterp.dictionaries import clt
 from jaxinterp.sharding import check_sharded_as_declared
 from jaxinterp.train import health, optimizers, sharding
@@ -33,7 +34,7 @@ def make_spec(cfg: Config, n_layers: int, d_model: int) -> clt.CLTSpec:
     """The CLT's static shape for `n_layers` covered layers of width `d_model` (from the data)."""
     d, c = cfg.dictionary, cfg.dictionary.clt
     d_sae = d.d_sae if d.d_sae is not None else d_model * d.expansion
-    if d.activation == "topk" and d.k > d_sae:
+    if dl.selects_k(d.activation) and d.k > d_sae:
         raise ConfigError(f"dictionary.k: k={d.k} exceeds d_sae={d_sae} (features per layer); lower k or raise d_sae")
     return clt.CLTSpec(activation=d.activation, n_layers=n_layers, d_model=d_model, d_sae=d_sae, k=d.k,
                        span=c.span, skip=c.skip, first_layer=c.first_layer, input_point=c.input_point,
@@ -52,7 +53,7 @@ def aux_k(cfg: Config, spec: clt.CLTSpec) -> int:
     an SAE's d_model / 2: each one selected decodes into all its T target layers, and at 288 per
     layer (SmolLM2) the aux-k step of `configs/clt.yaml` ran 2.7x slower than the plain one."""
     d = cfg.dictionary
-    if spec.activation != "topk" or d.aux_k_coefficient <= 0:
+    if not spec.selects_k or d.aux_k_coefficient <= 0:
         return 0
     return min(d.aux_k if d.aux_k is not None else 2 * spec.k, spec.d_sae)
 
@@ -61,8 +62,8 @@ def make_optimizer(cfg: Config, spec: clt.CLTSpec) -> optax.GradientTransformati
     return optimizers.make_optimizer(cfg.train, spec.d_sae)
 
 
-def loss_weights(cfg: Config, step) -> clt.LossWeights:
-    if cfg.dictionary.activation != "jumprelu":
+def loss_weights(cfg: Config, spec: clt.CLTSpec, step) -> clt.LossWeights:
+    if not spec.penalised:
         return clt.LossWeights()
     return clt.LossWeights(sparsity=cfg.dictionary.l0_coefficient * sparsity_warmup(cfg.train, step),
                            pre_act=cfg.dictionary.clt.pre_act_coefficient)
@@ -70,7 +71,7 @@ def loss_weights(cfg: Config, step) -> clt.LossWeights:
 
 def unit_norm(cfg: Config, spec: clt.CLTSpec) -> bool:
     """topk CLTs keep each feature's concatenated decoder at norm one (jumprelu's penalty reads the norms)."""
-    return spec.activation == "topk" and cfg.dictionary.unit_norm_decoder
+    return spec.selects_k and cfg.dictionary.unit_norm_decoder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def train_step(cfg: Config, spec: clt.CLTSpec, tx: optax.GradientTransformation,
     d = cfg.dictionary
     rows = clt.replace_outliers(spec, rows, cfg.data.outlier_norm)
     x, y = clt.split_rows(spec, rows)
-    weights = loss_weights(cfg, state.step)
+    weights = loss_weights(cfg, spec, state.step)
     dead = state.tokens_since_fired >= d.dead_tokens
     n_aux = aux_k(cfg, spec) if with_aux else 0
 

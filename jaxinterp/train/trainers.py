@@ -161,12 +161,22 @@ class CLTTrainer:
             log(f"export: no circuit-tracer export ({e})")
 
 
+def _sae_trainer(cfg: Config, source) -> SAETrainer:
+    return SAETrainer(cfg, step.make_spec(cfg, source.d_in, getattr(source, "d_out", None)))
+
+
+def _clt_trainer(cfg: Config, source) -> CLTTrainer:
+    return CLTTrainer(cfg, clt_step.make_spec(cfg, len(source.sites) // 2, source.d_in))
+
+
+TRAINERS: dict[str, Callable] = {"clt": _clt_trainer}
+"""Trainer factories by `dictionary.architecture`; the others (sae, transcoder, skip_transcoder)
+train with `SAETrainer`."""
+
+
 def make_trainer(cfg: Config, source) -> SAETrainer | CLTTrainer:
     """The trainer for `cfg`'s architecture, shaped by the data `source` provides."""
-    if cfg.dictionary.architecture == "clt":
-        n_sites = len(source.sites)
-        return CLTTrainer(cfg, clt_step.make_spec(cfg, n_sites // 2, source.d_in))
-    return SAETrainer(cfg, step.make_spec(cfg, source.d_in, getattr(source, "d_out", None)))
+    return TRAINERS.get(cfg.dictionary.architecture, _sae_trainer)(cfg, source)
 
 
 def trainer_from_run(cfg: Config, spec_json: dict) -> SAETrainer | CLTTrainer:
