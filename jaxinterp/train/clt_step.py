@@ -12,7 +12,6 @@ and a pod slice.
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,7 +24,7 @@ from jaxinterp.sharding import check_sharded_as_declared
 from jaxinterp.train import health, optimizers, sharding
 from jaxinterp.train.schedules import lr_schedule, sparsity_warmup
 from jaxinterp.train.state import TrainState
-from jaxinterp.train.step import INT_MAX, StepFns
+from jaxinterp.train.step import INT_MAX, StepFns, jit_step
 
 GIB = 2**30
 
@@ -216,15 +215,7 @@ def build_step(cfg: Config, spec: clt.CLTSpec, mesh: Mesh, abstract_state: Train
         return train_step(cfg, spec, tx, state, rows, with_aux=True)
 
     def compile_(fn):
-        if max_traces is not None:
-            fn = chex.assert_max_traces(fn, n=max_traces)
-        jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-
-        def run(state, rows):
-            with jax.set_mesh(mesh):
-                return jitted(state, rows)
-
-        return run
+        return jit_step(fn, mesh, state_sh, batch_sh, max_traces=max_traces)
 
     return StepFns(step=compile_(plain), step_aux_k=compile_(with_aux_k) if aux_k(cfg, spec) else None,
                    state_sharding=state_sh, batch_sharding=batch_sh, mesh=mesh)

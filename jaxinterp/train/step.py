@@ -232,18 +232,24 @@ def build_step(
         return train_step(cfg, spec, tx, state, x_bd, aux_k=True)
 
     def compile_(fn):
-        if max_traces is not None:
-            fn = chex.assert_max_traces(fn, n=max_traces)
-        jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-
-        def run(state, x_bd):
-            with jax.set_mesh(mesh):
-                return jitted(state, x_bd)
-
-        return run
+        return jit_step(fn, mesh, state_sh, batch_sh, max_traces=max_traces)
 
     return StepFns(step=compile_(plain), step_aux_k=compile_(with_aux_k) if dl.has_aux_k(spec) else None,
                    state_sharding=state_sh, batch_sharding=batch_sh, mesh=mesh)
+
+
+def jit_step(fn, mesh: Mesh, state_sh, batch_sh: NamedSharding, *, max_traces: int | None = None):
+    """`fn(state, batch) -> (state, metrics)` jitted with declared shardings, the state donated,
+    run under `mesh`; `max_traces` makes retracing an error."""
+    if max_traces is not None:
+        fn = chex.assert_max_traces(fn, n=max_traces)
+    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    return run
 
 
 def place_state(state: TrainState, fns: StepFns) -> TrainState:
