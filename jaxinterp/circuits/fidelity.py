@@ -17,14 +17,13 @@ each next-token prediction of the contexts:
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.circuits.replacement import replacement_forward
 from jaxinterp.dictionaries import clt
+from jaxinterp.dictionaries.artifact import CLTDictionary
 from jaxinterp.models import Plan, forward
 
 
@@ -48,8 +47,9 @@ class _LayerSums:
         self.l0, self.fired, self.rows = np.zeros(spec.n_layers), np.zeros((spec.n_layers, spec.d_sae), bool), 0
 
     def add(self, params: clt.Params, x, y) -> None:
-        a = np.asarray(_encode(self.spec, params, jnp.asarray(x, jnp.float32)))
-        y_hat = np.asarray(_reconstruct(self.spec, params, jnp.asarray(x, jnp.float32)), np.float64)
+        d = CLTDictionary(self.spec, params)
+        a = np.asarray(d.encode(x))
+        y_hat = np.asarray(d.reconstruct(x), np.float64)
         y = np.asarray(y, np.float64)
         self.err2 += ((y_hat - y) ** 2).sum((0, 2))
         self.y1 += y.sum(0)
@@ -66,16 +66,6 @@ class _LayerSums:
                                                                                 self.spec.n_layers),
                 "l0_per_layer": (self.l0 / max(self.rows, 1)).tolist(), "dead_fraction": float(1 - self.fired.mean()),
                 "eval_rows": self.rows}
-
-
-@partial(jax.jit, static_argnums=0)
-def _encode(spec, params, x):
-    return clt.encode(spec, params, x)
-
-
-@partial(jax.jit, static_argnums=0)
-def _reconstruct(spec, params, x):
-    return clt.reconstruct(spec, params, x)
 
 
 def row_fidelity(spec: clt.CLTSpec, params: clt.Params, batches) -> dict:

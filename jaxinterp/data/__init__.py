@@ -19,7 +19,9 @@ def make_source(cfg: Config) -> NpySource | CacheSource | ModelSource | Syntheti
     """The training stream named by `cfg.data.source`."""
     if cfg.data.source == "npy":
         return NpySource(cfg.data, cfg.train.batch_size, cfg.train.seed)
-    clt = cfg.dictionary.architecture == "clt"
+    from jaxinterp.dictionaries import clt as clt_kind
+
+    clt = clt_kind.configured(cfg.dictionary)
     if cfg.data.source == "cache":
         from jaxinterp.data.cache import CacheSource
 

@@ -53,7 +53,9 @@ def clt_sites(clt_cfg, n_model_layers: int) -> tuple[str, ...]:
 
 def source_sites(cfg, n_model_layers: int) -> tuple[str, ...]:
     """The sites a training run of `cfg` (a whole `Config`) reads."""
-    if cfg.dictionary.architecture == "clt":
+    from jaxinterp.dictionaries import clt
+
+    if clt.configured(cfg.dictionary):
         return clt_sites(cfg.dictionary.clt, n_model_layers)
     return site_tuple(cfg.data)
 

@@ -140,7 +140,9 @@ def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype:
             force: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict:
     """Write (or finish writing) the cache of `cfg.data`'s train contexts to `out`; returns its manifest."""
     data, seed, out = cfg.data, cfg.train.seed, Path(out)
-    clt = cfg.dictionary.architecture == "clt"
+    from jaxinterp.dictionaries import clt as clt_kind
+
+    clt = clt_kind.configured(cfg.dictionary)
     if data.site is None and not clt:
         raise DataError("data.site: required to harvest activations, for example blocks.15.resid_post")
     if dtype not in CACHE_DTYPES:

@@ -44,7 +44,15 @@ from jaxinterp.dictionaries import ops, sparse
 from jaxinterp.dictionaries.activations import jumprelu_ste
 from jaxinterp.errors import UsageError
 
+ARCHITECTURE = "clt"
+"""`dictionary.architecture` of a cross-layer transcoder."""
 ACTIVATIONS = ("jumprelu", "topk")
+
+
+def configured(dictionary_cfg) -> bool:
+    """Whether a `DictionaryConfig` asks for a cross-layer transcoder (which reads every covered
+    layer's sites instead of `data.site`)."""
+    return dictionary_cfg.architecture == ARCHITECTURE
 INPUT_POINTS = ("resid_mid", "mlp_in")
 Params = dict[str, jax.Array]
 

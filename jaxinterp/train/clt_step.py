@@ -20,11 +20,10 @@ from jax.sharding import Mesh
 from jaxinterp.config import Config, ConfigError
 from jaxinterp import dictionaries as dl
 from jaxinterp.dictionaries import clt
-from jaxinterp.sharding import check_sharded_as_declared
-from jaxinterp.train import health, optimizers, sharding
+from jaxinterp.train import health, optimizers
 from jaxinterp.train.schedules import lr_schedule, sparsity_warmup
 from jaxinterp.train.state import TrainState
-from jaxinterp.train.step import INT_MAX, StepFns, jit_step
+from jaxinterp.train.step import INT_MAX, StepFns, compile_steps
 
 GIB = 2**30
 
@@ -202,11 +201,6 @@ def build_step(cfg: Config, spec: clt.CLTSpec, mesh: Mesh, abstract_state: Train
                max_traces: int | None = None) -> StepFns:
     """Jit `train_step` over `mesh` with declared shardings (the state donated)."""
     tx = make_optimizer(cfg, spec)
-    axes = state_axes(spec)
-    state_sh = sharding.tree_shardings(mesh, abstract_state, axes)
-    check_sharded_as_declared(mesh, {k: axes[k] for k in abstract_state.params}, state_sh.params,
-                              {k: tuple(v.shape) for k, v in abstract_state.params.items()})
-    batch_sh = sharding.batch_sharding(mesh, cfg.train.batch_size)
 
     def plain(state, rows):
         return train_step(cfg, spec, tx, state, rows)
@@ -214,8 +208,5 @@ def build_step(cfg: Config, spec: clt.CLTSpec, mesh: Mesh, abstract_state: Train
     def with_aux_k(state, rows):
         return train_step(cfg, spec, tx, state, rows, with_aux=True)
 
-    def compile_(fn):
-        return jit_step(fn, mesh, state_sh, batch_sh, max_traces=max_traces)
-
-    return StepFns(step=compile_(plain), step_aux_k=compile_(with_aux_k) if aux_k(cfg, spec) else None,
-                   state_sharding=state_sh, batch_sharding=batch_sh, mesh=mesh)
+    return compile_steps(mesh, abstract_state, state_axes(spec), cfg.train.batch_size, plain,
+                         with_aux_k if aux_k(cfg, spec) else None, max_traces=max_traces)

@@ -220,10 +220,6 @@ def build_step(
 ) -> StepFns:
     """Jit `train_step` over `mesh` with declared shardings; `max_traces` makes retracing an error."""
     tx = make_optimizer(cfg, spec)
-    state_sh = sharding.tree_shardings(mesh, abstract_state)
-    check_sharded_as_declared(mesh, {k: sharding.PARAM_AXES[k] for k in abstract_state.params}, state_sh.params,
-                              {k: tuple(v.shape) for k, v in abstract_state.params.items()})
-    batch_sh = sharding.batch_sharding(mesh, cfg.train.batch_size)
 
     def plain(state, x_bd):
         return train_step(cfg, spec, tx, state, x_bd)
@@ -231,25 +227,34 @@ def build_step(
     def with_aux_k(state, x_bd):
         return train_step(cfg, spec, tx, state, x_bd, aux_k=True)
 
+    return compile_steps(mesh, abstract_state, sharding.PARAM_AXES, cfg.train.batch_size, plain,
+                         with_aux_k if dl.has_aux_k(spec) else None, max_traces=max_traces)
+
+
+def compile_steps(mesh: Mesh, abstract_state: TrainState, axes: dict, batch_size: int, plain, with_aux_k, *,
+                  max_traces: int | None = None) -> StepFns:
+    """The `StepFns` of step functions `(state, batch) -> (state, metrics)` (`with_aux_k` may be
+    None): the state's shardings from the logical `axes` table (checked against the declaration),
+    the batch split over `data`, each jitted with the state donated and run under `mesh`;
+    `max_traces` makes retracing an error."""
+    state_sh = sharding.tree_shardings(mesh, abstract_state, axes)
+    check_sharded_as_declared(mesh, {k: axes[k] for k in abstract_state.params}, state_sh.params,
+                              {k: tuple(v.shape) for k, v in abstract_state.params.items()})
+    batch_sh = sharding.batch_sharding(mesh, batch_size)
+
     def compile_(fn):
-        return jit_step(fn, mesh, state_sh, batch_sh, max_traces=max_traces)
+        if max_traces is not None:
+            fn = chex.assert_max_traces(fn, n=max_traces)
+        jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
-    return StepFns(step=compile_(plain), step_aux_k=compile_(with_aux_k) if dl.has_aux_k(spec) else None,
+        def run(state, batch):
+            with jax.set_mesh(mesh):
+                return jitted(state, batch)
+
+        return run
+
+    return StepFns(step=compile_(plain), step_aux_k=None if with_aux_k is None else compile_(with_aux_k),
                    state_sharding=state_sh, batch_sharding=batch_sh, mesh=mesh)
-
-
-def jit_step(fn, mesh: Mesh, state_sh, batch_sh: NamedSharding, *, max_traces: int | None = None):
-    """`fn(state, batch) -> (state, metrics)` jitted with declared shardings, the state donated,
-    run under `mesh`; `max_traces` makes retracing an error."""
-    if max_traces is not None:
-        fn = chex.assert_max_traces(fn, n=max_traces)
-    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-
-    def run(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
-
-    return run
 
 
 def place_state(state: TrainState, fns: StepFns) -> TrainState:
