@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinterp.errors import ModelFileError
-from jaxinterp.models.intercept import Plan, Recorder
+from jaxinterp.models.intercept import HELD, Plan, Recorder
 from jaxinterp.models.kvcache import CacheWriter
 
 
@@ -82,20 +83,31 @@ class ForwardResult(NamedTuple):
     logits: jax.Array | None
     """[B, T, V] float32, or None when the forward stopped early."""
     captured: dict[str, jax.Array]
-    """Captured site values [B, T, D]."""
+    """Captured site values [B, T, D]; a linearised forward (`Plan.linearise`) adds what it froze
+    under `HELD` (norm scales, queries and keys, by name)."""
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+Hold = Callable[[Any], Any] | None
+"""`Recorder.hold(name)`: what a linearised forward does with a value it freezes (the norm scales,
+the attention's queries and keys), or None in an ordinary forward."""
+
+
+def _held(hold: Hold, x):
+    return x if hold is None else hold(x)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, hold: Hold = None) -> jax.Array:
+    """`hold`: applied to the 1/rms scale [..., 1] (a linearised forward freezes it)."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * _held(hold, jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float, hold: Hold = None) -> jax.Array:
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    y = (x32 - mean) * _held(hold, jax.lax.rsqrt(var + eps))
     return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -142,10 +154,10 @@ class Norm(nnx.Module):
         self.weight = _ones((cfg.d_model,), dtype)
         self.bias = _zeros((cfg.d_model,), dtype) if cfg.norm == "layer" else None
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, hold: Hold = None) -> jax.Array:
         if self.bias is None:
-            return rms_norm(x_btd, self.weight[...], self.eps)
-        return layer_norm(x_btd, self.weight[...], self.bias[...], self.eps)
+            return rms_norm(x_btd, self.weight[...], self.eps, hold)
+        return layer_norm(x_btd, self.weight[...], self.bias[...], self.eps, hold)
 
 
 def _linear(x: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
@@ -185,26 +197,29 @@ class Block(nnx.Module):
             kk = rope(kk, positions_bt, cfg.rope_theta, cfg.rope_layout)
         return q, kk, v
 
-    def attend(self, cfg: DecoderConfig, q_bthk, k_bsgk, v_bsgk, mask_bts):
-        """Attention output [B, T, D] (after the output projection) over keys/values [B, S, G, K]."""
+    def attend(self, cfg: DecoderConfig, q_bthk, k_bsgk, v_bsgk, mask_bts, hold: Hold = None, hold_norm: Hold = None):
+        """Attention output [B, T, D] (after the output projection) over keys/values [B, S, G, K].
+        `hold`: applied to (queries, keys), which make the pattern (a linearised forward freezes
+        them); `hold_norm`: to the post-norm's scale."""
         b, t, h, k = q_bthk.shape
         g = cfg.n_kv_heads
         scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(k)
-        q = q_bthk.reshape(b, t, g, h // g, k).astype(jnp.float32)
-        scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_bsgk.astype(jnp.float32)) * scale
+        q_s, k_s = _held(hold, (q_bthk, k_bsgk))
+        q = q_s.reshape(b, t, g, h // g, k).astype(jnp.float32)
+        scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_s.astype(jnp.float32)) * scale
         scores = softcap(scores, cfg.attn_softcap)
         scores = jnp.where(mask_bts[:, None, None], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk.astype(jnp.float32)).reshape(b, t, h * k)
         out = _linear(out.astype(q_bthk.dtype), self.wo, self.bo)
-        return out if self.post_attn_norm is None else self.post_attn_norm(out)
+        return out if self.post_attn_norm is None else self.post_attn_norm(out, hold_norm)
 
-    def mlp(self, cfg: DecoderConfig, x_btd):
+    def mlp(self, cfg: DecoderConfig, x_btd, hold_norm: Hold = None):
         act = ACTIVATIONS[cfg.activation]
         up = _linear(x_btd, self.w_up, self.b_up)
         hidden = act(up) if self.w_gate is None else act(x_btd @ self.w_gate[...]) * up
         out = _linear(hidden, self.w_down, self.b_down)
-        return out if self.post_mlp_norm is None else self.post_mlp_norm(out)
+        return out if self.post_mlp_norm is None else self.post_mlp_norm(out, hold_norm)
 
 
 def layer_mask(cfg: DecoderConfig, layer: int, mask_bts: jax.Array, qpos_bt: jax.Array, kpos_bs: jax.Array):
@@ -243,7 +258,7 @@ class Decoder(nnx.Module):
         """Logits [B, T, V] (None when the plan stops early). Without a cache, queries attend over
         the same T positions (`mask_bts` is [B, T, T]); with one, this forward's keys/values are
         written into it and queries attend over all its slots (`mask_bts` is `cache.mask_bts`)."""
-        cfg = self.cfg
+        cfg, hold = self.cfg, rec.hold
         kpos_bs = positions_bt if cache is None else cache.pos
         x = rec("embed", self.embed_tokens(tokens_bt, positions_bt))
         last = rec.plan.last_layer(cfg.n_layers)
@@ -253,20 +268,21 @@ class Decoder(nnx.Module):
             x = rec(f"blocks.{i}.resid_pre", x)
             if rec.done():
                 return None
-            q, k, v = blk.qkv(cfg, blk.attn_norm(x), positions_bt)
+            q, k, v = blk.qkv(cfg, blk.attn_norm(x, hold(f"blocks.{i}.attn_norm")), positions_bt)
             if cache is not None:
                 k, v = cache.write(i, k, v)
             mask = layer_mask(cfg, i, mask_bts, positions_bt, kpos_bs)
-            attn = rec(f"blocks.{i}.attn_out", blk.attend(cfg, q, k, v, mask))
+            attn = rec(f"blocks.{i}.attn_out", blk.attend(cfg, q, k, v, mask, hold(f"blocks.{i}.qk"),
+                                                          hold(f"blocks.{i}.post_attn_norm")))
             x = rec(f"blocks.{i}.resid_mid", x + attn)
             if rec.done():
                 return None
-            h = rec(f"blocks.{i}.mlp_in", blk.mlp_norm(x))
-            mlp = rec(f"blocks.{i}.mlp_out", blk.mlp(cfg, h))
+            h = rec(f"blocks.{i}.mlp_in", blk.mlp_norm(x, hold(f"blocks.{i}.mlp_norm")))
+            mlp = rec(f"blocks.{i}.mlp_out", blk.mlp(cfg, h, hold(f"blocks.{i}.post_mlp_norm")))
             x = rec(f"blocks.{i}.resid_post", x + mlp)
         if rec.done():
             return None
-        x = rec("final", self.final_norm(x))
+        x = rec("final", self.final_norm(x, hold("final_norm")))
         if rec.done():
             return None
         return self.logits(x)
@@ -284,13 +300,18 @@ def positions_of(attention_mask_bt: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=1) - 1, 0)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "plan"))
-def _forward(graphdef, state, tokens_bt, attention_mask_bt, edit_params, plan: Plan) -> ForwardResult:
+def traced_forward(graphdef, state, tokens_bt, attention_mask_bt, edit_params, plan: Plan) -> ForwardResult:
+    """The forward on a split model, for use inside a caller's own `jit` (the weights stay arguments,
+    never constants of the compiled function)."""
     model = nnx.merge(graphdef, state)
     positions = positions_of(attention_mask_bt)
     rec = Recorder(plan, edit_params, positions)
     logits = model(tokens_bt, positions, causal_mask(attention_mask_bt), rec)
-    return ForwardResult(logits=logits, captured=rec.captured)
+    captured = rec.captured | ({HELD: rec.held} if plan.linearise else {})
+    return ForwardResult(logits=logits, captured=captured)
+
+
+_forward = jax.jit(traced_forward, static_argnames=("graphdef", "plan"))
 
 
 def forward(

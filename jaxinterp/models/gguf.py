@@ -254,6 +254,13 @@ class Tokenizer:
             return list(self._tok.encode(text, add_special_tokens=True).ids)
         return self.encode(text, add_bos=self.add_bos_token)
 
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids of the vocabulary's special tokens (BOS, EOS, chat markers, ...)."""
+        added = self._tok.get_added_tokens_decoder()
+        ids = {i for i, t in added.items() if t.special} | {self.bos_id, self.eos_id}
+        return tuple(sorted(i for i in ids if i is not None))
+
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 

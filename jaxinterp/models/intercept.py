@@ -36,6 +36,11 @@ positions_bt)` under `name` (a cross-layer transcoder encodes each layer's featu
 input site, and every later mlp_out it writes to reads them)."""
 
 
+HELD = "held"
+"""Key of the frozen values in a linearised forward's edit parameters and captured values; names are
+`blocks.{i}.{attn_norm, qk, post_attn_norm, mlp_norm, post_mlp_norm}` and `final_norm`."""
+
+
 class SiteError(JaxinterpError):
     """A site name that does not exist in the model; the message lists what does."""
 
@@ -83,6 +88,12 @@ class Plan:
     derive: tuple[tuple[str, str, EditFn], ...] = ()
     """(name, site, fn): at `site`, after its edit, store fn(x, edit_params[name], positions) under
     `name` for later edits to read; the site's value is left as it is."""
+    linearise: bool = False
+    """Freeze the attention patterns and every norm's scale: each is computed (or taken from
+    `edit_params[HELD][name]` when given there) and used under `stop_gradient`, and returned in
+    `captured[HELD]`. With nothing given the forward's value is the model's and its derivatives are
+    those of the model with patterns and norm scales frozen; with the values of another forward it
+    is that frozen model evaluated here (attribution; the MLPs are frozen by edits at `mlp_out`)."""
 
     def validate(self, n_layers: int) -> None:
         for s in self.capture + tuple(e[0] for e in self.edits) + tuple(d[1] for d in self.derive):
@@ -127,6 +138,21 @@ class Recorder:
         self._capture = set(plan.capture)
         self.captured: dict[str, jax.Array] = {}
         self._read: dict[str, jax.Array] = {}
+        self._given = self.edit_params.get(HELD) or {}
+        self.held: dict[str, Any] = {}
+
+    def hold(self, name: str):
+        """What a value named `name` goes through in this forward: None (used as computed) unless the
+        plan linearises; then the given value of that name if any, frozen, and kept in `held`."""
+        if not self.plan.linearise:
+            return None
+
+        def fn(x):
+            x = self._given.get(name, x)
+            self.held[name] = x
+            return jax.tree.map(jax.lax.stop_gradient, x)
+
+        return fn
 
     def __call__(self, site: str, x: jax.Array) -> jax.Array:
         edit = self._edits.get(site)
