@@ -46,8 +46,8 @@ from flax import nnx
 from jaxinterp.dictionaries import clt
 from jaxinterp.errors import UsageError
 from jaxinterp.models import Plan
-from jaxinterp.models.decoder import traced_forward
-from jaxinterp.models.intercept import HELD
+from jaxinterp.models.decoder import causal_mask, traced_forward
+from jaxinterp.models.intercept import HELD, Recorder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,15 +172,21 @@ class Prompt:
     """[T, D]"""
     held: dict
     """The frozen norm scales, queries and keys of this forward (`Plan.linearise`)."""
+    resid_pre: jax.Array
+    """[L, T, D] every block's input."""
+    resid_last: jax.Array
+    """[T, D] the last block's output (the final norm's input)."""
     mlp_const: jax.Array
     """[L, T, D] each MLP's output less its skip path: a constant of the linearised model."""
 
 
 def _site_values(model, tokens, spec: clt.CLTSpec):
     inputs, _ = clt.sites(spec)
-    outs = tuple(f"blocks.{j}.mlp_out" for j in range(model.cfg.n_layers))
+    n = model.cfg.n_layers
+    outs = tuple(f"blocks.{j}.mlp_out" for j in range(n))
+    resid = tuple(f"blocks.{j}.resid_pre" for j in range(n)) + (f"blocks.{n - 1}.resid_post",)
     graphdef, state = nnx.split(model)
-    plan = Plan(capture=inputs + outs, linearise=True)
+    plan = Plan(capture=tuple(dict.fromkeys(inputs + outs + resid)), linearise=True)
     return _capture(graphdef, state, jnp.asarray(tokens, jnp.int32)[None], plan), inputs, outs
 
 
@@ -244,7 +250,9 @@ def prepare(model, tokens, spec: clt.CLTSpec, params: clt.Params) -> Prompt:
     l, p, f = np.nonzero(a)  # row-major: sorted by (layer, position, feature)
     return Prompt(tokens=tokens, logits=np.asarray(logits), feat_layer=(l + first).astype(np.int32),
                   feat_pos=p.astype(np.int32), feat_id=f.astype(np.int32), feat_act=a[l, p, f].astype(np.float32),
-                  errors=errors, token_vectors=_token_vectors(model, tokens), held=cap[HELD], mlp_const=const)
+                  errors=errors, token_vectors=_token_vectors(model, tokens), held=cap[HELD], mlp_const=const,
+                  resid_pre=jnp.stack([cap[f"blocks.{j}.resid_pre"][0] for j in range(cfg.n_layers)]),
+                  resid_last=cap[f"blocks.{cfg.n_layers - 1}.resid_post"][0])
 
 
 # --- the linearised map and its rows -------------------------------------------------------------
@@ -253,7 +261,7 @@ def prepare(model, tokens, spec: clt.CLTSpec, params: clt.Params) -> Prompt:
 def _frozen_mlp(skip: bool, x_btd, p, positions_bt, *read):
     """skip + (mlp_out - skip of the prompt's forward, a constant) + delta."""
     del positions_bt
-    out = jax.lax.stop_gradient(p["const"]) + p["delta"]
+    out = jax.lax.stop_gradient(p["const"]) + p.get("delta", 0.0)
     if skip:
         (x_in,) = read
         out = out + ((x_in.astype(jnp.float32) * p["norm_in"]) @ p["W_skip"] / p["norm_out"]).astype(x_btd.dtype)
@@ -321,9 +329,10 @@ class _Shapes:
 
     n_layers: int
     rows: int
-    writes: int
+    slots: int
+    """Feature writes per (layer, position), padded."""
     features: int
-    chunk: int
+    """Feature columns, padded (the last ones are a sink for padded writes)."""
 
 
 def _decoder_table(spec: clt.CLTSpec, params) -> tuple[jax.Array, np.ndarray]:
@@ -333,20 +342,31 @@ def _decoder_table(spec: clt.CLTSpec, params) -> tuple[jax.Array, np.ndarray]:
     return table, offsets
 
 
-def _writes(spec: clt.CLTSpec, prompt: Prompt, offsets: np.ndarray, norm_out: np.ndarray):
-    """Per (feature, target layer) write: (feature index, flat target (layer * T + position), decoder
-    table row, scale a / norm_out[target])."""
-    first, n_pos = spec.first_layer, len(prompt.tokens)
+def _slots(spec: clt.CLTSpec, prompt: Prompt, n_layers: int, offsets: np.ndarray, norm_out: np.ndarray):
+    """The features' writes grouped by where they land: [L, T, S] arrays of (feature index, decoder
+    table row, scale a / norm_out[target]); empty slots point at feature `n` (a sink) with scale 0."""
+    first, n_pos, n = spec.first_layer, len(prompt.tokens), len(prompt.feat_act)
+    t_of = np.asarray([spec.targets(i) for i in range(spec.n_layers)])
     l = prompt.feat_layer - first
-    t_l = np.asarray([spec.targets(i) for i in range(spec.n_layers)])[l]
-    feat = np.repeat(np.arange(len(l)), t_l)
+    t_l = t_of[l]
+    feat = np.repeat(np.arange(n), t_l)
     t = np.arange(len(feat)) - np.repeat(np.cumsum(t_l) - t_l, t_l)
     src = np.repeat(l, t_l)
     target = src + t
-    row = offsets[src] + np.repeat(prompt.feat_id, t_l) * np.asarray([spec.targets(i) for i in range(spec.n_layers)])[src] + t
+    row = offsets[src] + np.repeat(prompt.feat_id, t_l) * t_of[src] + t
     scale = np.repeat(prompt.feat_act, t_l) / norm_out[target]
-    flat = (target + first) * n_pos + np.repeat(prompt.feat_pos, t_l)
-    return feat.astype(np.int32), flat.astype(np.int32), row.astype(np.int32), scale.astype(np.float32)
+    where = (target + first) * n_pos + np.repeat(prompt.feat_pos, t_l)
+    order = np.argsort(where, kind="stable")
+    where, feat, row, scale = where[order], feat[order], row[order], scale[order]
+    counts = np.bincount(where, minlength=n_layers * n_pos)
+    s = max(8, -(-int(counts.max(initial=0)) // 8) * 8)
+    slot = np.arange(len(where)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out_feat = np.full((n_layers * n_pos, s), n, np.int32)
+    out_row = np.zeros((n_layers * n_pos, s), np.int32)
+    out_scale = np.zeros((n_layers * n_pos, s), np.float32)
+    out_feat[where, slot], out_row[where, slot], out_scale[where, slot] = feat, row, scale
+    shape = (n_layers, n_pos, s)
+    return out_feat.reshape(shape), out_row.reshape(shape), out_scale.reshape(shape)
 
 
 def _bucket(n: int, quantum: int = 256) -> int:
@@ -357,54 +377,84 @@ def _bucket(n: int, quantum: int = 256) -> int:
     return -(-n // step) * step
 
 
+def block_plan(spec: clt.CLTSpec, layer: int) -> Plan:
+    """Block `layer` of the linearised model alone: its MLP frozen (skip path live), its covered
+    input site captured."""
+    inputs, _ = clt.sites(spec)
+    l = layer - spec.first_layer
+    covered = 0 <= l < spec.n_layers
+    skip = spec.skip and covered
+    edit = (f"blocks.{layer}.mlp_out", partial(_frozen_mlp, skip), *((inputs[l],) if skip else ()))
+    return Plan(capture=(inputs[l],) if covered else (), edits=(edit,), linearise=True)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "spec", "shapes"))
-def _rows(graphdef, state, tokens, spec: clt.CLTSpec, params, held, mlp_const, shapes: _Shapes, table, writes, errors,
-          token_vectors, t_layer, t_pos, t_vec):
-    """Rows [R, F_pad + L T + T] for targets (layer index into covered layers, Lc for the logits;
-    position; readout vector [D]): the edges from every active feature (padded), error and token."""
-    n_layers = shapes.n_layers
-    f, zeros = _linearised(graphdef, state, tokens, spec, params, held, mlp_const)
-    _, vjp = jax.vjp(f, zeros)
-    t, d = tokens.shape[0], spec.d_model
+def _rows(graphdef, state, spec: clt.CLTSpec, params, consts, shapes: _Shapes, table, slots, t_layer, t_pos, t_vec):
+    """Rows [R, F_pad + L T + T] for targets (covered layer index, Lc for the logits; position;
+    readout vector [D]): one backward sweep of the linearised model, layer by layer, each block's VJP
+    applied to the R rows' gradients at once (`vmap`); the edges into every node that writes at a
+    layer's mlp_out are read off the gradient there before the sweep moves below it."""
+    model = nnx.merge(graphdef, state)
+    n_pos, d, r = consts["tokens"].shape[0], spec.d_model, t_layer.shape[0]
+    positions = jnp.arange(n_pos, dtype=jnp.int32)[None]
+    mask = causal_mask(jnp.ones((1, n_pos), jnp.int32))
+    held = consts["held"]
+    inputs, _ = clt.sites(spec)
 
-    def one(layer, pos, vec):
-        ct_in = jnp.zeros((spec.n_layers, t, d), jnp.float32).at[layer, pos].set(
-            jnp.where(layer < spec.n_layers, vec, 0.0), mode="drop")
-        ct_final = jnp.zeros((t, d), jnp.float32).at[pos].set(jnp.where(layer == spec.n_layers, vec, 0.0))
-        (g,) = vjp((ct_in, ct_final))
-        return g
+    def cotangent(l):
+        return jnp.zeros((r, n_pos, d), jnp.float32).at[jnp.arange(r), t_pos].set(
+            jnp.where((t_layer == l)[:, None], t_vec, 0.0))
 
-    g = jax.vmap(one)(t_layer, t_pos, t_vec)
-    g_embed, g_mlp = g["embed"].astype(jnp.float32), g["mlp"].astype(jnp.float32)  # [R, T, D], [R, L, T, D]
-    tok = jnp.einsum("rtd,td->rt", g_embed, token_vectors)
-    err = jnp.einsum("rltd,ltd->rlt", g_mlp, errors).reshape(t_layer.shape[0], -1)
-    g_flat = g_mlp.reshape(t_layer.shape[0], n_layers * t, d)
-    feat_ix, flat, row, scale = writes
-    c = shapes.chunk
+    def final_fn(x_td):
+        rec = Recorder(Plan(linearise=True), {HELD: held}, positions)
+        return model.final_norm(x_td[None], rec.hold("final_norm"))[0].astype(jnp.float32)
 
-    def body(i, acc):
-        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * c, c)  # noqa: E731
-        vecs = jnp.take(table, sl(row), axis=0) * sl(scale)[:, None]  # [C, D]
-        gs = jnp.take(g_flat, sl(flat), axis=1)  # [R, C, D]
-        dots = jnp.einsum("rcd,cd->rc", gs, vecs)
-        return acc.at[:, sl(feat_ix)].add(dots)
+    _, vjp = jax.vjp(final_fn, consts["resid_last"])
+    g = jax.vmap(lambda c: vjp(c.astype(consts["resid_last"].dtype))[0])(cotangent(spec.n_layers))
+    feats = jnp.zeros((r, shapes.features), jnp.float32)
+    errs = []
+    s_feat, s_row, s_scale = slots
+    for i in reversed(range(shapes.n_layers)):
+        g32 = g.astype(jnp.float32)  # [R, T, D]: the gradient at block i's mlp_out (= its resid_post)
+        errs.append(jnp.einsum("rtd,td->rt", g32, consts["errors"][i]))
+        vecs = jnp.take(table, s_row[i], axis=0) * s_scale[i][..., None]  # [T, S, D]
+        feats = feats.at[:, s_feat[i]].add(jnp.einsum("rtd,tsd->rts", g32, vecs))
+        l = i - spec.first_layer
+        covered = 0 <= l < spec.n_layers
+        plan = block_plan(spec, i)
+        ep = {HELD: held, f"blocks.{i}.mlp_out": {"const": consts["mlp_const"][i][None]}}
+        if spec.skip and covered:
+            ep[f"blocks.{i}.mlp_out"] |= {"W_skip": params["W_skip"][l], "norm_in": params["norm_in"][l],
+                                          "norm_out": params["norm_out"][l]}
 
-    feats = jax.lax.fori_loop(0, shapes.writes // c, body, jnp.zeros((t_layer.shape[0], shapes.features), jnp.float32))
+        def blk_fn(x_td, i=i, plan=plan, ep=ep, covered=covered, l=l):
+            rec = Recorder(plan, ep, positions)
+            y = model.block(i, x_td[None], positions, mask, positions, rec)[0]
+            read = rec.captured[inputs[l]][0] if covered else jnp.zeros_like(y)
+            return y, read
+
+        _, vjp = jax.vjp(blk_fn, consts["resid_pre"][i])
+        dt = consts["resid_pre"].dtype
+        ct_in = cotangent(l) if covered else jnp.zeros((r, n_pos, d), jnp.float32)
+        g = jax.vmap(lambda a, b: vjp((a, b.astype(dt)))[0])(g, ct_in)
+    tok = jnp.einsum("rtd,td->rt", g.astype(jnp.float32), consts["token_vectors"])
+    err = jnp.stack(errs[::-1], axis=1).reshape(r, -1)
     return jnp.concatenate([feats, err, tok], axis=1)
 
 
-def _row_bytes(n_layers: int, n_pos: int, d_model: int, n_cols: int) -> int:
-    """Working bytes of one row in a chunk: its cotangent and gradients at every write and read point
-    (about three [L + 1, T, D] float32 arrays live at once in the VJP) and the row itself."""
-    return 4 * (3 * (n_layers + 1) * n_pos * d_model + n_cols)
+def _row_bytes(n_pos: int, d_model: int, n_cols: int, slots: int) -> int:
+    """Working bytes of one row in a chunk: a few [T, D] gradients and cotangents, the [T, S] dots of
+    one layer and the row itself, float32."""
+    return 4 * (8 * n_pos * d_model + n_pos * slots + n_cols)
 
 
-def chunk_rows(cfg: AttributionConfig, n_layers: int, n_pos: int, d_model: int, n_cols: int) -> int:
+def chunk_rows(cfg: AttributionConfig, n_pos: int, d_model: int, n_cols: int, slots: int) -> int:
     """Rows per chunk: as many as `memory_gib` holds, at most `batch_size`, a power of two."""
-    fit = int(cfg.memory_gib * 2**30) // _row_bytes(n_layers, n_pos, d_model, n_cols)
+    need = _row_bytes(n_pos, d_model, n_cols, slots)
+    fit = int(cfg.memory_gib * 2**30) // need
     if fit < 1:
-        raise UsageError(f"one row of a {n_pos}-token prompt needs {_row_bytes(n_layers, n_pos, d_model, n_cols) / 2**30:.2f} "
-                         f"GiB, over memory_gib={cfg.memory_gib}; raise it or shorten the prompt")
+        raise UsageError(f"one row of a {n_pos}-token prompt needs {need / 2**30:.2f} GiB, over "
+                         f"memory_gib={cfg.memory_gib}; raise it or shorten the prompt")
     return 2 ** int(math.log2(min(fit, cfg.batch_size)))
 
 
@@ -417,20 +467,15 @@ class RowComputer:
         self.n_layers, t, d = model.cfg.n_layers, len(prompt.tokens), spec.d_model
         self.n_feat = len(prompt.feat_act)
         self.n_cols = self.n_feat + (self.n_layers + 1) * t
-        self.chunk = chunk_rows(cfg, self.n_layers, t, d, self.n_cols)
         table, offsets = _decoder_table(spec, params)
-        feat, flat, row, scale = _writes(spec, prompt, offsets, np.asarray(params["norm_out"]))
-        # writes in chunks of C: [R, C, D] gathered gradients within a quarter of the budget
-        c = 2 ** int(math.log2(max(64, min(8192, int(cfg.memory_gib * 2**30) // (16 * self.chunk * d)))))
-        n_w = max(_bucket(len(feat)), c)
-        n_w = -(-n_w // c) * c
-        pad = n_w - len(feat)
-        n_f = _bucket(self.n_feat + 1)
-        self.writes = tuple(jnp.asarray(np.concatenate([a, np.full(pad, v, a.dtype)]))
-                            for a, v in ((feat, self.n_feat), (flat, 0), (row, 0), (scale, 0.0)))
-        self.shapes = _Shapes(self.n_layers, self.chunk, n_w, n_f, c)
+        slots = _slots(spec, prompt, self.n_layers, offsets, np.asarray(params["norm_out"]))
+        self.chunk = chunk_rows(cfg, t, d, self.n_cols, slots[0].shape[-1])
+        self.slots = tuple(jnp.asarray(a) for a in slots)
+        self.shapes = _Shapes(self.n_layers, self.chunk, slots[0].shape[-1], _bucket(self.n_feat + 1))
         self.table = table
-        self.tokens = jnp.asarray(prompt.tokens)
+        self.consts = {"tokens": jnp.asarray(prompt.tokens), "held": prompt.held, "mlp_const": prompt.mlp_const,
+                       "resid_pre": prompt.resid_pre, "resid_last": prompt.resid_last, "errors": prompt.errors,
+                       "token_vectors": prompt.token_vectors}
         self.enc = params["W_enc"] * params["norm_in"][:, None, None]  # [Lc, D, F] readouts at the input sites
         self.n_rows = 0
 
@@ -443,13 +488,11 @@ class RowComputer:
         for s in range(0, n, r):
             e = min(s + r, n)
             pad = r - (e - s)
-            lay = jnp.asarray(np.concatenate([layers[s:e], np.zeros(pad, np.int32)]), jnp.int32)
+            lay = jnp.asarray(np.concatenate([layers[s:e], np.full(pad, -1, np.int32)]), jnp.int32)
             pos = jnp.asarray(np.concatenate([positions[s:e], np.zeros(pad, np.int32)]), jnp.int32)
             vec = jnp.concatenate([vectors[s:e], jnp.zeros((pad, self.spec.d_model), jnp.float32)])
-            p = self.prompt
-            rows = _rows(self.graphdef, self.state, self.tokens, self.spec, self.params, p.held, p.mlp_const,
-                         self.shapes, self.table, self.writes, p.errors, p.token_vectors, lay, pos, vec)
-            rows = np.asarray(rows)
+            rows = np.asarray(_rows(self.graphdef, self.state, self.spec, self.params, self.consts, self.shapes,
+                                    self.table, self.slots, lay, pos, vec))
             out[s:e, : self.n_feat] = rows[: e - s, : self.n_feat]
             out[s:e, self.n_feat:] = rows[: e - s, self.shapes.features:]
         self.n_rows += n

@@ -253,36 +253,42 @@ class Decoder(nnx.Module):
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return softcap((x_btd @ head).astype(jnp.float32), self.cfg.final_softcap)
 
+    def block(self, i: int, x, positions_bt, mask_bts, kpos_bs, rec: Recorder, cache: CacheWriter | None = None):
+        """Block i from its resid_pre to its resid_post (None when the plan is done inside it)."""
+        cfg, hold, blk = self.cfg, rec.hold, self.blocks[i]
+        x = rec(f"blocks.{i}.resid_pre", x)
+        if rec.done():
+            return None
+        q, k, v = blk.qkv(cfg, blk.attn_norm(x, hold(f"blocks.{i}.attn_norm")), positions_bt)
+        if cache is not None:
+            k, v = cache.write(i, k, v)
+        mask = layer_mask(cfg, i, mask_bts, positions_bt, kpos_bs)
+        attn = rec(f"blocks.{i}.attn_out", blk.attend(cfg, q, k, v, mask, hold(f"blocks.{i}.qk"),
+                                                      hold(f"blocks.{i}.post_attn_norm")))
+        x = rec(f"blocks.{i}.resid_mid", x + attn)
+        if rec.done():
+            return None
+        h = rec(f"blocks.{i}.mlp_in", blk.mlp_norm(x, hold(f"blocks.{i}.mlp_norm")))
+        mlp = rec(f"blocks.{i}.mlp_out", blk.mlp(cfg, h, hold(f"blocks.{i}.post_mlp_norm")))
+        return rec(f"blocks.{i}.resid_post", x + mlp)
+
     def __call__(self, tokens_bt, positions_bt, mask_bts, rec: Recorder,
                  cache: CacheWriter | None = None) -> jax.Array | None:
         """Logits [B, T, V] (None when the plan stops early). Without a cache, queries attend over
         the same T positions (`mask_bts` is [B, T, T]); with one, this forward's keys/values are
         written into it and queries attend over all its slots (`mask_bts` is `cache.mask_bts`)."""
-        cfg, hold = self.cfg, rec.hold
         kpos_bs = positions_bt if cache is None else cache.pos
         x = rec("embed", self.embed_tokens(tokens_bt, positions_bt))
-        last = rec.plan.last_layer(cfg.n_layers)
-        for i, blk in enumerate(self.blocks):
+        last = rec.plan.last_layer(self.cfg.n_layers)
+        for i in range(self.cfg.n_layers):
             if i > last or rec.done():
                 return None
-            x = rec(f"blocks.{i}.resid_pre", x)
-            if rec.done():
+            x = self.block(i, x, positions_bt, mask_bts, kpos_bs, rec, cache)
+            if x is None:
                 return None
-            q, k, v = blk.qkv(cfg, blk.attn_norm(x, hold(f"blocks.{i}.attn_norm")), positions_bt)
-            if cache is not None:
-                k, v = cache.write(i, k, v)
-            mask = layer_mask(cfg, i, mask_bts, positions_bt, kpos_bs)
-            attn = rec(f"blocks.{i}.attn_out", blk.attend(cfg, q, k, v, mask, hold(f"blocks.{i}.qk"),
-                                                          hold(f"blocks.{i}.post_attn_norm")))
-            x = rec(f"blocks.{i}.resid_mid", x + attn)
-            if rec.done():
-                return None
-            h = rec(f"blocks.{i}.mlp_in", blk.mlp_norm(x, hold(f"blocks.{i}.mlp_norm")))
-            mlp = rec(f"blocks.{i}.mlp_out", blk.mlp(cfg, h, hold(f"blocks.{i}.post_mlp_norm")))
-            x = rec(f"blocks.{i}.resid_post", x + mlp)
         if rec.done():
             return None
-        x = rec("final", self.final_norm(x, hold("final_norm")))
+        x = rec("final", self.final_norm(x, rec.hold("final_norm")))
         if rec.done():
             return None
         return self.logits(x)
