@@ -80,14 +80,15 @@ def main() -> int:
                               for v, p in zip(graph.logit_token_ids, graph.logit_probabilities)]}
     if args.check:
         ch = at.check_edges(model, d.spec, d.params, graph, args.check)
-        summary["check"] = {"edges": len(ch.edge), "max_relative_error": float(ch.relative_error.max())}
+        summary["check"] = ch.summary()
     if args.ablate:
         ab = at.ablation_check(model, d.spec, d.params, graph, n_features=args.ablate)
         summary["ablation"] = {"token": decode([ab["token_id"]]), "logit": round(ab["logit"], 4),
                                "probability": round(ab["probability"], 4), "features": ab["n_features"],
                                "top_drop": round(ab["top_drop"], 4),
                                "top_probability_after": round(ab["top_probability_after"], 4),
-                               "random_drop_mean": round(ab["random_drop_mean"], 4)}
+                               "random_drop_mean": round(ab["random_drop_mean"], 4),
+                               "random_probability_after": round(ab["random_probability_after"], 4)}
     slug = args.slug or Path(args.out).stem
     doc = gf.graph_json(graph, pruned, decode=decode, slug=slug, scan=str(d.model or args.dictionary),
                         node_threshold=args.node_threshold,

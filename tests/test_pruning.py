@@ -82,3 +82,22 @@ def test_pruning_keeps_what_the_sorted_definitions_keep(seed):
     np.testing.assert_array_equal(np.asarray(got.node_mask), nodes)
     np.testing.assert_array_equal(np.asarray(got.edge_mask), edges)
     assert 0 < nodes[feat].sum() < feat.sum() and edges.sum() < (a != 0).sum()  # something pruned, something kept
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_pruning_on_the_rows_alone_equals_pruning_the_dense_matrix(seed):
+    """A graph held as its non-empty rows (features and logits) prunes and scores as the dense
+    matrix with zero rows for errors and tokens does."""
+    a, w, kinds = _graph(seed)
+    rows = np.nonzero(np.abs(a).sum(1) > 0)[0]
+    assert len(rows) < len(a) and set(kinds[rows]) == {"f", "l"}
+    always, prunable = kinds == "t", kinds == "f"
+    always |= kinds == "l"
+    dense = prune(a, w, always, prunable)
+    part = prune(a[rows], w, always, prunable, row_nodes=rows)
+    np.testing.assert_array_equal(np.asarray(part.node_mask), np.asarray(dense.node_mask))
+    np.testing.assert_array_equal(np.asarray(part.edge_mask), np.asarray(dense.edge_mask)[rows])
+    assert not np.asarray(dense.edge_mask)[np.setdiff1d(np.arange(len(a)), rows)].any()
+    for x, y in zip(graph_scores(a[rows], w, kinds == "t", kinds == "e", row_nodes=rows),
+                    graph_scores(a, w, kinds == "t", kinds == "e")):
+        assert float(x) == pytest.approx(float(y), rel=1e-5)

@@ -594,6 +594,16 @@ class EdgeCheck(NamedTuple):
     def relative_error(self) -> np.ndarray:
         return np.abs(self.edge - self.effect) / np.maximum(np.abs(self.effect), 1e-30)
 
+    def summary(self, floor: float = 1e-3) -> dict:
+        """The largest relative error among edges of at least `floor` times the largest checked (float32
+        rounding alone makes tinier ones' relative errors large), and every edge's error against the
+        largest."""
+        top = np.abs(self.effect).max(initial=0.0)
+        big = np.abs(self.effect) >= floor * top
+        return {"edges": int(len(self.edge)), "max_relative_error": float(self.relative_error[big].max(initial=0.0)),
+                "edges_above_floor": int(big.sum()),
+                "max_error_vs_largest": float(np.abs(self.edge - self.effect).max(initial=0.0) / max(top, 1e-30))}
+
 
 def _source_delta(model, spec: clt.CLTSpec, params, graph: Graph, prompt: Prompt, node: int, scale: float) -> dict:
     t, d, n_layers = graph.n_pos, spec.d_model, graph.n_layers
@@ -653,11 +663,14 @@ def check_edges(model, spec: clt.CLTSpec, params: clt.Params, graph: Graph, n: i
     return EdgeCheck(targets, sources, edges, effect)
 
 
-def frozen_reads(model, spec: clt.CLTSpec, params: clt.Params, prompt: Prompt, deltas: dict):
+def frozen_reads(model, spec: clt.CLTSpec, params: clt.Params, prompt: Prompt, deltas: dict, *, held=None):
     """(covered input sites [n, Lc, T, D], final [n, T, D]) of the frozen model for a batch of
-    deltas {"embed": [n, T, D], "mlp": [n, L, T, D]} added where nodes write."""
+    deltas {"embed": [n, T, D], "mlp": [n, L, T, D]} added where nodes write. `held` (default the
+    prompt's) are the frozen norm scales, queries and keys; `{}` recomputes them from the perturbed
+    input (the MLP outputs stay held)."""
     graphdef, state = nnx.split(model)
-    return _frozen_reads(graphdef, state, jnp.asarray(prompt.tokens), spec, params, prompt.held, prompt.mlp_const,
+    return _frozen_reads(graphdef, state, jnp.asarray(prompt.tokens), spec, params,
+                         prompt.held if held is None else held, prompt.mlp_const,
                          {k: jnp.asarray(v, jnp.float32) for k, v in deltas.items()})
 
 
@@ -689,7 +702,8 @@ def ablation_check(model, spec: clt.CLTSpec, params: clt.Params, graph: Graph, *
                    draws: int = 5, seed: int = 0) -> dict:
     """In the real model (nothing frozen): ablate the `n_features` features with the largest positive
     edges into the top logit (each one's decoder writes removed from the MLP outputs it writes to) and
-    report the top logit's drop, against ablating as many random active features (`draws` times)."""
+    report the drop of the top logit (less the mean logit, what its node reads) and its probability
+    after, against ablating as many random active features (`draws` times, mean)."""
     direct = graph.rows[graph.n_features, : graph.n_features]  # the top logit's row
     n = min(n_features, graph.n_features)
     top = np.argsort(-direct, kind="stable")[:n]
@@ -697,17 +711,21 @@ def ablation_check(model, spec: clt.CLTSpec, params: clt.Params, graph: Graph, *
     target = int(graph.logit_token_ids[0])
     base = _with_mlp_deltas(model, graph.input_ids, np.zeros((graph.n_layers, graph.n_pos, spec.d_model), np.float32))
 
+    def demeaned(logits):  # what a logit node reads: the logit less the mean over the vocabulary
+        return float(logits[target] - logits.mean())
+
     def drop(idx):
         d = _feature_writes(spec, params, graph.n_layers, graph.n_pos, graph.active_features[idx], graph.activation_values[idx])
         logits = _with_mlp_deltas(model, graph.input_ids, d)
         p = np.exp(logits - logits.max())
-        return float(base[target] - logits[target]), float(p[target] / p.sum())
+        return demeaned(base) - demeaned(logits), float(p[target] / p.sum())
 
     rng = np.random.default_rng(seed)
     top_drop, top_prob = drop(chosen)
     rand = [drop(rng.choice(len(graph.active_features), size=n, replace=False)) for _ in range(draws)]
     pb = np.exp(base - base.max())
-    return {"token_id": target, "logit": float(base[target]), "probability": float(pb[target] / pb.sum()),
+    return {"token_id": target, "logit": demeaned(base), "probability": float(pb[target] / pb.sum()),
             "n_features": n, "features": [tuple(int(v) for v in graph.active_features[i]) for i in chosen],
             "top_drop": top_drop, "top_probability_after": top_prob,
+            "random_probability_after": float(np.mean([q for _, q in rand])),
             "random_drops": [d for d, _ in rand], "random_drop_mean": float(np.mean([d for d, _ in rand]))}
