@@ -88,7 +88,8 @@ def main() -> int:
                                "top_drop": round(ab["top_drop"], 4),
                                "top_probability_after": round(ab["top_probability_after"], 4),
                                "random_drop_mean": round(ab["random_drop_mean"], 4),
-                               "random_probability_after": round(ab["random_probability_after"], 4)}
+                               "random_probability_after": round(ab["random_probability_after"], 4),
+                               "nodes": [f"{l}_{f}_{p}" for l, p, f in ab["features"]]}
     slug = args.slug or Path(args.out).stem
     doc = gf.graph_json(graph, pruned, decode=decode, slug=slug, scan=str(d.model or args.dictionary),
                         node_threshold=args.node_threshold,

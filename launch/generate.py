@@ -5,10 +5,15 @@ from the same seed):
     python launch/generate.py --model smollm2-135m --prompt "..." \
         --dictionary runs/default --steer blocks.15.resid_post:feature=123:add=4 \
         --steer blocks.15.resid_post:vector=v.npy:scale=8 [--spec steer.json] [--json]
+    python launch/generate.py --prompt "The capital of France is" --dictionary runs/clt \
+        --steer 12_345_5:ablate --steer 14_7_5:ablate        (attribution graph node ids)
 
 `--model`: a registry name, an HF checkpoint directory or a .gguf file. `--dictionary [SITE=]PATH`
 attaches a trained dictionary, a run directory or a dictionary directory (at its own site unless
-SITE= is given; a transcoder reads its input site and writes its target), for feature steering. Greedy
+SITE= is given; a transcoder reads its input site and writes its target), for feature steering.
+A cross-layer transcoder's features are steered by the node ids of an attribution graph
+(`{layer}_{feature}_{pos}` with :ablate, :scale=V, :clamp=V or :add=V, one mode per run; `pos` counts
+the prompt's tokens with BOS first, as launch/attribute.py does, and the prompts get BOS first too). Greedy
 unless --temperature is given. `--json` prints one object per prompt: `prompt`, `text` (the
 continuation; steered when steering is given) and `unsteered` (equal to `text` without steering),
 plus `steered` when steering is given.
@@ -48,22 +53,40 @@ def main() -> int:
     from jaxinterp.models import load_model
     from jaxinterp.steering import DictionaryRegistry, load_spec_file, parse_steer
 
-    specs = [parse_steer(s) for s in args.steer] + (load_spec_file(args.spec) if args.spec else [])
-    registry = DictionaryRegistry()
+    from jaxinterp.dictionaries.artifact import CLTDictionary, load_dictionary
+    from jaxinterp.steering.clt import parse_node_steer, steer_nodes
+
+    nodes = [n for n in (parse_node_steer(s) for s in args.steer) if n is not None]
+    specs = [parse_steer(s) for s in args.steer if parse_node_steer(s) is None]
+    specs += load_spec_file(args.spec) if args.spec else []
+    registry, clts = DictionaryRegistry(), []
     for d in args.dictionary:
         site, _, run = d.rpartition("=")
-        registry.add_run(run, site or None)
+        loaded = load_dictionary(run) if nodes and not site else None
+        if isinstance(loaded, CLTDictionary):
+            clts.append(loaded)
+        else:
+            registry.add_run(run, site or None)
+    if nodes and len(clts) != 1:
+        raise UsageError(f"graph node steering needs one cross-layer transcoder among --dictionary; got {len(clts)}")
     model, tok = load_model(args.model)
     if tok is None:
         raise UsageError(f"{args.model} has no tokenizer (tokenizer.json); text prompts need one")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, tokenizer=tok, dictionaries=registry)
-    plain = generate(model, args.prompt, **kw)
-    if not specs:
+    prompts = args.prompt
+    if nodes:
+        from jaxinterp.circuits.attribution import with_bos
+
+        clts[0].check_model(model.cfg.d_model, model.cfg.n_layers, model=args.model)
+        kw["intercepts"] = steer_nodes(clts[0].spec, clts[0].params, nodes)
+        prompts = [with_bos(tok.encode(p, add_bos=False), tok) for p in args.prompt]
+    plain = generate(model, prompts, **{k: v for k, v in kw.items() if k != "intercepts"})
+    if not specs and not nodes:
         for prompt, text in zip(args.prompt, plain.text):
             print(json.dumps({"prompt": prompt, "text": text, "unsteered": text}) if args.json else f"{prompt}{text}")
         return 0
-    steered = generate(model, args.prompt, steering=specs, encode=args.encode, **kw)
+    steered = generate(model, prompts, steering=specs or None, encode=args.encode, **kw)
     for prompt, a, b in zip(args.prompt, plain.text, steered.text):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": b, "unsteered": a, "steered": b}))

@@ -238,3 +238,35 @@ def _viewer_in_chromium(page_path: Path, doc: dict):
     assert not errors, errors
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 1200
+
+
+def test_graph_node_ids_steer_generation_at_their_position(ref_model, tmp_path):
+    """`{layer}_{feature}_{pos}:ablate` takes the feature out at that position only: the forward
+    equals the model with the feature's decoder writes removed there, as the ablation check does."""
+    from jaxinterp.models import forward
+    from jaxinterp.steering.clt import parse_node_steer, steer_nodes
+
+    d = load_dictionary(REF / "clt")
+    g = at.attribute(ref_model, IDS, d.spec, d.params)
+    feats = g.active_features[(g.active_features[:, 0] == 1) & (g.active_features[:, 1] == 3)][:2]
+    assert len(feats) == 2
+    nodes = [parse_node_steer(f"{l}_{f}_{p}:ablate") for l, p, f in feats]
+    assert nodes[0] == ((int(feats[0][0]), int(feats[0][2]), 3), "ablate", 0.0)
+    plan, ep = steer_nodes(d.spec, d.params, nodes)
+    steered = np.asarray(forward(ref_model, jnp.asarray([IDS]), plan=plan, edit_params=ep).logits[0, -1])
+    idx = [int(np.nonzero((g.active_features == f).all(1))[0][0]) for f in feats]
+    deltas = at._feature_writes(d.spec, d.params, g.n_layers, g.n_pos, g.active_features[idx], g.activation_values[idx])
+    assert np.abs(deltas[:, 3]).max() > 0 and not np.abs(np.delete(deltas, 3, axis=1)).any()
+    np.testing.assert_allclose(steered, at._with_mlp_deltas(ref_model, IDS, deltas), atol=1e-4)
+    assert parse_node_steer("blocks.3.mlp_out:feature=2:add=1") is None
+    with pytest.raises(UsageError, match="ablate"):
+        parse_node_steer("1_2_3:ablate=4")
+    with pytest.raises(UsageError, match="one mode"):
+        steer_nodes(d.spec, d.params, [nodes[0], ((1, 0, 2), "scale", 2.0)])
+    l, p, f = feats[0]
+    cmd = [sys.executable, "launch/generate.py", "--model", str(REF / "model"), "--dictionary", str(REF / "clt"),
+           "--prompt", "w5 w9 w4 w12 w7", "--max-new-tokens", "4", "--json", "--steer", f"{l}_{f}_{p}:scale=40"]
+    res = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["steered"] != out["unsteered"]

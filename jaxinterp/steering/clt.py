@@ -42,8 +42,11 @@ def _new_value(mode: str, a, v):
 
 
 def _write(modes: tuple[str, ...], x_btd, p, positions_bt, *acts):
-    del positions_bt
-    delta = sum((_new_value(m, a, q["values"]) - a) @ q["rows"] for m, a, q in zip(modes, acts, p["sources"]))
+    def change(m, a, q):  # [B, T, S], zero where a feature is confined to another position
+        at = (q["pos"] < 0) | (positions_bt[..., None] == q["pos"])
+        return jnp.where(at, _new_value(m, a, q["values"]) - a, 0.0)
+
+    delta = sum(change(m, a, q) @ q["rows"] for m, a, q in zip(modes, acts, p["sources"]))
     return x_btd + (delta / p["norm_out"]).astype(x_btd.dtype)
 
 
@@ -62,9 +65,12 @@ def steering_plan(spec: clt.CLTSpec, layers: tuple[tuple[int, str], ...]) -> Pla
 
 
 def steer_clt(spec: clt.CLTSpec, params: clt.Params, features: dict[tuple[int, int], float],
-              mode: str = "add") -> tuple[Plan, dict]:
+              mode: str = "add", positions: dict[tuple[int, int], int] | None = None) -> tuple[Plan, dict]:
     """(plan, edit params) that steer CLT features `{(layer, feature): value}` with `mode`; pass
-    them to `models.forward` (layers count from the CLT's first)."""
+    them to `models.forward` or `generate(intercepts=...)` (layers count from the CLT's first).
+    `positions`: a feature confined to one token position (its index in its row's own tokens);
+    features not listed are steered at every position."""
+    positions = positions or {}
     if mode not in MODES:
         raise UsageError(f"CLT steering mode {mode!r} unknown; choose one of {MODES}")
     by_layer: dict[int, list[tuple[int, float]]] = {}
@@ -85,6 +91,7 @@ def steer_clt(spec: clt.CLTSpec, params: clt.Params, features: dict[tuple[int, i
         if src:
             ep[targets[j]] = {"norm_out": params["norm_out"][j], "sources": tuple(
                 {"values": jnp.asarray([v for _, v in by_layer[l]], jnp.float32),
+                 "pos": jnp.asarray([positions.get((l, i), -1) for i, _ in by_layer[l]], jnp.int32),
                  "rows": jnp.take(params[f"W_dec_{l}"][:, j - l], jnp.asarray([i for i, _ in by_layer[l]]), axis=0)}
                 for l in src)}
     return plan, ep
@@ -124,3 +131,44 @@ def top_features(model, tokens_bt, spec: clt.CLTSpec, params: clt.Params, *, k: 
     a = clt.encode(spec, params, x.reshape(b * t, spec.n_layers, spec.d_model))
     vals, ids = jax.lax.top_k(a, k)
     return vals.reshape(b, t, spec.n_layers, k), ids.reshape(b, t, spec.n_layers, k)
+
+
+NODE_MODES = MODES
+
+
+def parse_node_steer(arg: str) -> tuple[tuple[int, int, int | None], str, float] | None:
+    """An attribution graph's feature node id with a mode, `{layer}_{feature}_{pos}:ablate` (or
+    `:scale=V`, `:clamp=V`, `:add=V`; `{layer}_{feature}` for every position): ((model layer, feature,
+    position or None), mode, value), or None when `arg` is not a node id."""
+    import re
+
+    node, _, rest = arg.partition(":")
+    m = re.fullmatch(r"(\d+)_(\d+)(?:_(\d+))?", node)
+    if m is None:
+        return None
+    mode, _, value = rest.partition("=")
+    if mode not in MODES or (mode == "ablate") != (value == ""):
+        raise UsageError(f"--steer {arg!r}: a graph node takes :ablate, :scale=V, :clamp=V or :add=V")
+    try:
+        v = 0.0 if mode == "ablate" else float(value)
+    except ValueError:
+        raise UsageError(f"--steer {arg!r}: {value!r} is not a number") from None
+    layer, feature, pos = int(m.group(1)), int(m.group(2)), m.group(3)
+    return (layer, feature, None if pos is None else int(pos)), mode, v
+
+
+def steer_nodes(spec: clt.CLTSpec, params: clt.Params, nodes: list) -> tuple[Plan, dict]:
+    """`steer_clt` for parsed node steers (`parse_node_steer`), all with one mode; model layers."""
+    modes = {mode for _, mode, _ in nodes}
+    if len(modes) != 1:
+        raise UsageError(f"graph nodes steered with modes {sorted(modes)} at once; give one mode per run")
+    features, positions = {}, {}
+    for (layer, feature, pos), _, v in nodes:
+        key = (layer - spec.first_layer, feature)
+        if not 0 <= key[0] < spec.n_layers:
+            raise UsageError(f"node layer {layer}: the CLT covers layers {spec.first_layer}.."
+                             f"{spec.first_layer + spec.n_layers - 1}")
+        features[key] = v
+        if pos is not None:
+            positions[key] = pos
+    return steer_clt(spec, params, features, modes.pop(), positions)
