@@ -1,5 +1,5 @@
 """Benchmarks, one subcommand per area: `python launch/bench.py train [--json] [--compare sparsify]`
-(areas: train, convergence, harvest, generate, drift, kernels, features, clt).
+(areas: train, convergence, harvest, generate, drift, kernels, features, clt, attribute).
 
 Each prints human-readable lines by default and one JSON object with `--json`; ratios are measured
 in the same run, absolute figures come with the machine they ran on.
@@ -95,6 +95,16 @@ def _clt(args):
     return res, clt.format_human
 
 
+def _attribute(args):
+    from jaxinterp.benchmarks import attribute
+
+    ref = None if args.reference_nodes == 0 else (args.reference_length, args.reference_nodes)
+    res = attribute.run(model=args.model, dictionary=args.dictionary, lengths=tuple(args.lengths),
+                        max_feature_nodes=args.max_feature_nodes, reference=ref, random_tokens=args.random_tokens,
+                        memory_gib=args.memory_gib)
+    return res, attribute.format_human
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
@@ -155,11 +165,20 @@ def main() -> int:
     cl.add_argument("--steps", type=int, default=3)
     cl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     cl.add_argument("--no-mesh", action="store_true", help="skip the (4, 2) fake-device mesh comparison (CPU only)")
-    for p in (t, c, h, g, d, kn, fe, cl):
+    at = sub.add_parser("attribute", help="attribution graph wall time, peak memory and s per feature row vs prompt length")
+    at.add_argument("--model", default="smollm2-135m")
+    at.add_argument("--dictionary", default="runs/clt", help="a CLT (python launch/train.py --config configs/clt.yaml)")
+    at.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024], help="prompt tokens, BOS included")
+    at.add_argument("--max-feature-nodes", type=int, default=256)
+    at.add_argument("--reference-length", type=int, default=16)
+    at.add_argument("--reference-nodes", type=int, default=2048, help="feature rows of the reference case (0: skip)")
+    at.add_argument("--random-tokens", action="store_true", help="random token ids instead of the corpus")
+    at.add_argument("--memory-gib", type=float, default=1.0)
+    for p in (t, c, h, g, d, kn, fe, cl, at):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     res, fmt = {"train": _train, "convergence": _convergence, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels,
-           "features": _features, "clt": _clt}[args.area](args)
+           "features": _features, "clt": _clt, "attribute": _attribute}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

@@ -174,6 +174,11 @@ def test_bos_is_prepended_as_circuit_tracer_does():
     assert at.with_bos([5, 6], Tok()) == [3, 5, 6]  # id 0 is skipped, as circuit-tracer's filter(None, ...) does
     assert at.with_bos([2, 5], Tok()) == [2, 5]
 
+    class Declared(Tok):  # an HF tokenizer's own files: BOS 0 skipped, no PAD, so EOS
+        declared_special = {"bos": 0, "pad": None, "eos": 2}
+
+    assert at.with_bos([5, 6], Declared()) == [2, 5, 6]
+
 
 def test_the_cli_writes_circuit_tracers_graph_a_frontend_json_and_a_viewer(tmp_path):
     out = tmp_path / "graph.json"
@@ -270,3 +275,18 @@ def test_graph_node_ids_steer_generation_at_their_position(ref_model, tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["steered"] != out["unsteered"]
+
+
+def test_the_viewer_links_each_features_dashboard_page(tmp_path):
+    from jaxinterp.circuits.viewer import write_viewer
+
+    doc = {"metadata": {"prompt": "a <b>", "prompt_tokens": ["a", " <b>"]}, "qParams": {}, "links": [],
+           "nodes": [{"node_id": "1_3_1", "layer": "1", "feature_type": "cross layer transcoder", "ctx_idx": 1},
+                     {"node_id": "2_5_1", "layer": "2", "feature_type": "cross layer transcoder", "ctx_idx": 1}]}
+    dash = tmp_path / "dash"
+    (dash / "layer_1" / "f").mkdir(parents=True)
+    (dash / "layer_1" / "f" / "3.html").write_text("<p>contexts</p>")
+    page = write_viewer(tmp_path / "view" / "g.html", doc, dashboard=dash).read_text()
+    data = json.loads(page.split('id="dash-data">')[1].split("</script>")[0])
+    assert data == {"1_3": "../dash/layer_1/f/3.html"}
+    assert "<title>a &lt;b></title>" in page

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import subprocess_env
+
+from conftest import REPO
 
 from jaxinterp.benchmarks import kernels
 from jaxinterp.benchmarks.timing import interleaved_medians, median_seconds
@@ -87,3 +90,18 @@ def test_features_bench_prints_its_keys(tmp_path):
     for c in res["cases"]:
         assert c["forward_tokens_per_s"] > 0 and c["stats_tokens_per_s"] > 0 and c["stats_and_entries_tokens_per_s"] > 0
         assert c["stats_cost_vs_forward"] == pytest.approx(c["forward_tokens_per_s"] / c["stats_tokens_per_s"] - 1)
+
+
+def test_attribute_bench_runs_each_length_in_its_own_process_and_fits_exponents():
+    from jaxinterp.benchmarks import attribute
+
+    ref = Path(REPO) / "tests" / "data" / "circuit_tracer_graphs"
+    res = attribute.run(model=str(ref / "model"), dictionary=str(ref / "clt"), lengths=(6, 12), max_feature_nodes=8,
+                        reference=(6, 16), random_tokens=True)
+    assert [c["length"] for c in res["cases"]] == [6, 12] and res["reference"]["feature_rows"] == 16
+    for c in res["cases"]:
+        assert c["feature_rows"] == 8 and c["peak_rss_bytes"] >= c["baseline_rss_bytes"] > 0
+        assert c["s_per_feature_row"] > 0 and c["first_s"] >= c["warm_s"] > 0
+    assert set(res["exponents"]) == {"warm_s", "peak_rss", "attribution_rss"}
+    assert all(isinstance(v, float) for v in res["exponents"].values())
+    assert "growth exponents" in attribute.format_human(res)

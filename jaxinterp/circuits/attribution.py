@@ -143,8 +143,12 @@ def with_bos(ids, tokenizer) -> list[int]:
     special = tuple(getattr(tokenizer, "special_ids", ()))
     if ids and ids[0] in special:
         return ids
-    candidates = [getattr(tokenizer, "bos_id", None), getattr(tokenizer, "pad_id", None),
-                  getattr(tokenizer, "eos_id", None), *special]
+    declared = getattr(tokenizer, "declared_special", None)
+    if declared:  # an HF tokenizer's own bos / pad / eos, as transformers reports them
+        candidates = [declared.get("bos"), declared.get("pad"), declared.get("eos"), *special]
+    else:
+        candidates = [getattr(tokenizer, "bos_id", None), getattr(tokenizer, "pad_id", None),
+                      getattr(tokenizer, "eos_id", None), *special]
     bos = next((c for c in candidates if c), None)
     if bos is None:
         raise UsageError("the tokenizer has no special token to put at position 0; pass ids that start with one")

@@ -241,6 +241,8 @@ class Tokenizer:
         self.add_bos_token = add_bos_token  # the file's own default (False for SmolLM2)
         self.chat_template = chat_template
         self.post_process = post_process  # prompts get the tokenizer.json's own special tokens, as in transformers
+        self.declared_special: dict[str, int | None] | None = None
+        """{bos, pad, eos} ids as an HF checkpoint's tokenizer files declare them (None: a GGUF's)."""
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids

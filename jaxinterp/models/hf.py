@@ -206,8 +206,27 @@ def load_hf_tokenizer(directory: str | Path, cfg: DecoderConfig):
     except Exception as e:  # the tokenizers package raises a bare Exception on bad JSON
         raise CheckpointError(f"{path} is not a readable tokenizer.json ({e}); re-save the tokenizer") from None
     bos = cfg.bos_id if cfg.bos_id is not None else cfg.eos_id
-    return Tokenizer(tok, bos_id=bos, eos_id=cfg.eos_id, pad_id=cfg.pad_id, vocab_size=tok.get_vocab_size(),
-                     post_process=True)
+    out = Tokenizer(tok, bos_id=bos, eos_id=cfg.eos_id, pad_id=cfg.pad_id, vocab_size=tok.get_vocab_size(),
+                    post_process=True)
+    out.declared_special = _declared_special(Path(directory), tok)
+    return out
+
+
+def _declared_special(directory: Path, tok) -> dict[str, int | None]:
+    """{bos, pad, eos: id or None} as the tokenizer's own files name them (tokenizer_config.json,
+    special_tokens_map.json), which is what transformers' tokenizer reports."""
+    names: dict = {}
+    for f in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            names |= {k: v for k, v in json.loads((directory / f).read_text()).items() if k.endswith("_token") and v}
+        except (OSError, json.JSONDecodeError):
+            continue
+    out = {}
+    for key in ("bos", "pad", "eos"):
+        v = names.get(f"{key}_token")
+        v = v.get("content") if isinstance(v, dict) else v
+        out[key] = tok.token_to_id(v) if isinstance(v, str) else None
+    return out
 
 
 def load_hf(directory: str | Path, *, dtype=jnp.float32) -> Decoder:
