@@ -382,39 +382,50 @@ def _bucket(n: int, quantum: int = 256) -> int:
 
 
 def block_plan(spec: clt.CLTSpec, layer: int) -> Plan:
-    """Block `layer` of the linearised model alone: its MLP frozen (skip path live), its covered
-    input site captured."""
+    """Block `layer` of the linearised model alone: its MLP frozen (skip path live)."""
     inputs, _ = clt.sites(spec)
     l = layer - spec.first_layer
-    covered = 0 <= l < spec.n_layers
-    skip = spec.skip and covered
+    skip = spec.skip and 0 <= l < spec.n_layers
     edit = (f"blocks.{layer}.mlp_out", partial(_frozen_mlp, skip), *((inputs[l],) if skip else ()))
-    return Plan(capture=(inputs[l],) if covered else (), edits=(edit,), linearise=True)
+    return Plan(edits=(edit,), linearise=True)
+
+
+def _pull_back(norm, scale_t11, t_pos, vec_rd):
+    """[R, D]: each row's readout vector (read at position `t_pos` after a frozen norm whose scale
+    there is `scale_t11[pos]`) as a vector read before the norm."""
+
+    def one(pos, vec):
+        s = scale_t11[0, pos][None, None]
+        fn = lambda x: norm(x[None, None], lambda _: s)[0, 0].astype(jnp.float32)  # noqa: E731
+        return jax.vjp(fn, jnp.zeros_like(vec, dtype=scale_t11.dtype))[1](vec)[0]
+
+    return jax.vmap(one)(t_pos, vec_rd).astype(jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "spec", "shapes"))
 def _rows(graphdef, state, spec: clt.CLTSpec, params, consts, shapes: _Shapes, table, slots, t_layer, t_pos, t_vec):
     """Rows [R, F_pad + L T + T] for targets (covered layer index, Lc for the logits; position;
-    readout vector [D]): one backward sweep of the linearised model, layer by layer, each block's VJP
-    applied to the R rows' gradients at once (`vmap`); the edges into every node that writes at a
-    layer's mlp_out are read off the gradient there before the sweep moves below it."""
+    readout vector [D]): one backward sweep of the linearised model, each block's two halves' VJPs
+    applied to the R rows' gradients at once (`vmap`). Each row's readout enters the sweep where it
+    reads, pulled back to the residual stream there, as a scatter-add into that row's gradient; the
+    edges into every node that writes at a layer's mlp_out are read off the gradient there before
+    the sweep moves below it."""
     model = nnx.merge(graphdef, state)
-    n_pos, d, r = consts["tokens"].shape[0], spec.d_model, t_layer.shape[0]
+    n_pos, r = consts["tokens"].shape[0], t_layer.shape[0]
     positions = jnp.arange(n_pos, dtype=jnp.int32)[None]
     mask = causal_mask(jnp.ones((1, n_pos), jnp.int32))
     held = consts["held"]
-    inputs, _ = clt.sites(spec)
+    rows_r = jnp.arange(r)
+    dt = consts["resid_pre"].dtype
 
-    def cotangent(l):
-        return jnp.zeros((r, n_pos, d), jnp.float32).at[jnp.arange(r), t_pos].set(
-            jnp.where((t_layer == l)[:, None], t_vec, 0.0))
+    def inject(g, l, vec):
+        return g.at[rows_r, t_pos].add(jnp.where((t_layer == l)[:, None], vec, 0.0).astype(g.dtype))
 
-    def final_fn(x_td):
-        rec = Recorder(Plan(linearise=True), {HELD: held}, positions)
-        return model.final_norm(x_td[None], rec.hold("final_norm"))[0].astype(jnp.float32)
-
-    _, vjp = jax.vjp(final_fn, consts["resid_last"])
-    g = jax.vmap(lambda c: vjp(c.astype(consts["resid_last"].dtype))[0])(cotangent(spec.n_layers))
+    final = _pull_back(model.final_norm, held["final_norm"], t_pos, t_vec)
+    g = inject(jnp.zeros((r, n_pos, spec.d_model), dt), spec.n_layers, final)  # at the last block's resid_post
+    if spec.input_point == "mlp_in":
+        ins = {i: _pull_back(model.blocks[i].mlp_norm, held[f"blocks.{i}.mlp_norm"], t_pos, t_vec)
+               for i in range(spec.first_layer, spec.first_layer + spec.n_layers)}
     feats = jnp.zeros((r, shapes.features), jnp.float32)
     errs = []
     s_feat, s_row, s_scale = slots
@@ -431,16 +442,20 @@ def _rows(graphdef, state, spec: clt.CLTSpec, params, consts, shapes: _Shapes, t
             ep[f"blocks.{i}.mlp_out"] |= {"W_skip": params["W_skip"][l], "norm_in": params["norm_in"][l],
                                           "norm_out": params["norm_out"][l]}
 
-        def blk_fn(x_td, i=i, plan=plan, ep=ep, covered=covered, l=l):
-            rec = Recorder(plan, ep, positions)
-            y = model.block(i, x_td[None], positions, mask, positions, rec)[0]
-            read = rec.captured[inputs[l]][0] if covered else jnp.zeros_like(y)
-            return y, read
+        def mlp_fn(x_td, i=i, plan=plan, ep=ep):
+            return model.mlp_half(i, x_td[None], Recorder(plan, ep, positions))[0]
 
-        _, vjp = jax.vjp(blk_fn, consts["resid_pre"][i])
-        dt = consts["resid_pre"].dtype
-        ct_in = cotangent(l) if covered else jnp.zeros((r, n_pos, d), jnp.float32)
-        g = jax.vmap(lambda a, b: vjp((a, b.astype(dt)))[0])(g, ct_in)
+        def attn_fn(x_td, i=i):
+            rec = Recorder(Plan(linearise=True), {HELD: held}, positions)
+            return model.attention_half(i, x_td[None], positions, mask, positions, rec)[0]
+
+        x_pre = consts["resid_pre"][i]
+        x_mid, vjp_attn = jax.vjp(attn_fn, x_pre)
+        _, vjp_mlp = jax.vjp(mlp_fn, x_mid)
+        g = jax.vmap(lambda c: vjp_mlp(c)[0])(g)  # at resid_mid
+        if covered:
+            g = inject(g, l, ins[i] if spec.input_point == "mlp_in" else t_vec)
+        g = jax.vmap(lambda c: vjp_attn(c)[0])(g)  # at resid_pre = the previous block's resid_post
     tok = jnp.einsum("rtd,td->rt", g.astype(jnp.float32), consts["token_vectors"])
     err = jnp.stack(errs[::-1], axis=1).reshape(r, -1)
     return jnp.concatenate([feats, err, tok], axis=1)
@@ -452,14 +467,15 @@ def _row_bytes(n_pos: int, d_model: int, n_cols: int, slots: int) -> int:
     return 4 * (8 * n_pos * d_model + n_pos * slots + n_cols)
 
 
-def chunk_rows(cfg: AttributionConfig, n_pos: int, d_model: int, n_cols: int, slots: int) -> int:
-    """Rows per chunk: as many as `memory_gib` holds, at most `batch_size`, a power of two."""
+def chunk_rows(cfg: AttributionConfig, n_pos: int, d_model: int, n_cols: int, slots: int, rows: int) -> int:
+    """Rows per chunk: as many as `memory_gib` holds, at most `batch_size` and not much more than the
+    `rows` the graph needs, a power of two."""
     need = _row_bytes(n_pos, d_model, n_cols, slots)
     fit = int(cfg.memory_gib * 2**30) // need
     if fit < 1:
         raise UsageError(f"one row of a {n_pos}-token prompt needs {need / 2**30:.2f} GiB, over "
                          f"memory_gib={cfg.memory_gib}; raise it or shorten the prompt")
-    return 2 ** int(math.log2(min(fit, cfg.batch_size)))
+    return 2 ** int(math.log2(min(fit, cfg.batch_size, 2 ** math.ceil(math.log2(max(rows, 1))))))
 
 
 class RowComputer:
@@ -473,7 +489,9 @@ class RowComputer:
         self.n_cols = self.n_feat + (self.n_layers + 1) * t
         table, offsets = _decoder_table(spec, params)
         slots = _slots(spec, prompt, self.n_layers, offsets, np.asarray(params["norm_out"]))
-        self.chunk = chunk_rows(cfg, t, d, self.n_cols, slots[0].shape[-1])
+        n_logits = min(cfg.max_logits, model.cfg.vocab_size)
+        rows = self.n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, self.n_feat)
+        self.chunk = chunk_rows(cfg, t, d, self.n_cols, slots[0].shape[-1], max(rows, n_logits))
         self.slots = tuple(jnp.asarray(a) for a in slots)
         self.shapes = _Shapes(self.n_layers, self.chunk, slots[0].shape[-1], _bucket(self.n_feat + 1))
         self.table = table

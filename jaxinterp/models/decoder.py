@@ -255,6 +255,12 @@ class Decoder(nnx.Module):
 
     def block(self, i: int, x, positions_bt, mask_bts, kpos_bs, rec: Recorder, cache: CacheWriter | None = None):
         """Block i from its resid_pre to its resid_post (None when the plan is done inside it)."""
+        x = self.attention_half(i, x, positions_bt, mask_bts, kpos_bs, rec, cache)
+        return None if x is None else self.mlp_half(i, x, rec)
+
+    def attention_half(self, i: int, x, positions_bt, mask_bts, kpos_bs, rec: Recorder,
+                       cache: CacheWriter | None = None):
+        """resid_pre -> resid_pre + attn_out (the value of resid_mid before its site records it)."""
         cfg, hold, blk = self.cfg, rec.hold, self.blocks[i]
         x = rec(f"blocks.{i}.resid_pre", x)
         if rec.done():
@@ -265,7 +271,12 @@ class Decoder(nnx.Module):
         mask = layer_mask(cfg, i, mask_bts, positions_bt, kpos_bs)
         attn = rec(f"blocks.{i}.attn_out", blk.attend(cfg, q, k, v, mask, hold(f"blocks.{i}.qk"),
                                                       hold(f"blocks.{i}.post_attn_norm")))
-        x = rec(f"blocks.{i}.resid_mid", x + attn)
+        return x + attn
+
+    def mlp_half(self, i: int, x, rec: Recorder):
+        """resid_mid (recorded here) -> resid_post, or None when the plan is done at resid_mid."""
+        cfg, hold, blk = self.cfg, rec.hold, self.blocks[i]
+        x = rec(f"blocks.{i}.resid_mid", x)
         if rec.done():
             return None
         h = rec(f"blocks.{i}.mlp_in", blk.mlp_norm(x, hold(f"blocks.{i}.mlp_norm")))
