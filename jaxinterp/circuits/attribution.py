@@ -337,6 +337,8 @@ class _Shapes:
     """Feature writes per (layer, position), padded."""
     features: int
     """Feature columns, padded (the last ones are a sink for padded writes)."""
+    positions: int
+    """Positions per block of the feature-edge loop."""
 
 
 def _decoder_table(spec: clt.CLTSpec, params) -> tuple[jax.Array, np.ndarray]:
@@ -390,6 +392,25 @@ def block_plan(spec: clt.CLTSpec, layer: int) -> Plan:
     return Plan(edits=(edit,), linearise=True)
 
 
+def _feature_edges(feats, g_rtd, table, feat_ts, row_ts, scale_ts, block: int):
+    """feats [R, F_pad] plus the edges from the features that write at one layer: at each position
+    t, the gradient there against each write's decoder vector times its scale, added to the writing
+    feature's column. Positions go in blocks of `block` inside a loop, so each block's decoder
+    vectors [block, S, D] exist only while it is read (not hoisted for every layer at once)."""
+    t = g_rtd.shape[1]
+    pad = -t % block
+    g = jnp.pad(g_rtd, ((0, 0), (0, pad), (0, 0)))
+    f_ix, rows, scale = (jnp.pad(a, ((0, pad), (0, 0)), constant_values=v)
+                         for a, v in ((feat_ts, feats.shape[1] - 1), (row_ts, 0), (scale_ts, 0.0)))
+
+    def body(b, acc):
+        sl = lambda a, axis=0: jax.lax.dynamic_slice_in_dim(a, b * block, block, axis)  # noqa: E731
+        vecs = jnp.take(table, sl(rows), axis=0) * sl(scale)[..., None]  # [P, S, D]
+        return acc.at[:, sl(f_ix)].add(jnp.einsum("rpd,psd->rps", sl(g, 1), vecs))
+
+    return jax.lax.fori_loop(0, (t + pad) // block, body, feats)
+
+
 def _pull_back(norm, scale_t11, t_pos, vec_rd):
     """[R, D]: each row's readout vector (read at position `t_pos` after a frozen norm whose scale
     there is `scale_t11[pos]`) as a vector read before the norm."""
@@ -432,8 +453,7 @@ def _rows(graphdef, state, spec: clt.CLTSpec, params, consts, shapes: _Shapes, t
     for i in reversed(range(shapes.n_layers)):
         g32 = g.astype(jnp.float32)  # [R, T, D]: the gradient at block i's mlp_out (= its resid_post)
         errs.append(jnp.einsum("rtd,td->rt", g32, consts["errors"][i]))
-        vecs = jnp.take(table, s_row[i], axis=0) * s_scale[i][..., None]  # [T, S, D]
-        feats = feats.at[:, s_feat[i]].add(jnp.einsum("rtd,tsd->rts", g32, vecs))
+        feats = _feature_edges(feats, g32, table, s_feat[i], s_row[i], s_scale[i], shapes.positions)
         l = i - spec.first_layer
         covered = 0 <= l < spec.n_layers
         plan = block_plan(spec, i)
@@ -493,7 +513,9 @@ class RowComputer:
         rows = self.n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, self.n_feat)
         self.chunk = chunk_rows(cfg, t, d, self.n_cols, slots[0].shape[-1], max(rows, n_logits))
         self.slots = tuple(jnp.asarray(a) for a in slots)
-        self.shapes = _Shapes(self.n_layers, self.chunk, slots[0].shape[-1], _bucket(self.n_feat + 1))
+        n_s = slots[0].shape[-1]
+        block = 2 ** int(math.log2(max(1, min(t, (2**26) // (4 * n_s * d)))))  # [P, S, D] within 64 MiB
+        self.shapes = _Shapes(self.n_layers, self.chunk, n_s, _bucket(self.n_feat + 1), block)
         self.table = table
         self.consts = {"tokens": jnp.asarray(prompt.tokens), "held": prompt.held, "mlp_const": prompt.mlp_const,
                        "resid_pre": prompt.resid_pre, "resid_last": prompt.resid_last, "errors": prompt.errors,
