@@ -145,3 +145,19 @@ def batch_topk_reference(r: np.ndarray, k: int, cap: int | None) -> tuple[np.nda
         rank = np.argsort(np.argsort(-r, -1), -1)
         keep &= rank < cap
     return np.where(keep, r, 0.0), kth
+
+
+def chromium_or_skip() -> str:
+    """Debian's chromium for the page tests: skipped where it is missing, a failure on CI (which
+    installs it)."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return path

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TINY_DECODERS, subprocess_env, tiny_model
+from helpers import TINY_DECODERS, chromium_or_skip, subprocess_env, tiny_model
 
 from conftest import REPO
 from jaxinterp.circuits import attribution as at
@@ -212,11 +211,7 @@ def test_the_cli_writes_circuit_tracers_graph_a_frontend_json_and_a_viewer(tmp_p
 
 def _viewer_in_chromium(page_path: Path, doc: dict):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    browser_path = chromium_or_skip()
     artifacts = Path(os.environ.get("JAXINTERP_TEST_ARTIFACTS", Path(REPO) / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "attribution-graph.png"

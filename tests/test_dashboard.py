@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from helpers import subprocess_env, write_corpus, write_tiny_gguf
+from helpers import chromium_or_skip, subprocess_env, write_corpus, write_tiny_gguf
 
 D_SAE, K, T, TOKENS = 48, 4, 16, 600
 SETTINGS = ["--tokens", str(TOKENS), "--context-length", str(T), "--top", "6", "--samples", "8", "--quantiles", "2",
@@ -106,11 +105,7 @@ def test_the_site_in_headless_chromium(built):
     """Index: every feature listed, search by token, sort by max; a feature page: highlighted
     contexts with each token's value on hover, its histogram and logit table; a screenshot kept."""
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    browser_path = chromium_or_skip()
     site = built["root"] / "site"
     data = {f: _page_data(site / "f" / f"{f}.html")["feature"] for f in range(D_SAE)}
     busiest = max(data, key=lambda f: data[f]["count"])
