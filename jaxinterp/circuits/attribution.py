@@ -317,14 +317,7 @@ def _linearised(graphdef, state, tokens, spec: clt.CLTSpec, params, held, mlp_co
         return jnp.stack([res.captured[s][0] for s in inputs]).astype(jnp.float32), res.captured["final"][0].astype(
             jnp.float32)
 
-    d = state_dtype(state)
-    zeros = {"embed": jnp.zeros((tokens.shape[0], spec.d_model), d),
-             "mlp": jnp.zeros((n_layers, tokens.shape[0], spec.d_model), d)}
-    return f, zeros
-
-
-def state_dtype(state):
-    return jax.tree.leaves(state)[0].dtype
+    return f
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,7 +614,7 @@ def attribute(model, tokens, spec: clt.CLTSpec, params: clt.Params, cfg: Attribu
 @partial(jax.jit, static_argnames=("graphdef", "spec"))
 def _frozen_reads(graphdef, state, tokens, spec: clt.CLTSpec, params, held, mlp_const, deltas):
     """The frozen model's covered input sites and final norm output for a batch of deltas."""
-    f, _ = _linearised(graphdef, state, tokens, spec, params, held, mlp_const)
+    f = _linearised(graphdef, state, tokens, spec, params, held, mlp_const)
     return jax.vmap(f)(deltas)
 
 
