@@ -9,6 +9,7 @@ always was. `initialize` must come before any other JAX call of the process.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import re
@@ -120,24 +121,39 @@ def start_watchdog(*, lost_after_s: float, every_s: float | None = None) -> thre
               "continue from the last checkpoint", file=sys.stderr, flush=True)
         os._exit(LOST_EXIT)
 
+    stopping = threading.Event()
+
+    def finished() -> None:  # this process is exiting: tell the others it is done, not lost
+        stopping.set()
+        try:
+            client.key_value_set(f"jaxinterp/alive/{me}", "done", allow_overwrite=True)
+        except Exception:
+            pass
+
+    atexit.register(finished)  # runs before jax.distributed's own shutdown (registered earlier)
+
     def run() -> None:
         beat, seen = 0, {p: (None, time.monotonic()) for p in range(n) if p != me}
-        while True:
+        while True:  # also while exiting: a process killed meanwhile still has to be named
             now = time.monotonic()
             try:
                 beat += 1
                 client.key_value_set(f"jaxinterp/alive/{me}", str(beat), allow_overwrite=True)
-                for p, (last, at) in seen.items():
+                for p, (last, at) in list(seen.items()):
                     try:
                         v = client.key_value_try_get(f"jaxinterp/alive/{p}")
                     except Exception:  # not written yet
                         v = None
-                    if v is not None and v != last:
+                    if v == "done":
+                        del seen[p]
+                    elif v is not None and v != last:
                         seen[p] = (v, now)
                     elif now - at > lost_after_s:
                         stop(f"process {p} of {n} sent no heartbeat for {now - at:.0f} s (lost: crashed, killed or "
                              "preempted)")
             except Exception as e:  # the coordination service itself is gone
+                if stopping.is_set():  # shut down as this process exits
+                    return
                 if me != 0:
                     stop(f"lost the coordinator, process 0 of {n} ({type(e).__name__})")
                 raise
