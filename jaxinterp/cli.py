@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 
@@ -41,6 +42,16 @@ def run_main(main: Callable[[], int | None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except user_errors() as e:
+        from jaxinterp import distributed
+
         print(f"error: {e}", file=sys.stderr)
+        distributed.exit_after_failure(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
         sys.exit(2)
+    except Exception as e:
+        from jaxinterp import distributed
+
+        if distributed.watching():  # a multi-process run: the others are told, then this process ends
+            distributed.exit_after_failure(f"{type(e).__name__} (see its log)", 1, settle=True,
+                                           before=traceback.print_exc)
+        raise
     sys.exit(code or 0)

@@ -89,7 +89,10 @@ def initialize(settings: Settings | None) -> tuple[int, int]:
     if settings is None:
         return 0, 1
     # JAX's own heartbeat aborts the process (a C++ abort with a stack dump); the watchdog below
-    # notices a lost process first and says so in one line, so JAX's is set well after it
+    # notices a lost process first and says so in one line, so JAX's is set well after it. When
+    # process 0 itself is lost, the coordination service goes with it and JAX ends the others at
+    # once with its own line ("... the JAX distributed service detected fatal errors. This most
+    # likely indicates that another task died"), status 134.
     kw = dict(heartbeat_timeout_seconds=3 * settings.heartbeat_s, initialization_timeout=settings.initialization_timeout_s)
     if settings.auto:
         jax.distributed.initialize(**kw)
@@ -102,6 +105,46 @@ def initialize(settings: Settings | None) -> tuple[int, int]:
 
 LOST_EXIT = 3
 """Exit status of a process that stops because another was lost."""
+FAILED = "failed: "
+
+
+@dataclasses.dataclass(frozen=True)
+class _Watch:
+    lost_after_s: float
+    every_s: float
+    failed: object
+
+
+_watch: _Watch | None = None
+"""The running watchdog of this process, if any."""
+
+
+def watching() -> bool:
+    """Whether this process runs the watchdog of a multi-process run."""
+    return _watch is not None
+
+
+def exit_after_failure(message: str, status: int, *, settle: bool = False, before=None) -> None:
+    """In a multi-process run, end this process with `status` after telling the others that it
+    stops with an error (`message`, one line), so that they stop too instead of waiting for it in a
+    collective; it does not wait for them at JAX's shutdown barrier. With `settle`, first give the
+    watchdog time to name a lost process: an error raised by a collective whose peer died is that
+    peer's loss, not this process's failure; `before` (say, printing the traceback) runs after
+    that. Returns at once in a single-process run."""
+    if _watch is None:
+        return
+    if settle:
+        time.sleep(_watch.lost_after_s + 2 * _watch.every_s)  # the watchdog exits the process meanwhile
+    if before is not None:
+        before()
+    _watch.failed(message)
+    import jax
+
+    if jax.process_index() == 0:  # its exit takes the coordination service down: let the others read it first
+        time.sleep(2 * _watch.every_s + 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def start_watchdog(*, lost_after_s: float, every_s: float | None = None) -> threading.Thread:
@@ -124,12 +167,23 @@ def start_watchdog(*, lost_after_s: float, every_s: float | None = None) -> thre
     stopping = threading.Event()
 
     def finished() -> None:  # this process is exiting: tell the others it is done, not lost
+        if stopping.is_set():  # it said it failed (`exit_after_failure`)
+            return
         stopping.set()
         try:
             client.key_value_set(f"jaxinterp/alive/{me}", "done", allow_overwrite=True)
         except Exception:
             pass
 
+    def failed(message: str) -> None:
+        stopping.set()
+        try:
+            client.key_value_set(f"jaxinterp/alive/{me}", FAILED + message, allow_overwrite=True)
+        except Exception:
+            pass
+
+    global _watch
+    _watch = _Watch(lost_after_s=lost_after_s, every_s=every, failed=failed)
     atexit.register(finished)  # runs before jax.distributed's own shutdown (registered earlier)
 
     def run() -> None:
@@ -137,8 +191,9 @@ def start_watchdog(*, lost_after_s: float, every_s: float | None = None) -> thre
         while True:  # also while exiting: a process killed meanwhile still has to be named
             now = time.monotonic()
             try:
-                beat += 1
-                client.key_value_set(f"jaxinterp/alive/{me}", str(beat), allow_overwrite=True)
+                if not stopping.is_set():  # a process on its way out has said so ("done" or its error)
+                    beat += 1
+                    client.key_value_set(f"jaxinterp/alive/{me}", str(beat), allow_overwrite=True)
                 for p, (last, at) in list(seen.items()):
                     try:
                         v = client.key_value_try_get(f"jaxinterp/alive/{p}")
@@ -146,6 +201,8 @@ def start_watchdog(*, lost_after_s: float, every_s: float | None = None) -> thre
                         v = None
                     if v == "done":
                         del seen[p]
+                    elif v is not None and v.startswith(FAILED):
+                        stop(f"process {p} of {n} stopped with an error: {v[len(FAILED):]}")
                     elif v is not None and v != last:
                         seen[p] = (v, now)
                     elif now - at > lost_after_s:
@@ -169,3 +226,91 @@ def is_primary() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def local_rows(batch_sharding, global_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The rows [lo, hi) of a global batch of `global_shape` that this process's devices hold under
+    `batch_sharding` (the whole batch when the data axis lies within one process)."""
+    n = global_shape[0]
+    spans = {(s[0].start or 0, n if s[0].stop is None else s[0].stop)
+             for s in batch_sharding.addressable_devices_indices_map(global_shape).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    covered = sorted(spans)
+    if any(b < a2 for (_, b), (a2, _) in zip(covered, covered[1:])):
+        raise UsageError(f"this process's devices hold rows {covered} of the batch, not one contiguous block; "
+                         "order the devices process by process along mesh.data")
+    return lo, hi
+
+
+def global_batch(local, batch_sharding, global_shape: tuple[int, ...]):
+    """The global batch array from this process's rows (`local_rows`); a single-process run puts the
+    whole batch on its devices."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_put(local, batch_sharding)
+    return jax.make_array_from_process_local_data(batch_sharding, local, global_shape)
+
+
+def host_array(x):
+    """A NumPy copy of the whole of `x` on every process: an array spread over other processes'
+    devices is gathered (a collective: every process must call this)."""
+    import jax
+    import numpy as np
+
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_tree(tree):
+    """`host_array` over every leaf of a pytree."""
+    import jax
+
+    return jax.tree.map(host_array, tree)
+
+
+_gathers = 0
+
+
+def allgather_json(value, *, timeout_s: int = 86400) -> list:
+    """Every process's `value` (JSON-able), in process order; a single-process run gets [value].
+    Every process must call this the same number of times."""
+    import json
+
+    import jax
+
+    global _gathers
+    if jax.process_count() == 1:
+        return [value]
+    from jax._src import distributed as jd
+
+    client, _gathers = jd.global_state.client, _gathers + 1
+    key = f"jaxinterp/gather/{_gathers}"
+    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    return [json.loads(client.blocking_key_value_get(f"{key}/{p}", timeout_s * 1000))
+            for p in range(jax.process_count())]
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches `name` (nothing in a single-process run)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

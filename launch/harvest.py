@@ -5,6 +5,10 @@ Reads the config's `data` section (model, corpus, site, context_length, chunk_co
 eval_fraction) and `train.seed`; for a CLT config (`dictionary.architecture: clt`), every covered
 layer's input site and mlp_out, side by side in each row, from one forward. Re-running the same command continues after the last completed
 chunk. Train on the result with `data.source: cache`, `data.path: DIR`.
+
+On several processes run the same command on each with `--distributed auto` or `--coordinator
+HOST:PORT --num-processes N --process-id I`: each computes its share of the chunks, and the files
+are those of a one-process harvest (see the README's pod section).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxinterp import distributed  # noqa: E402
 from jaxinterp.cli import configure_host_devices, run_main  # noqa: E402
 
 configure_host_devices()
@@ -29,13 +34,17 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, help="train contexts to harvest (default: all of them)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="stored dtype")
     ap.add_argument("--force", action="store_true", help="delete a cache already in --out and start over")
+    distributed.add_arguments(ap)
     args = ap.parse_args()
+    distributed.initialize(distributed.requested(args))  # before any other JAX call
 
     from jaxinterp.config import load_config
     from jaxinterp.data.cache import harvest
 
     cfg = load_config(args.config, args.set)
     manifest = harvest(cfg, args.out, contexts=args.contexts, dtype=args.dtype, force=args.force)
+    if not distributed.is_primary():
+        return 0
     rows = sum(c["n_rows"] for c in manifest["chunks"])
     sites = manifest["sites"]
     sites = " -> ".join(sites) if len(sites) <= 2 else f"{len(sites)} sites ({sites[0]} ... {sites[-1]})"

@@ -1,4 +1,8 @@
-"""Train a sparse dictionary: `python launch/train.py --config configs/toy.yaml [--set k=v ...] [--resume]`."""
+"""Train a sparse dictionary: `python launch/train.py --config configs/toy.yaml [--set k=v ...] [--resume]`.
+
+On several processes (a TPU pod slice, a GPU cluster, or processes on one machine) run the same
+command on every process with `--distributed auto` (where JAX detects the cluster) or
+`--coordinator HOST:PORT --num-processes N --process-id I`; see the README's pod section."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxinterp import distributed  # noqa: E402
 from jaxinterp.cli import configure_host_devices, run_main  # noqa: E402
 
 configure_host_devices()
@@ -23,7 +28,9 @@ def main() -> int:
     ap.add_argument("--estimate", action="store_true",
                     help="CLTs: print the parameter count and bytes per device on the configured mesh (mesh.data and "
                          "mesh.model as numbers; they need not exist on this machine), then exit")
+    distributed.add_arguments(ap)
     args = ap.parse_args()
+    distributed.initialize(distributed.requested(args))  # before any other JAX call
 
     from jaxinterp.config import load_config
     from jaxinterp.train import summary_line, train
@@ -33,6 +40,8 @@ def main() -> int:
         return _estimate(cfg)
     # stderr carries only a failure's one line; progress lines go to stdout unless it holds JSON.
     final = train(cfg, resume=args.resume, log=(lambda s: None) if args.json else (lambda s: print(s, flush=True)))
+    if not distributed.is_primary():
+        return 0
     if args.json:
         print(json.dumps(final))
     else:

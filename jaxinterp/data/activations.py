@@ -12,6 +12,11 @@ runs up to the site only, the BOS position is dropped, and the chunk's rows are 
 contexts (the mixing buffer) before being cut into batches. The state is (chunk, offset), and a
 chunk is a pure function of (seed, chunk), so a resumed run recomputes it and reads on exactly
 where it stopped. `launch/harvest.py` writes the chunks of the first epoch to disk (`cache.py`).
+
+On a mesh of G data shards (`RowShare`), a chunk's contexts are cut in G equal groups and block g
+of every batch is drawn from group g's rows (shuffled within the group, one forward per group): a
+process computes its own groups' contexts only, and the global batches are the same numbers
+whatever the number of processes. G = 1 is the single-group order above.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.data.batches import RowShare
 from jaxinterp.data.npy import DataError
 from jaxinterp.config import DataConfig
 from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents, token_contexts
@@ -124,29 +130,54 @@ class ModelSource:
         self.true_directions = None
         n = len(self.train_contexts)
         self._chunks_per_epoch = max(1, n // self.chunk_contexts)
+        self.share = RowShare()
         self._chunk, self._offset, self._rows = 0, 0, None
 
-    def _chunk_rows(self, chunk: int) -> np.ndarray:
+    def set_share(self, share: RowShare) -> None:
+        """Compute only `share` of each batch: the forward of this process's groups of each chunk's
+        contexts (call before the first batch is read)."""
+        if share.groups > 1 and self.chunk_contexts % share.groups:
+            raise DataError(f"data.chunk_contexts={self.chunk_contexts} does not divide among the mesh's "
+                            f"{share.groups} data shards; set data.chunk_contexts to a multiple of {share.groups}")
+        if share.groups > 1 and self.batch_size % share.groups:
+            raise DataError(f"train.batch_size={self.batch_size} does not divide among the mesh's {share.groups} "
+                            "data shards; pick a multiple of the data-parallel size")
+        self.share, self._rows = share, None
+
+    def _chunk_rows(self, chunk: int) -> list[np.ndarray]:
+        """This process's groups of one chunk: rows [R / G, D] each, in group order."""
         epoch, i = divmod(chunk, self._chunks_per_epoch)
         order = visit_order(len(self.train_contexts), self.seed, epoch)
         picked = np.sort(order[i * self.chunk_contexts : (i + 1) * self.chunk_contexts])
-        return chunk_rows(self.model, self.train_contexts[picked], self.sites, self.seed, epoch, i)
+        g = self.share
+        if g.groups == 1:
+            return [chunk_rows(self.model, self.train_contexts[picked], self.sites, self.seed, epoch, i)]
+        per = self.chunk_contexts // g.groups
+        parts = []
+        for k in range(g.first, g.last):  # one forward per group: the same numbers on any process
+            rows = site_activations(self.model, self.train_contexts[picked[k * per : (k + 1) * per]], self.sites)
+            parts.append(rows[np.random.default_rng([self.seed, epoch, i, 1, k]).permutation(len(rows))])
+        return parts
 
     def __iter__(self):
         return self
 
     def __next__(self) -> np.ndarray:
+        groups = self.share.groups
+        per = self.batch_size // groups
         if self._rows is None:
             self._rows = self._chunk_rows(self._chunk)
-        if self._offset + self.batch_size > len(self._rows):
+        if (self._offset + self.batch_size) // groups > len(self._rows[0]):
             self._chunk, self._offset = self._chunk + 1, 0
             self._rows = self._chunk_rows(self._chunk)
-            if len(self._rows) < self.batch_size:
+            if len(self._rows[0]) < per:
                 raise DataError(
-                    f"data.chunk_contexts={self.chunk_contexts} contexts give {len(self._rows)} rows, fewer than "
-                    f"train.batch_size={self.batch_size}; raise data.chunk_contexts"
+                    f"data.chunk_contexts={self.chunk_contexts} contexts give {len(self._rows[0]) * groups} rows, "
+                    f"fewer than train.batch_size={self.batch_size}; raise data.chunk_contexts"
                 )
-        batch = self._rows[self._offset : self._offset + self.batch_size]
+        at = self._offset // groups
+        batch = self._rows[0][at : at + per] if len(self._rows) == 1 else np.concatenate(
+            [r[at : at + per] for r in self._rows])
         self._offset += self.batch_size
         return batch
 

@@ -13,10 +13,15 @@ batch whatever the file size, where a stored permutation of a billion rows would
 grain's per-element shuffle costs ~45 ms of Python per 4,096-row batch. A grain pipeline over the
 batch indices reads `prefetch` batches ahead on one thread, so the train step never waits for the
 host and a second core is not taken from XLA for long.
+
+In a multi-process run each process reads only its rows of every global batch (`RowShare`): the
+batch is cut into one block of rows per data shard of the mesh, and a process reads the blocks its
+devices hold. The global batch is the same whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -105,15 +110,59 @@ class BatchStream:
         self._it = None
 
 
+@dataclasses.dataclass(frozen=True)
+class RowShare:
+    """A process's part of every global batch: the batch is `groups` equal blocks of rows (one per
+    data shard of the mesh) and the process reads blocks [first, last). The default is the whole
+    batch as one block: a single-process run."""
+
+    groups: int = 1
+    first: int = 0
+    last: int = 1
+
+    def rows(self, batch_size: int) -> tuple[int, int]:
+        """The rows [lo, hi) of a batch of `batch_size` that the process reads."""
+        per = batch_size // self.groups
+        return self.first * per, self.last * per
+
+    @classmethod
+    def of(cls, groups: int, lo: int, hi: int, batch_size: int) -> RowShare:
+        """The share of rows [lo, hi) of a batch of `batch_size` cut in `groups` blocks."""
+        per = batch_size // groups
+        if batch_size % groups or lo % per or hi % per or not 0 <= lo < hi <= batch_size:
+            raise ValueError(f"rows [{lo}, {hi}) of a batch of {batch_size} are not whole blocks of {groups} groups")
+        return cls(groups, lo // per, hi // per)
+
+
 class IndexedSource:
     """Base of the sources whose batch `i` is a pure function of `i` (`batch`): iteration,
-    read-ahead and the resumable state come from a `BatchStream` over it."""
+    read-ahead and the resumable state come from a `BatchStream` over this process's rows of each
+    batch (`share`)."""
 
     host_side = True
     """Batches are computed on the host, so the next ones are read while a train step runs."""
 
+    batch_size: int
+    share = RowShare()
+    """The rows of each batch this process reads (`set_share`)."""
+
     def batch(self, i: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def read(self, i: int, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of batch `i`; sources that can read fewer rows than a batch override this."""
+        x = self.batch(i)
+        return x if (lo, hi) == (0, len(x)) else x[lo:hi]
+
+    def local_batch(self, i: int) -> np.ndarray:
+        """This process's rows of batch `i`."""
+        return self.read(i, *self.share.rows(self.batch_size))
+
+    def set_share(self, share: RowShare) -> None:
+        """Read only `share` of each batch from now on (call before the first batch is read)."""
+        if "stream" in self.__dict__ and self.stream.next_index:
+            raise RuntimeError("set_share: batches were already read")
+        self.share = share
 
     def describe(self, i: int, row: int) -> str:  # pragma: no cover - abstract
         """Where row `row` of batch `i` comes from, for error messages."""
@@ -121,7 +170,7 @@ class IndexedSource:
 
     @functools.cached_property
     def stream(self) -> BatchStream:
-        return BatchStream(self.batch)
+        return BatchStream(self.local_batch)
 
     def __iter__(self):
         return self

@@ -15,6 +15,11 @@ Chunk i holds the contexts `visit_order(N, seed, 0)[i*C : (i+1)*C]` with its row
 chunk under a temporary name and renames it, then rewrites the manifest the same way: a chunk
 counts once the manifest lists it, and a re-run carries on after the last one. `CacheSource` reads
 rows shuffled across all chunks, a new order each epoch, ahead of the step (`batches.py`).
+
+A harvest on P processes (`jaxinterp.distributed`) runs in rounds of P chunks: process p computes
+chunk `first + round * P + p` and writes its file, and after each round process 0 lists the round's
+chunks in the manifest. The files are those a one-process harvest writes, chunk for chunk, and a
+job that crashes resumes after the last listed round (on any number of processes).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from jaxinterp import distributed
 from jaxinterp.config import Config, DataConfig
 from jaxinterp.data.activations import (chunk_rows, clt_sites, eval_activation_batches, open_site_model, source_sites,
                                         visit_order)
@@ -115,8 +121,9 @@ def _clear(directory: Path) -> None:
         p.unlink()
 
 
-def _resume_manifest(out: Path, settings: dict, plan: list[np.ndarray], force: bool) -> dict:
-    """The manifest to continue from: the existing one if it was made with `settings`, else a new one."""
+def _resume_manifest(out: Path, settings: dict, plan: list[np.ndarray], force: bool, clean: bool = True) -> dict:
+    """The manifest to continue from: the existing one if it was made with `settings`, else a new one
+    (`clean`: remove the temporaries a crashed harvest left)."""
     if force:
         _clear(out)
     if not (out / MANIFEST).exists():
@@ -131,7 +138,7 @@ def _resume_manifest(out: Path, settings: dict, plan: list[np.ndarray], force: b
             raise DataError(f"{out / MANIFEST}: chunk {i} does not match the harvest plan; pass --force to start over")
         if not (out / c["file"]).is_file():
             raise DataError(f"{out / c['file']} is listed in the manifest but missing; pass --force to start over")
-    for tmp in [*out.glob("chunk_*.npy.tmp"), *out.glob(MANIFEST + ".tmp")]:
+    for tmp in [*out.glob("chunk_*.npy.tmp"), *out.glob(MANIFEST + ".tmp")] if clean else []:
         tmp.unlink()
     return manifest
 
@@ -164,22 +171,37 @@ def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype:
         "contexts_digest": _digest(train_nt), "contexts_planned": n_planned, "d_model": int(model.cfg.d_model),
     }
     plan = plan_chunks(len(train_nt), n_planned, data.chunk_contexts, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = _resume_manifest(out, settings, plan, force)
+    me, n_proc = distributed.process_index(), distributed.process_count()
+    if me == 0:  # the first process prepares the directory, the others read what it made
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = _resume_manifest(out, settings, plan, force)
+        if not manifest["chunks"]:
+            write_manifest(out, manifest)
+    distributed.barrier("jaxinterp harvest plan")
+    if me != 0:
+        manifest = _resume_manifest(out, settings, plan, force=False, clean=False)
     done = manifest["chunks"]
-    if not done:
-        write_manifest(out, manifest)
-    bar = tqdm(total=n_planned, initial=sum(len(c["contexts"]) for c in done), unit="ctx", disable=not progress,
-               dynamic_ncols=True)
-    for i in range(len(done), len(plan)):
-        rows = chunk_rows(model, train_nt[plan[i]], sites, seed, 0, i).astype(CACHE_DTYPES[dtype], copy=False)
-        if dtype != "float32" and not np.isfinite(rows).all():
-            raise DataError(f"chunk {i}: activations at {' and '.join(sites)} overflow {dtype}; harvest with "
-                            "--dtype float32")
-        _write_atomic(out / chunk_name(i), lambda f: np.save(f, rows))
-        done.append({"file": chunk_name(i), "n_rows": len(rows), "contexts": plan[i].tolist()})
-        write_manifest(out, manifest)
-        bar.update(len(plan[i]))
+    bar = tqdm(total=n_planned, initial=sum(len(c["contexts"]) for c in done), unit="ctx",
+               disable=not progress or me != 0, dynamic_ncols=True)
+    # Rounds of one chunk per process: chunk i is computed by process (i - first) % P; after each
+    # round the first process lists the round's chunks in the manifest, in order.
+    first = len(done)
+    for start in range(first, len(plan), n_proc):
+        i = start + me
+        n_rows = None
+        if i < len(plan):
+            rows = chunk_rows(model, train_nt[plan[i]], sites, seed, 0, i).astype(CACHE_DTYPES[dtype], copy=False)
+            if dtype != "float32" and not np.isfinite(rows).all():
+                raise DataError(f"chunk {i}: activations at {' and '.join(sites)} overflow {dtype}; harvest with "
+                                "--dtype float32")
+            _write_atomic(out / chunk_name(i), lambda f: np.save(f, rows))
+            n_rows = len(rows)
+        for j, n in enumerate(distributed.allgather_json(n_rows)):
+            if n is not None:
+                done.append({"file": chunk_name(start + j), "n_rows": n, "contexts": plan[start + j].tolist()})
+                bar.update(len(plan[start + j]))
+        if me == 0:
+            write_manifest(out, manifest)
     bar.close()
     return manifest
 
@@ -258,7 +280,10 @@ class CacheSource(IndexedSource):
 
     def batch(self, i: int) -> np.ndarray:
         """Rows [B, D] of training batch `i`, read chunk by chunk in ascending order."""
-        idx = self.rows(i)
+        return self.read(i, 0, self.batch_size)
+
+    def read(self, i: int, lo: int, hi: int) -> np.ndarray:
+        idx = self.rows(i)[lo:hi]
         which = self._chunk_of(idx)
         cuts = np.flatnonzero(np.diff(which)) + 1
         parts = [np.asarray(self._chunks[c][part - self._starts[c]], np.float32)

@@ -123,6 +123,9 @@ class NpySource(IndexedSource):
     def batch(self, i: int) -> np.ndarray:
         return self._read(self.rows(i))
 
+    def read(self, i: int, lo: int, hi: int) -> np.ndarray:
+        return self._read(self.rows(i)[lo:hi])
+
     def describe(self, i: int, row: int) -> str:
         files = self.path if self.target_path is None else f"{self.path} (or its target file {self.target_path})"
         return f"{files} row {int(self.rows(i)[row])} (training batch {i}, row {row} of the batch)"

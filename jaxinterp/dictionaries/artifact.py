@@ -204,10 +204,19 @@ def _rowwise(fn, d: Dictionary, a, width: int, *extra) -> jax.Array:
     return out.reshape(*a.shape[:-1], out.shape[-1])
 
 
+def _this_process_checkpointer():
+    """An Orbax checkpointer of this process alone: in a multi-process run the artifact is written
+    (by process 0) and read (by any process) without waiting for the others."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"artifact{me}"))
+
+
 def save(path: str | Path, dictionary: Dictionary | CLTDictionary, *, overwrite: bool = True) -> Path:
     """Write `dictionary` to the directory `path` (replacing what a previous save left there when
     `overwrite`); returns the directory."""
-    import orbax.checkpoint as ocp
 
     out = Path(path).absolute()
     if out.exists():
@@ -220,7 +229,7 @@ def save(path: str | Path, dictionary: Dictionary | CLTDictionary, *, overwrite:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     params = {k: np.asarray(jax.device_get(v)) for k, v in dictionary.params.items()}
-    with ocp.StandardCheckpointer() as ckptr:
+    with _this_process_checkpointer() as ckptr:
         ckptr.save(tmp / WEIGHTS, params)
         ckptr.wait_until_finished()
     if isinstance(dictionary, CLTDictionary):
@@ -252,7 +261,6 @@ def load_dictionary(path: str | Path) -> Dictionary | CLTDictionary:
     directory holding one, or a circuit-tracer directory (`config.yaml` naming `model_kind`: a
     cross-layer transcoder reads as a `CLTDictionary`, a per-layer transcoder set as one of span 1
     with skips where the set has them)."""
-    import orbax.checkpoint as ocp
 
     p = Path(path).absolute()
     if not p.exists():
@@ -272,9 +280,9 @@ def load_dictionary(path: str | Path) -> Dictionary | CLTDictionary:
         raise DictionaryError(f"{d / META} has format {fmt}, this jaxinterp reads {FORMAT}")
     init = (lambda: clt.init(jax.random.key(0), spec)) if is_clt else (lambda: sae.init(jax.random.key(0), spec))
     shapes = jax.eval_shape(init)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in shapes.items()}
-    with ocp.StandardCheckpointer() as ckptr:
+    with _this_process_checkpointer() as ckptr:
         params = ckptr.restore(d / WEIGHTS, target)
     if is_clt:
         return CLTDictionary(spec=spec, params=dict(params), model=meta.get("model"), metadata=meta.get("metadata") or {})

@@ -15,8 +15,10 @@ import yaml
 from tqdm import tqdm
 
 from jaxinterp import dictionaries as dl
+from jaxinterp import distributed
 from jaxinterp.config import Config, config_to_dict, load_config
 from jaxinterp.data import check_finite, make_source
+from jaxinterp.data.batches import RowShare
 from jaxinterp.errors import JaxinterpError, MissingFileError
 from jaxinterp.train import sharding
 from jaxinterp.train.checkpoint import Checkpointer, abstract_like
@@ -45,7 +47,8 @@ def checkpoint_dictionary(run_dir: str | Path, step: int | None = None) -> tuple
     dummy = [np.zeros((1, trainer.batch_width), np.float32)]
     abstract = jax.eval_shape(lambda: trainer.init_state(dummy))
     ckpt = Checkpointer(run / "checkpoints", keep=cfg.output.keep_checkpoints)
-    target = abstract_like(abstract, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract))
+    target = abstract_like(abstract, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                                                  abstract))
     state, _ = ckpt.restore(target, step)
     ckpt.close()
     return spec, state.dictionary
@@ -87,10 +90,47 @@ def _stream_index(source, default: int) -> int:
     return stream.next_index if stream is not None else default
 
 
+class _NoMetrics:
+    """The metrics writer of a process other than the first: it writes nothing."""
+
+    def write(self, record: dict) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
+
+
+def _data_states(source) -> dict:
+    """The data position of every process, in process order, to save with a checkpoint."""
+    return {"processes": distributed.allgather_json(source.get_state())}
+
+
+def _restore_data_state(source, saved: dict) -> None:
+    """Set this process's data position from a checkpoint's (written by any number of processes:
+    positions are global, so a checkpoint whose processes agree resumes on any number)."""
+    states = saved.get("processes", [saved])  # checkpoints before multi-process runs hold one state
+    me, n = distributed.process_index(), distributed.process_count()
+    if len(states) == n:
+        mine = states[me]
+    elif all(st == states[0] for st in states):
+        mine = states[0]
+    else:
+        raise TrainingError(f"the checkpoint holds the data positions of {len(states)} processes, and they differ; "
+                            f"resume on {len(states)} processes")
+    source.set_state(mine)
+
+
 def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | None = None) -> dict:
     """Train a dictionary as configured; returns the final evaluation (also the last line of
-    `<output.dir>/metrics.jsonl`), with the seconds spent in each phase of the run."""
+    `<output.dir>/metrics.jsonl`), with the seconds spent in each phase of the run.
+
+    In a multi-process run (`jaxinterp.distributed`) every process calls this: each reads its rows
+    of every batch, all take part in the steps, checkpoints and the final evaluation, and process 0
+    alone writes the run's files, logs and shows progress."""
     clock = _Clock()
+    primary = distributed.is_primary()
+    if not primary:
+        log = lambda s: None  # noqa: E731
     run = Path(cfg.output.dir)
     ckpt_dir = run / "checkpoints"
     with clock("setup"):
@@ -98,6 +138,9 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         trainer = make_trainer(cfg, source)
         mesh = sharding.make_mesh(cfg.mesh)
     _check_batch(cfg, mesh)
+    batch_shape = (cfg.train.batch_size, trainer.batch_width)
+    lo, hi = distributed.local_rows(sharding.batch_sharding(mesh, cfg.train.batch_size), batch_shape)
+    source.set_share(RowShare.of(mesh.shape["data"], lo, hi, cfg.train.batch_size))
     trainer.preflight(mesh, log)
 
     existing = Checkpointer(ckpt_dir, keep=cfg.output.keep_checkpoints) if ckpt_dir.exists() else None
@@ -110,9 +153,10 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         )
     if resume and latest is None:
         log(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    (run / "dictionary.json").write_text(json.dumps(trainer.spec_json(), indent=2) + "\n")
+    if primary:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        (run / "dictionary.json").write_text(json.dumps(trainer.spec_json(), indent=2) + "\n")
     ckpt = existing or Checkpointer(ckpt_dir, keep=cfg.output.keep_checkpoints)
 
     with clock("init"):
@@ -121,14 +165,18 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
             abstract = jax.eval_shape(lambda: trainer.init_state(dummy))
             fns = trainer.build_step(mesh, abstract, max_traces=max_traces)
             state, data_state = ckpt.restore(abstract_like(abstract, fns.state_sharding), latest)
-            source.set_state(data_state)
+            _restore_data_state(source, data_state)
             log(f"resumed from step {latest} of {cfg.train.steps}")
         else:
             init_batches = []
             for i in range(cfg.train.init_batches):
                 index = _stream_index(source, i)
                 batch = np.asarray(next(source), np.float32)
-                check_finite(batch, _where(cfg, source, index))
+                where = _where(cfg, source, index)
+                check_finite(batch, lambda r, where=where: where(r + lo))
+                if distributed.process_count() > 1:  # every process initialises from the whole batch
+                    batch = distributed.host_array(distributed.global_batch(batch, sharding.batch_sharding(
+                        mesh, cfg.train.batch_size), batch_shape))
                 init_batches.append(batch)
             state = trainer.init_state(init_batches)
             fns = trainer.build_step(mesh, state, max_traces=max_traces)
@@ -138,7 +186,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     start = int(state.step)
     first_batch = _stream_index(source, start)
     lr = resolved_lr(cfg.train, trainer.d_sae)
-    writer = MetricsWriter(run, truncate_after_step=start if latest is not None else None)
+    writer = MetricsWriter(run, truncate_after_step=start if latest is not None else None) if primary else _NoMetrics()
     resample = trainer.resampler(fns)
     log(f"training {trainer.describe()} for {total} steps "
         f"({cfg.train.tokens:,} tokens) on {sharding.describe(mesh)}, {cfg.train.optimizer} lr {lr:.3g} "
@@ -156,7 +204,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
                                           grad_clip=cfg.train.grad_clip, metrics=metrics, checkpoint=where))
 
     # A bar only on a terminal (disable=None): piped stderr stays free for errors.
-    bar = tqdm(total=total, initial=start, disable=None if cfg.output.progress else True, unit="step",
+    bar = tqdm(total=total, initial=start, disable=None if cfg.output.progress and primary else True, unit="step",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), start
     metrics = None
@@ -164,7 +212,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     loop_start, loop_steps, loop_compile = None, 0, 0.0
     # The step with aux-k runs while some feature is dead, as read from the metrics of the step two
     # behind (already waited for, so the choice costs no extra synchronisation).
-    aux_on = fns.step_aux_k is not None and bool(jax.device_get(
+    aux_on = fns.step_aux_k is not None and bool(distributed.host_array(
         jax.numpy.any(state.tokens_since_fired >= cfg.dictionary.dead_tokens)))
     aux_compiled = False
     for step in range(start, total):
@@ -177,7 +225,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         compiling = step == start or first_aux
         with clock("compile") if compiling else contextlib.nullcontext():
             t_compile = time.perf_counter()
-            x = jax.device_put(next(source), fns.batch_sharding)
+            x = distributed.global_batch(next(source), fns.batch_sharding, batch_shape)
             state, metrics = (fns.step_aux_k if aux_on else fns.step)(state, x)
             if compiling:
                 jax.block_until_ready(metrics)  # the compiles and their first steps, timed on their own
@@ -201,7 +249,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         if resample is not None and done % cfg.train.resample_every == 0:
             state = resample(state, x, jax.random.fold_in(jax.random.key(cfg.train.seed), done))
         if done % cfg.output.log_every == 0 or done == total:
-            m, fault = jax.device_get((metrics, state.fault))
+            m, fault = distributed.host_tree((metrics, state.fault))
             m = {k: float(v) for k, v in m.items()}
             stop_if_faulty(fault, m)
             now = time.perf_counter()
@@ -213,7 +261,7 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
         if done % cfg.output.checkpoint_every == 0 and done != total:
             stop_if_faulty(state.fault, {})  # never checkpoint a state past a fault
             with clock("checkpoint"):
-                ckpt.save(done, state, source.get_state())
+                ckpt.save(done, state, _data_states(source))
         bar.update(1)
     bar.close()
     jax.block_until_ready(state)
@@ -223,13 +271,15 @@ def train(cfg: Config, *, resume: bool = False, log=print, max_traces: int | Non
     clock.seconds["loop"] = max(loop_seconds - clock.seconds.get("checkpoint", 0.0), 0.0)
     with clock("checkpoint"):
         if ckpt.latest_step() != total:
-            ckpt.save(total, state, source.get_state(), force=True)
+            ckpt.save(total, state, _data_states(source), force=True)
         ckpt.wait()
 
+    state = distributed.host_tree(state)  # every process holds the whole dictionary from here on
     with clock("eval"):
         final = final_evaluation(cfg, trainer, state, source)
-    with clock("export"):
-        trainer.export(run, state, source, log)
+    if primary:
+        with clock("export"):
+            trainer.export(run, state, source, log)
     final["lr"] = lr
     final["loop_tokens_per_s"] = loop_steps * cfg.train.batch_size / loop_seconds if loop_steps else None
     final["seconds"] = {k: round(v, 3) for k, v in clock.seconds.items()}
