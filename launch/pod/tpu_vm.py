@@ -1,0 +1,50 @@
+"""Run a harvest or a training job on every worker of a Cloud TPU VM slice:
+`python launch/pod/tpu_vm.py --tpu NAME --zone ZONE --config configs/default.yaml --output DIR [--set k=v ...]
+[--job train|harvest] [--resume] [--dry-run]`.
+
+Packs this repository, copies it to every worker (`gcloud compute tpus tpu-vm scp --worker=all`),
+then on all workers at once installs it and runs the job with `--distributed auto`
+(`gcloud compute tpus tpu-vm ssh --worker=all --command ...`). DIR must be storage every worker
+mounts at the same path (Filestore, or a bucket mounted with gcsfuse). `--dry-run` prints the
+commands instead of running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from jaxinterp import pod  # noqa: E402
+from jaxinterp.cli import run_main  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tpu", required=True, help="the TPU VM's name (gcloud compute tpus tpu-vm list)")
+    ap.add_argument("--zone", required=True)
+    ap.add_argument("--project")
+    ap.add_argument("--job", default="train", choices=pod.JOBS)
+    ap.add_argument("--config", required=True, help="YAML config, a path inside this repository")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--output", required=True, help="run (or cache) directory on storage every worker mounts")
+    ap.add_argument("--resume", action="store_true", help="training: continue from the latest checkpoint")
+    ap.add_argument("--no-install", action="store_true", help="the workers already have the packages")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = ap.parse_args()
+    job = pod.job_command(args.job, args.config, args.output, sets=args.set, resume=args.resume)
+    cmds = pod.tpu_vm_commands(args.tpu, args.zone, job, project=args.project, install=not args.no_install,
+                               repo=str(REPO))
+    for cmd in cmds:
+        print(pod.shell(cmd), flush=True)
+        if not args.dry_run:
+            subprocess.run(cmd, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
