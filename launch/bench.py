@@ -1,5 +1,5 @@
 """Benchmarks, one subcommand per area: `python launch/bench.py train [--json] [--compare sparsify]`
-(areas: train, convergence, harvest, generate, drift, kernels, features, clt, attribute).
+(areas: train, convergence, harvest, generate, drift, kernels, features, clt, attribute, scaling).
 
 Each prints human-readable lines by default and one JSON object with `--json`; ratios are measured
 in the same run, absolute figures come with the machine they ran on.
@@ -105,6 +105,12 @@ def _attribute(args):
     return res, attribute.format_human
 
 
+def _scaling(args):
+    from jaxinterp.benchmarks import scaling
+
+    return scaling.run(tokens_per_device=args.tokens_per_device, measured=not args.no_measure), scaling.format_human
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="area", required=True)
@@ -174,11 +180,15 @@ def main() -> int:
     at.add_argument("--reference-nodes", type=int, default=2048, help="feature rows of the reference case (0: skip)")
     at.add_argument("--random-tokens", action="store_true", help="random token ids instead of the corpus")
     at.add_argument("--memory-gib", type=float, default=1.0)
-    for p in (t, c, h, g, d, kn, fe, cl, at):
+    sc = sub.add_parser("scaling", help="per-step collective bytes and predicted step time / tokens/s on TPU v5e "
+                                        "slices and 8 x H100 (a model), with this machine's measured step and forward")
+    sc.add_argument("--tokens-per-device", type=int, default=4096, help="tokens each device handles per step")
+    sc.add_argument("--no-measure", action="store_true", help="skip this machine's measurements (the model only)")
+    for p in (t, c, h, g, d, kn, fe, cl, at, sc):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     res, fmt = {"train": _train, "convergence": _convergence, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels,
-           "features": _features, "clt": _clt, "attribute": _attribute}[args.area](args)
+           "features": _features, "clt": _clt, "attribute": _attribute, "scaling": _scaling}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

@@ -105,3 +105,33 @@ def test_attribute_bench_runs_each_length_in_its_own_process_and_fits_exponents(
     assert set(res["exponents"]) == {"warm_s", "peak_rss", "attribution_rss"}
     assert all(isinstance(v, float) for v in res["exponents"].values())
     assert "growth exponents" in attribute.format_human(res)
+
+
+def test_scaling_model_counts_what_the_library_counts_and_adds_up():
+    from jaxinterp.benchmarks import scaling
+    from jaxinterp.dictionaries import clt
+
+    sae, wide, smol = scaling.WORKLOADS
+    assert sae.params == 2 * 576 * 4608 + 4608 + 576
+    assert smol.params == clt.CLTSpec(n_layers=30, d_model=576, d_sae=4608, k=32, span=None,
+                                      activation="topk").n_weights == 1_313_988_480
+    v5e64 = next(h for h in scaling.HARDWARE if h.name == "v5e-64")
+    r = scaling.predict(sae, v5e64, model=1, tokens_per_device=4096, live=False)
+    assert r["mesh"] == "64x1" and r["global_batch"] == 64 * 4096
+    assert r["grad_bytes_per_device"] == 4 * sae.params and r["topk_bytes_per_device"] == 0
+    assert r["seconds"]["gradients"] == pytest.approx(2 * 63 / 64 * 4 * sae.params / 100e9)
+    assert r["step_s"] == pytest.approx(sum(r["seconds"].values()))
+    assert r["tokens_per_s"] == pytest.approx(64 * 4096 / r["step_s"])
+    # split over model=4, the gradients shrink 4x and the top-k merges appear; a live source adds the forward
+    r4 = scaling.predict(wide, v5e64, model=4, tokens_per_device=4096, live=True)
+    assert r4["mesh"] == "16x4" and r4["grad_bytes_per_device"] == pytest.approx(4 * wide.params / 4)
+    assert r4["topk_bytes_per_device"] == pytest.approx(4 * 4096 * (8 * 32 * 3 + 8 * 576 * 3 / 4))
+    assert r4["seconds"]["forward"] > 0
+    # below the crossover the communication outweighs the compute, above it not
+    t = scaling.crossover_tokens(sae, v5e64, model=1)
+    lo = scaling.predict(sae, v5e64, model=1, tokens_per_device=int(t * 0.9), live=False)["seconds"]
+    hi = scaling.predict(sae, v5e64, model=1, tokens_per_device=int(t * 1.1), live=False)["seconds"]
+    assert lo["gradients"] > lo["compute"] and hi["gradients"] < hi["compute"]
+    assert not scaling.predict(smol, v5e64, model=1, tokens_per_device=4096, live=False)["fits"]  # 21 GB on 16 GB
+    res = scaling.run(measured=False)
+    assert "communication outweighs compute" in scaling.format_human(res) and len(res["best"]) == 24
