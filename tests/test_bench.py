@@ -45,6 +45,7 @@ def test_timing_helpers_count_calls():
     assert set(med) == {"a", "b"} and seen == [1, 2, 1, 2, 1, 2]
 
 
+@pytest.mark.slow  # slow: a whole benchmark round through launch/train.py
 def test_train_loop_bench_runs_launch_train_and_prints_its_keys(tmp_path):
     cmd = [sys.executable, "launch/bench.py", "train", "--loop", "--d-in", "16", "--d-sae", "64", "--k", "4",
            "--batch-size", "256", "--train-steps", "12", "--n-features", "32", "--p-active", "0.05", "--steps", "2",

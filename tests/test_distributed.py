@@ -93,6 +93,7 @@ def test_two_processes_of_two_devices_join_and_gather(children):
         assert o["gathered"] == [1.0, 11.0]
 
 
+@pytest.mark.slow  # slow: tests/test_pod.py kills a training process in the default run
 def test_a_lost_process_stops_the_others_with_a_line_naming_it(children):
     port = _free_port()
     children += [_spawn(port, 0, "wait"), _spawn(port, 1, "wait")]

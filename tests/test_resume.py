@@ -117,6 +117,7 @@ def _resume_case(tmp_path, repo_root, data: dict, delay: float, **dictionary):
     _assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.slow  # slow: the npy case runs the same indexed-source resume in the default run
 def test_sigkill_then_resume_matches_uninterrupted_synthetic(tmp_path, repo_root):
     data = {"source": "synthetic", "synthetic": {"n_features": 64, "d_in": 16, "p_active": 0.05, "seed": 7}}
     _resume_case(tmp_path, repo_root, data, delay=0.4)
