@@ -145,6 +145,16 @@ def test_the_live_source_computes_its_own_groups_of_contexts(assets, tmp_path):
         np.testing.assert_array_equal(np.concatenate([a, b]), w)
         seen.append(w)
     assert halves[0].get_state() == halves[1].get_state() == whole.get_state() == {"chunk": 3, "offset": 64}
+    # a process's groups spread over three of its devices, each with a copy of the model: the same rows
+    import jax
+
+    from jaxinterp.data.activations import ModelSource
+
+    spread = ModelSource(config_from_dict(raw).data, 64, 0, devices=jax.local_devices()[:3])
+    spread.set_share(RowShare(4, 0, 4))
+    assert {d for m in spread._copies for d in m.embed[...].devices()} == set(jax.local_devices()[:3])
+    for w in seen:
+        np.testing.assert_array_equal(next(spread), w)
     # each 16-row block of a batch comes from its own 2 of the chunk's 8 contexts
     from jaxinterp.data.activations import site_activations, visit_order
 
@@ -172,6 +182,15 @@ def reference(assets, tmp_path_factory) -> dict:
 
 def _chunk_files(cache: Path) -> list[bytes]:
     return [(cache / c["file"]).read_bytes() for c in read_manifest(cache)["chunks"]]
+
+
+def test_a_harvest_over_several_devices_of_a_process_writes_the_one_device_cache(assets, reference, tmp_path):
+    import jax
+
+    raw = _raw(assets, tmp_path)
+    harvest(config_from_dict(raw), tmp_path / "cache", contexts=40, progress=False, devices=jax.local_devices()[:3])
+    assert _chunk_files(tmp_path / "cache") == _chunk_files(reference["dir"] / "cache")
+    assert read_manifest(tmp_path / "cache") == read_manifest(reference["dir"] / "cache")
 
 
 def test_a_two_process_harvest_writes_the_one_process_cache_and_resumes(children, assets, reference, tmp_path):

@@ -16,11 +16,14 @@ where it stopped. `launch/harvest.py` writes the chunks of the first epoch to di
 On a mesh of G data shards (`RowShare`), a chunk's contexts are cut in G equal groups and block g
 of every batch is drawn from group g's rows (shuffled within the group, one forward per group): a
 process computes its own groups' contexts only, and the global batches are the same numbers
-whatever the number of processes. G = 1 is the single-group order above.
+whatever the number of processes. G = 1 is the single-group order above. A process's groups are
+spread over its local accelerators (`forward_devices`), each holding a copy of the model, and run
+at once.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import jax.numpy as jnp
@@ -77,13 +80,53 @@ def open_site_model(name: str, site: Sites, *, model=None, tokenizer=None):
     return model, tokenizer
 
 
+def _dispatch(model, contexts_nt: np.ndarray, sites: tuple[str, ...]) -> list:
+    """The forward's captured values at `sites`, dispatched (not waited for) on the model's device."""
+    res = forward(model, jnp.asarray(contexts_nt), plan=Plan(capture=sites, stop_early=True))
+    return [res.captured[s] for s in sites]
+
+
+def _rows(captured: list) -> np.ndarray:
+    acts = np.concatenate([np.asarray(c, np.float32)[:, 1:] for c in captured], axis=-1)
+    return acts.reshape(-1, acts.shape[-1])
+
+
 def site_activations(model, contexts_nt: np.ndarray, site: Sites) -> np.ndarray:
     """Activations [N * (T - 1), D] at `site` for every non-BOS position (several sites: their
     values side by side, [N * (T - 1), D1 + D2 + ...], from one forward)."""
     sites = (site,) if isinstance(site, str) else tuple(site)
-    res = forward(model, jnp.asarray(contexts_nt), plan=Plan(capture=sites, stop_early=True))
-    acts = np.concatenate([np.asarray(res.captured[s], np.float32)[:, 1:] for s in sites], axis=-1)
-    return acts.reshape(-1, acts.shape[-1])
+    return _rows(_dispatch(model, contexts_nt, sites))
+
+
+def site_activations_many(models: list, blocks: list[np.ndarray], site: Sites) -> list[np.ndarray]:
+    """`site_activations` of each block of contexts, block j on `models[j % len(models)]` (copies of
+    one model on several devices, `model_copies`): every forward is dispatched before any is
+    waited for, so the devices run at once."""
+    sites = (site,) if isinstance(site, str) else tuple(site)
+    pending = [_dispatch(models[j % len(models)], b, sites) for j, b in enumerate(blocks)]
+    return [_rows(c) for c in pending]
+
+
+def forward_devices(devices: list | None = None) -> list:
+    """The local devices this process runs the language model's forwards on: `devices` when given,
+    else every local accelerator; on CPU one (its devices share the same cores, and each copy of the
+    model would cost host memory)."""
+    if devices is not None:
+        return list(devices)
+    import jax
+
+    local = jax.local_devices()
+    return local if local[0].platform != "cpu" else local[:1]
+
+
+def model_copies(model, devices: list) -> list:
+    """`model` on each of `devices` (the model itself where it already lives)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    home = {d for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array) for d in leaf.devices()}
+    return [model if home == {d} else nnx.merge(graphdef, jax.device_put(state, d)) for d in devices]
 
 
 def visit_order(n_contexts: int, seed: int, epoch: int) -> np.ndarray:
@@ -91,10 +134,15 @@ def visit_order(n_contexts: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_contexts)
 
 
+def chunk_order(seed: int, epoch: int, chunk: int, n_rows: int) -> np.ndarray:
+    """The order [R] in which a chunk's rows are shuffled across its contexts."""
+    return np.random.default_rng([seed, epoch, chunk, 1]).permutation(n_rows)
+
+
 def chunk_rows(model, contexts_nt: np.ndarray, site: Sites, seed: int, epoch: int, chunk: int) -> np.ndarray:
     """The rows [N * (T - 1), D] of one chunk of contexts, shuffled across its contexts."""
     rows = site_activations(model, contexts_nt, site)
-    return rows[np.random.default_rng([seed, epoch, chunk, 1]).permutation(len(rows))]
+    return rows[chunk_order(seed, epoch, chunk, len(rows))]
 
 
 def eval_activation_batches(model, contexts_nt: np.ndarray, site: Sites, chunk_contexts: int, n_tokens: int,
@@ -115,7 +163,7 @@ class ModelSource:
     """Batches come from an XLA program (the LM forward)."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int, *, model=None, tokenizer=None,
-                 sites: tuple[str, ...] | None = None):
+                 sites: tuple[str, ...] | None = None, devices: list | None = None):
         if cfg.site is None and sites is None:
             raise DataError("data.site: required for data.source 'model', for example blocks.15.resid_post")
         self.sites = tuple(sites) if sites is not None else site_tuple(cfg)
@@ -131,6 +179,7 @@ class ModelSource:
         n = len(self.train_contexts)
         self._chunks_per_epoch = max(1, n // self.chunk_contexts)
         self.share = RowShare()
+        self._devices = devices
         self._chunk, self._offset, self._rows = 0, 0, None
 
     def set_share(self, share: RowShare) -> None:
@@ -153,11 +202,15 @@ class ModelSource:
         if g.groups == 1:
             return [chunk_rows(self.model, self.train_contexts[picked], self.sites, self.seed, epoch, i)]
         per = self.chunk_contexts // g.groups
-        parts = []
-        for k in range(g.first, g.last):  # one forward per group: the same numbers on any process
-            rows = site_activations(self.model, self.train_contexts[picked[k * per : (k + 1) * per]], self.sites)
-            parts.append(rows[np.random.default_rng([self.seed, epoch, i, 1, k]).permutation(len(rows))])
-        return parts
+        # one forward per group (the same numbers on any process), the groups spread over the local devices
+        blocks = [self.train_contexts[picked[k * per : (k + 1) * per]] for k in range(g.first, g.last)]
+        groups = site_activations_many(self._copies, blocks, self.sites)
+        return [rows[np.random.default_rng([self.seed, epoch, i, 1, k]).permutation(len(rows))]
+                for k, rows in zip(range(g.first, g.last), groups)]
+
+    @functools.cached_property
+    def _copies(self) -> list:
+        return model_copies(self.model, forward_devices(self._devices))
 
     def __iter__(self):
         return self

@@ -16,10 +16,11 @@ chunk under a temporary name and renames it, then rewrites the manifest the same
 counts once the manifest lists it, and a re-run carries on after the last one. `CacheSource` reads
 rows shuffled across all chunks, a new order each epoch, ahead of the step (`batches.py`).
 
-A harvest on P processes (`jaxinterp.distributed`) runs in rounds of P chunks: process p computes
-chunk `first + round * P + p` and writes its file, and after each round process 0 lists the round's
-chunks in the manifest. The files are those a one-process harvest writes, chunk for chunk, and a
-job that crashes resumes after the last listed round (on any number of processes).
+A harvest on P processes (`jaxinterp.distributed`) of L forward devices each (every local
+accelerator) runs in rounds of P L chunks: process p computes the round's chunks p L ... p L + L - 1,
+one on each of its devices at once, and writes their files; after each round process 0 lists the
+round's chunks in the manifest. The files are those a one-process, one-device harvest writes, chunk
+for chunk, and a job that crashes resumes after the last listed round (on any number of processes).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from tqdm import tqdm
 
 from jaxinterp import distributed
 from jaxinterp.config import Config, DataConfig
-from jaxinterp.data.activations import (chunk_rows, clt_sites, eval_activation_batches, open_site_model, source_sites,
+from jaxinterp.data.activations import (chunk_order, clt_sites, eval_activation_batches, forward_devices,
+                                        model_copies, open_site_model, site_activations_many, source_sites,
                                         visit_order)
 from jaxinterp.data.batches import IndexedSource, batch_rows
 from jaxinterp.data.corpus import corpus_documents, held_out_contexts, split_documents, token_contexts
@@ -144,8 +146,10 @@ def _resume_manifest(out: Path, settings: dict, plan: list[np.ndarray], force: b
 
 
 def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype: str = "float32",
-            force: bool = False, progress: bool = True, model=None, tokenizer=None) -> dict:
-    """Write (or finish writing) the cache of `cfg.data`'s train contexts to `out`; returns its manifest."""
+            force: bool = False, progress: bool = True, model=None, tokenizer=None, devices: list | None = None) -> dict:
+    """Write (or finish writing) the cache of `cfg.data`'s train contexts to `out`; returns its manifest.
+    The forwards run on `devices` (default: `forward_devices`, every local accelerator), one chunk each
+    at a time."""
     data, seed, out = cfg.data, cfg.train.seed, Path(out)
     from jaxinterp.dictionaries import clt as clt_kind
 
@@ -183,23 +187,26 @@ def harvest(cfg: Config, out: str | Path, *, contexts: int | None = None, dtype:
     done = manifest["chunks"]
     bar = tqdm(total=n_planned, initial=sum(len(c["contexts"]) for c in done), unit="ctx",
                disable=not progress or me != 0, dynamic_ncols=True)
-    # Rounds of one chunk per process: chunk i is computed by process (i - first) % P; after each
-    # round the first process lists the round's chunks in the manifest, in order.
-    first = len(done)
-    for start in range(first, len(plan), n_proc):
-        i = start + me
-        n_rows = None
-        if i < len(plan):
-            rows = chunk_rows(model, train_nt[plan[i]], sites, seed, 0, i).astype(CACHE_DTYPES[dtype], copy=False)
+    # Rounds of L chunks per process (L its forward devices): process p computes chunks
+    # start + p L ... start + p L + L - 1 of each round, one on each device at once; after each round
+    # the first process lists the round's chunks in the manifest, in order.
+    copies = model_copies(model, forward_devices(devices))
+    per = len(copies)
+    for start in range(len(done), len(plan), n_proc * per):
+        mine = [i for i in range(start + me * per, start + (me + 1) * per) if i < len(plan)]
+        n_rows = []
+        for i, rows in zip(mine, site_activations_many(copies, [train_nt[plan[i]] for i in mine], sites)):
+            rows = rows[chunk_order(seed, 0, i, len(rows))].astype(CACHE_DTYPES[dtype], copy=False)
             if dtype != "float32" and not np.isfinite(rows).all():
                 raise DataError(f"chunk {i}: activations at {' and '.join(sites)} overflow {dtype}; harvest with "
                                 "--dtype float32")
             _write_atomic(out / chunk_name(i), lambda f: np.save(f, rows))
-            n_rows = len(rows)
-        for j, n in enumerate(distributed.allgather_json(n_rows)):
-            if n is not None:
-                done.append({"file": chunk_name(start + j), "n_rows": n, "contexts": plan[start + j].tolist()})
-                bar.update(len(plan[start + j]))
+            n_rows.append(len(rows))
+        for p, counts in enumerate(distributed.allgather_json(n_rows)):
+            for j, n in enumerate(counts):
+                i = start + p * per + j
+                done.append({"file": chunk_name(i), "n_rows": n, "contexts": plan[i].tolist()})
+                bar.update(len(plan[i]))
         if me == 0:
             write_manifest(out, manifest)
     bar.close()
