@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from jaxinterp import dictionaries as dl
-from jaxinterp import evals
 from jaxinterp.config import ConfigError, MeshConfig
 from jaxinterp.data import make_source
 from jaxinterp.train import make_mesh

@@ -15,7 +15,6 @@ Figures seen on CPU (n_features 256, d_in 48, p_active 0.015, uniform magnitudes
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -27,8 +27,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax.sharding import PartitionSpec as P
-
 from jaxinterp.dictionaries import ops
 from pallas_kernels.topk_decode import autodiff as kd
 from pallas_kernels.topk_decode import dispatch
