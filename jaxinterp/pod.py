@@ -40,6 +40,21 @@ def job_command(job: str, config: str, output: str, *, sets: Sequence[str] = (),
     return [*cmd, *extra, "--distributed", "auto"]
 
 
+def add_job_arguments(ap) -> None:
+    """The job flags every launcher takes: what to run, on which config, writing where."""
+    ap.add_argument("--job", default="train", choices=JOBS)
+    ap.add_argument("--config", required=True, help="YAML config, a path inside this repository")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--output", required=True, help="the run (or cache) directory, on storage every host mounts")
+    ap.add_argument("--resume", action="store_true", help="training: continue from the latest checkpoint")
+    ap.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+
+
+def job_from_args(args) -> list[str]:
+    """`job_command` of the flags `add_job_arguments` added."""
+    return job_command(args.job, args.config, args.output, sets=args.set, resume=args.resume)
+
+
 def shell(cmd: Sequence[str]) -> str:
     return shlex.join(cmd)
 

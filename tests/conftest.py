@@ -25,3 +25,14 @@ def repo_root() -> str:
 def strict_promotion():
     with jax.numpy_dtype_promotion("strict"):
         yield
+
+
+@pytest.fixture
+def children():
+    """Subprocesses a test starts (append them): any still running at the end are killed."""
+    procs: list = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)

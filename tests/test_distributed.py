@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import subprocess_env
+from helpers import free_port, subprocess_env
 
 from conftest import REPO
 from jaxinterp import distributed
@@ -36,25 +35,9 @@ if sys.argv[3] == "wait":
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(port: int, pid: int, mode: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", CHILD, f"127.0.0.1:{port}", str(pid), mode], cwd=REPO,
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-@pytest.fixture
-def children():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=30)
 
 
 def test_the_run_asked_for_by_flags_or_environment():
@@ -80,7 +63,7 @@ def test_the_run_asked_for_by_flags_or_environment():
 
 
 def test_two_processes_of_two_devices_join_and_gather(children):
-    port = _free_port()
+    port = free_port()
     children += [_spawn(port, 0, "exit"), _spawn(port, 1, "exit")]
     outs = []
     for p in children:
@@ -95,7 +78,7 @@ def test_two_processes_of_two_devices_join_and_gather(children):
 
 @pytest.mark.slow  # slow: tests/test_pod.py kills a training process in the default run
 def test_a_lost_process_stops_the_others_with_a_line_naming_it(children):
-    port = _free_port()
+    port = free_port()
     children += [_spawn(port, 0, "wait"), _spawn(port, 1, "wait")]
     for p in children:  # both joined and past their first collective (gloo logs its own lines first)
         line = ""

@@ -7,7 +7,6 @@ chosen free."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import subprocess_env, write_corpus, write_tiny_gguf
+from helpers import free_port, subprocess_env, write_corpus, write_tiny_gguf
 
 from conftest import REPO
 from jaxinterp import dictionaries as dl
@@ -31,22 +30,6 @@ SITE = "blocks.0.resid_post"
 T = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def children():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=30)
-
-
 def _spawn(script: str, args: list[str], n: int, port: int, pid: int, *, heartbeat: int = 5) -> subprocess.Popen:
     env = subprocess_env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     cmd = [sys.executable, script, *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
@@ -56,7 +39,7 @@ def _spawn(script: str, args: list[str], n: int, port: int, pid: int, *, heartbe
 
 def _run_pod(children: list, script: str, args: list[str], n: int = 2, timeout: float = 240) -> list[str]:
     """Run `script` on `n` processes of 2 CPU devices; their stdouts (gloo's lines dropped)."""
-    port = _free_port()
+    port = free_port()
     procs = [_spawn(script, args, n, port, i) for i in range(n)]
     children += procs
     outs = []
@@ -283,7 +266,7 @@ def test_a_killed_training_process_stops_the_other_with_a_line_naming_it(childre
     raw = {**reference["raw"], "train": {**reference["raw"]["train"], "tokens": 64 * 100_000},
            "output": {**reference["raw"]["output"], "dir": str(tmp_path / "run"), "checkpoint_every": 10_000}}
     config = _config(tmp_path, raw)
-    port = _free_port()
+    port = free_port()
     children += [_spawn("launch/train.py", ["--config", config], 2, port, i) for i in range(2)]
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 180
@@ -320,7 +303,7 @@ def main():
         time.sleep(0.2)
 run_main(main)
 """
-    port = _free_port()
+    port = free_port()
     children += [subprocess.Popen([sys.executable, "-c", child, f"127.0.0.1:{port}", str(i), str(failing)], cwd=REPO,
                                   env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i in range(2)]

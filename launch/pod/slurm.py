@@ -31,15 +31,10 @@ def main() -> int:
     ap.add_argument("--partition")
     ap.add_argument("--account")
     ap.add_argument("--setup", help="a shell line run first on each node, e.g. 'source ~/venv/bin/activate'")
-    ap.add_argument("--job", default="train", choices=pod.JOBS)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--output", required=True, help="run (or cache) directory on storage every node mounts")
-    ap.add_argument("--resume", action="store_true", help="training: continue from the latest checkpoint")
     ap.add_argument("--script", help="where to write the batch script (default jaxinterp-JOB.sbatch)")
-    ap.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command")
+    pod.add_job_arguments(ap)
     args = ap.parse_args()
-    job = pod.job_command(args.job, args.config, args.output, sets=args.set, resume=args.resume)
+    job = pod.job_from_args(args)
     text = pod.slurm_script(job, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
                             time=args.time, partition=args.partition, account=args.account, setup=args.setup,
                             workdir=str(REPO), name=f"jaxinterp-{args.job}")

@@ -28,15 +28,10 @@ def main() -> int:
     ap.add_argument("--tpu", required=True, help="the TPU VM's name (gcloud compute tpus tpu-vm list)")
     ap.add_argument("--zone", required=True)
     ap.add_argument("--project")
-    ap.add_argument("--job", default="train", choices=pod.JOBS)
-    ap.add_argument("--config", required=True, help="YAML config, a path inside this repository")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--output", required=True, help="run (or cache) directory on storage every worker mounts")
-    ap.add_argument("--resume", action="store_true", help="training: continue from the latest checkpoint")
     ap.add_argument("--no-install", action="store_true", help="the workers already have the packages")
-    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    pod.add_job_arguments(ap)
     args = ap.parse_args()
-    job = pod.job_command(args.job, args.config, args.output, sets=args.set, resume=args.resume)
+    job = pod.job_from_args(args)
     cmds = pod.tpu_vm_commands(args.tpu, args.zone, job, project=args.project, install=not args.no_install,
                                repo=str(REPO))
     for cmd in cmds:
