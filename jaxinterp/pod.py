@@ -13,7 +13,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from jaxinterp.errors import UsageError
+from jaxinterp.errors import JaxinterpError, UsageError
 
 JOBS = ("train", "harvest")
 
@@ -57,6 +57,27 @@ def job_from_args(args) -> list[str]:
 
 def shell(cmd: Sequence[str]) -> str:
     return shlex.join(cmd)
+
+
+class PodCommandError(JaxinterpError):
+    """A launcher's command failed; the message names it and its exit status."""
+
+
+def run_commands(cmds: Sequence[Sequence[str]], *, dry_run: bool) -> None:
+    """Print each command, and run it unless `dry_run`; the first that fails stops the rest."""
+    import subprocess
+
+    for cmd in cmds:
+        print(shell(cmd), flush=True)
+        if dry_run:
+            continue
+        try:
+            status = subprocess.run(list(cmd), check=False).returncode
+        except FileNotFoundError:
+            raise PodCommandError(f"{cmd[0]!r} not found: install it (gcloud, xpk or Slurm's sbatch) or run with "
+                                  "--dry-run and start the printed commands yourself") from None
+        if status != 0:
+            raise PodCommandError(f"{shell(cmd)[:200]} exited with status {status}; its output is above")
 
 
 def _gcloud_target(zone: str, project: str | None) -> list[str]:

@@ -403,3 +403,11 @@ def test_the_pod_launchers_refuse_bad_requests_in_one_line():
         out = _dry(*args)
         assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+    # run for real where the tool is missing: the command is printed, then one line names what to install
+    env = subprocess_env() | {"PATH": str(Path(sys.executable).parent)}
+    out = subprocess.run([sys.executable, "launch/pod/xpk.py", "--cluster", "c", "--workload", "w", "--tpu-type",
+                          "v5litepod-8", "--config", "configs/default.yaml", "--output", "/o"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout.startswith("xpk workload create")
+    assert out.stderr.strip() == ("error: 'xpk' not found: install it (gcloud, xpk or Slurm's sbatch) or run with "
+                                  "--dry-run and start the printed commands yourself")

@@ -11,7 +11,6 @@ DIR must be storage every node mounts at the same path. `--dry-run` prints the s
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def main() -> int:
         return 0
     Path(script).write_text(text)
     print(f"wrote {script}", flush=True)
-    subprocess.run(submit, check=True)
+    pod.run_commands([submit], dry_run=False)
     return 0
 
 

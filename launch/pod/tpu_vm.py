@@ -12,7 +12,6 @@ commands instead of running them.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,10 +33,7 @@ def main() -> int:
     job = pod.job_from_args(args)
     cmds = pod.tpu_vm_commands(args.tpu, args.zone, job, project=args.project, install=not args.no_install,
                                repo=str(REPO))
-    for cmd in cmds:
-        print(pod.shell(cmd), flush=True)
-        if not args.dry_run:
-            subprocess.run(cmd, check=True)
+    pod.run_commands(cmds, dry_run=args.dry_run)
     return 0
 
 

@@ -10,7 +10,6 @@ auto`. DIR must be storage every pod mounts at the same path. `--dry-run` prints
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,9 +34,7 @@ def main() -> int:
     job = pod.job_from_args(args)
     cmd = pod.xpk_command(args.cluster, args.workload, args.tpu_type, job, num_slices=args.num_slices,
                           base_image=args.base_image, script_dir=str(REPO), project=args.project, zone=args.zone)
-    print(pod.shell(cmd), flush=True)
-    if not args.dry_run:
-        subprocess.run(cmd, check=True)
+    pod.run_commands([cmd], dry_run=args.dry_run)
     return 0
 
 
