@@ -29,6 +29,16 @@ def _llama(tied: bool):
         tie_word_embeddings=tied, attention_bias=False))
 
 
+def _llama3():
+    # Llama 3's RoPE scaling set so that head_dim 8's four frequencies (wavelengths 6, 167, 4,443 and
+    # 118,143 positions) fall in every band: kept (< 200 / 16), interpolated, slowed 8x (> 200 / 1).
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 16.0, "original_max_position_embeddings": 200}))
+
+
 def _qwen2():
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
@@ -50,7 +60,8 @@ def _gpt2():
         vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64, attn_implementation="eager"))
 
 
-FAMILIES = {"llama-tied": lambda: _llama(True), "llama-untied": lambda: _llama(False), "qwen2": _qwen2,
+FAMILIES = {"llama-tied": lambda: _llama(True), "llama-untied": lambda: _llama(False), "llama-3": _llama3,
+            "qwen2": _qwen2,
             "gemma2": _gemma2, "gpt2": _gpt2}
 
 
@@ -301,3 +312,78 @@ def test_generate_cli_reproduces_transformers_greedy_continuations(tmp_path, tin
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
         assert row["text"] == hf_tok.decode(new) and row["unsteered"] == row["text"], (name, prompt, new)
+
+
+def _interleave_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF's q/k rows (each head's two rotary halves one after the other) in GGUF's order (pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_a_llama3_gguf_with_rope_freqs_matches_transformers(tmp_path):
+    """The GGUF layout of Llama 3's scaling (a `rope_freqs` tensor of per-frequency divisors, as
+    llama.cpp's converter writes it) loads to the same logits as transformers' model."""
+    import gguf
+
+    from jaxinterp.models.registry import load_model
+
+    torch.manual_seed(0)
+    hf = _llama3().eval()
+    cfg = hf.config
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    base = 500000.0 ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factors = (base / hf.model.rotary_emb.inv_freq.numpy().astype(np.float64)).astype(np.float32)
+    assert factors.min() == pytest.approx(1.0) and factors.max() == pytest.approx(8.0)  # scaled in transformers
+    w = gguf.GGUFWriter(str(tmp_path / "llama3.gguf"), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(500000.0)
+    w.add_context_length(256)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(["<s>", "</s>", *(chr(ord("a") + i % 26) * (1 + i // 26) for i in range(VOCAB - 2))])
+    w.add_token_types([3, 3] + [1] * (VOCAB - 2))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_tensor("rope_freqs.weight", factors)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(cfg.num_hidden_layers):
+        hf_p, p = f"model.layers.{i}.", f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", sd[hf_p + "input_layernorm.weight"])
+        w.add_tensor(p + "ffn_norm.weight", sd[hf_p + "post_attention_layernorm.weight"])
+        w.add_tensor(p + "attn_q.weight", _interleave_rows(sd[hf_p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        w.add_tensor(p + "attn_k.weight", _interleave_rows(sd[hf_p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        w.add_tensor(p + "attn_v.weight", sd[hf_p + "self_attn.v_proj.weight"])
+        w.add_tensor(p + "attn_output.weight", sd[hf_p + "self_attn.o_proj.weight"])
+        w.add_tensor(p + "ffn_gate.weight", sd[hf_p + "mlp.gate_proj.weight"])
+        w.add_tensor(p + "ffn_up.weight", sd[hf_p + "mlp.up_proj.weight"])
+        w.add_tensor(p + "ffn_down.weight", sd[hf_p + "mlp.down_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model, _ = load_model(str(tmp_path / "llama3.gguf"))
+    assert model.cfg.rope_freq_factors == pytest.approx(tuple(factors.tolist()))
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 11))
+    logits, _ = _hf_run(hf, tokens)
+    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(tokens)).logits), logits, atol=TOL, rtol=0)
+
+
+def test_rope_settings_from_either_config_layout_and_unknown_types_refused():
+    from jaxinterp.models.hf import _rope
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 16.0,
+              "original_max_position_embeddings": 200}
+    new = _rope({"rope_parameters": {**llama3, "rope_theta": 500000.0}}, 8)  # transformers 5
+    old = _rope({"rope_theta": 500000.0, "rope_scaling": llama3}, 8)  # the hub's Llama 3.x configs
+    assert new == old and new["rope_theta"] == 500000.0 and new["rope_freq_factors"][1] == pytest.approx(7.3263383)
+    assert _rope({"rope_theta": 1e6}, 8) == {"rope_theta": 1e6}
+    with pytest.raises(CheckpointError, match="RoPE type 'yarn' is not supported .supported: default, llama3."):
+        _rope({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 8)
+    with pytest.raises(CheckpointError, match="without 'low_freq_factor'"):
+        _rope({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 8)

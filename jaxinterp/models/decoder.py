@@ -29,6 +29,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxinterp.errors import ModelFileError
@@ -55,6 +56,9 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rope_layout: Literal["half", "interleaved"] = "half"
     """`half` (HF) or `interleaved` (GGUF)."""
+    rope_freq_factors: tuple[float, ...] | None = None
+    """Per rotary frequency [head_dim / 2]: its divisor (Llama 3's `llama3` scaling, llama.cpp's
+    `rope_freqs`); None: unscaled."""
     qkv_bias: bool = False
     out_bias: bool = False
     """Biases on the attention output and the MLP's linears (GPT-2)."""
@@ -111,9 +115,27 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float, hol
     return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_bthk: jax.Array, positions_bt: jax.Array, theta: float, layout: str) -> jax.Array:
+def llama3_freq_factors(head_dim: int, theta: float, *, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_positions: int) -> tuple[float, ...]:
+    """The divisor of each rotary frequency under Llama 3's scaling: wavelengths shorter than
+    original_max_positions / high_freq_factor keep their frequency, longer than
+    original_max_positions / low_freq_factor are slowed `factor` times, and those between are
+    interpolated in 1 / wavelength."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    scaled = np.where(wavelen > original_max_positions / low_freq_factor, inv_freq / factor,
+                      np.where(wavelen < original_max_positions / high_freq_factor, inv_freq,
+                               (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    return tuple(float(f) for f in inv_freq / scaled)
+
+
+def rope(x_bthk: jax.Array, positions_bt: jax.Array, theta: float, layout: str,
+         freq_factors: tuple[float, ...] | None = None) -> jax.Array:
     k = x_bthk.shape[-1]
     inv_freq = theta ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+    if freq_factors is not None:
+        inv_freq = inv_freq / jnp.asarray(freq_factors, jnp.float32)
     ang = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
     x = x_bthk.astype(jnp.float32)
@@ -193,8 +215,8 @@ class Block(nnx.Module):
         kk = _linear(x_btd, self.wk, self.bk).reshape(b, t, g, k)
         v = _linear(x_btd, self.wv, self.bv).reshape(b, t, g, k)
         if cfg.positions == "rope":
-            q = rope(q, positions_bt, cfg.rope_theta, cfg.rope_layout)
-            kk = rope(kk, positions_bt, cfg.rope_theta, cfg.rope_layout)
+            q = rope(q, positions_bt, cfg.rope_theta, cfg.rope_layout, cfg.rope_freq_factors)
+            kk = rope(kk, positions_bt, cfg.rope_theta, cfg.rope_layout, cfg.rope_freq_factors)
         return q, kk, v
 
     def attend(self, cfg: DecoderConfig, q_bthk, k_bsgk, v_bsgk, mask_bts, hold: Hold = None, hold_norm: Hold = None):

@@ -135,8 +135,10 @@ def load_gguf(path) -> tuple[dict, dict[str, np.ndarray], dict]:
     if rope_dim != head_dim:
         raise ModelFileError(f"{path}: partial RoPE (rope.dimension_count={rope_dim} != head_dim={head_dim}) "
                          f"is not supported; fix: use a model with full-head RoPE")
-    if "llama.rope.scaling.type" in reader.fields or any(t.name == "rope_freqs.weight" for t in tensors):
-        raise ModelFileError(f"{path}: RoPE scaling is not supported; fix: use a model without rope scaling")
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ModelFileError(f"{path}: RoPE scaling type {scaling!r} is not supported (Llama 3's per-frequency "
+                             "factors, the rope_freqs tensor, are); fix: use a model without that scaling")
     pad = _field(reader, "tokenizer.ggml.padding_token_id", None)
     has_output = any(t.name == "output.weight" for t in tensors)
     config = {
@@ -162,6 +164,14 @@ def load_gguf(path) -> tuple[dict, dict[str, np.ndarray], dict]:
     weights: dict[str, np.ndarray] = {}
     for t in tensors:
         name = t.name
+        if name == "rope_freqs.weight":  # Llama 3's divisor of each rotary frequency [head_dim / 2]
+            factors = np.asarray(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type)),
+                                 np.float32).reshape(-1)
+            if factors.shape != (head_dim // 2,):
+                raise ModelFileError(f"{path}: rope_freqs.weight has {factors.size} values, head_dim {head_dim} "
+                                     f"needs {head_dim // 2}; fix: re-convert the model")
+            config["rope_freq_factors"] = tuple(float(f) for f in factors)
+            continue
         if name in _TOP_MAP:
             ours, transpose = _TOP_MAP[name]
         elif name.startswith("blk.") and name.split(".", 2)[2] in _BLOCK_MAP:

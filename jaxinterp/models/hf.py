@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.errors import JaxinterpError
+from jaxinterp.models import decoder
 from jaxinterp.models.decoder import Decoder, DecoderConfig, load_weights
 
 
@@ -67,15 +68,39 @@ def _windows(hf: dict) -> tuple[int | None, ...] | None:
     return tuple(int(window) if t == "sliding_attention" else None for t in types)
 
 
+ROPE_TYPES = ("default", "llama3")
+"""The RoPE variants read from a config's `rope_parameters` (transformers 5) or `rope_scaling`."""
+
+
+def _rope(hf: dict, head_dim: int) -> dict:
+    """rope_theta and rope_freq_factors of a config: `rope_parameters` (transformers 5) or the older
+    `rope_theta` + `rope_scaling`."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return dict(rope_theta=theta)
+    if kind == "llama3":
+        try:
+            factors = decoder.llama3_freq_factors(
+                head_dim, theta, factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_positions=int(params["original_max_position_embeddings"]))
+        except KeyError as e:
+            raise CheckpointError(f"llama3 RoPE scaling without {e.args[0]!r} in {params}; the config is incomplete; "
+                                  "re-save it with transformers") from None
+        return dict(rope_theta=theta, rope_freq_factors=factors)
+    raise CheckpointError(f"RoPE type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); use a "
+                          "checkpoint with one of those")
+
+
 def _common(hf: dict) -> dict:
     n_heads = hf["num_attention_heads"]
-    if hf.get("rope_scaling") not in (None, {}) and (hf["rope_scaling"].get("rope_type") or "default") != "default":
-        raise CheckpointError(f"rope_scaling {hf['rope_scaling']} is not supported; use a checkpoint without rope scaling")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     return dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
-        rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        head_dim=head_dim, d_ff=hf["intermediate_size"], **_rope(hf, head_dim),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), bos_id=_first(hf.get("bos_token_id")),
         eos_id=_first(hf.get("eos_token_id")), pad_id=hf.get("pad_token_id"), windows=_windows(hf),
     )

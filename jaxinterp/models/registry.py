@@ -23,6 +23,7 @@ def load_gguf_model(path: str | Path, *, dtype=jnp.float32) -> tuple[Decoder, To
         vocab_size=config["vocab_size"], d_model=config["d_model"], n_layers=config["n_layers"],
         n_heads=config["n_heads"], n_kv_heads=config["n_kv_heads"], head_dim=config["head_dim"],
         d_ff=config["d_ff"], rope_theta=float(config["rope_theta"]), norm_eps=float(config["rms_eps"]),
+        rope_freq_factors=config.get("rope_freq_factors"),
         tie_embeddings=bool(config["tie_embeddings"]), rope_layout="interleaved",
         bos_id=config.get("bos_id"), eos_id=config.get("eos_id"), pad_id=config.get("pad_id"),
     )
