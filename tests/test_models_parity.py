@@ -46,6 +46,14 @@ def _qwen2():
         tie_word_embeddings=False))
 
 
+def _qwen3():
+    # head_dim 16 set apart from hidden_size / heads (8), as Qwen3's configs do
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=False))
+
+
 def _gemma2():
     # A 4-token sliding window on alternate layers, so that the 11-token inputs exercise it.
     return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
@@ -61,7 +69,7 @@ def _gpt2():
 
 
 FAMILIES = {"llama-tied": lambda: _llama(True), "llama-untied": lambda: _llama(False), "llama-3": _llama3,
-            "qwen2": _qwen2,
+            "qwen2": _qwen2, "qwen3": _qwen3,
             "gemma2": _gemma2, "gpt2": _gpt2}
 
 

@@ -1,5 +1,5 @@
 """Decoder-only transformers in Flax NNX with named intercept sites: the Llama family (Llama,
-Mistral, SmolLM2), Qwen2, Gemma 2 and GPT-2, one module with flags.
+Llama 3.x, Mistral, SmolLM2), Qwen2, Qwen3, Gemma 2 and GPT-2, one module with flags.
 
 Axes: `B` batch, `T` query positions, `S` key positions, `D` d_model, `H` query heads, `G` key/value
 heads, `R` query heads per key/value head, `K` head_dim, `F` d_ff, `V` vocab.
@@ -9,7 +9,9 @@ Weights are stored as `x @ W` ([in, out]). `rope_layout` says how Q/K rows are o
 ...); both give the same attention scores for weights converted between the two layouts.
 
 Family differences, all as config flags:
+- Llama 3.x: each rotary frequency divided by its factor (`rope_freq_factors`, `llama3_freq_factors`).
 - Qwen2: biases on q/k/v (`qkv_bias`).
+- Qwen3: RMSNorm over each head's queries and keys before RoPE (`qk_norm`).
 - Gemma 2: embeddings scaled by sqrt(d_model) (`embed_scale`), RMSNorm weights stored as 1 + w
   (folded in by the loader), GeGLU (`activation="gelu_tanh"`), norms after attention and MLP
   (`post_norms`: the sites `attn_out` / `mlp_out` are the normalised values added to the residual),
@@ -47,7 +49,7 @@ class DecoderConfig:
     head_dim: int
     d_ff: int
     family: str = "llama"
-    """Informational: llama, qwen2, gemma2, gpt2."""
+    """Informational: llama, qwen2, qwen3, gemma2, gpt2."""
     norm: Literal["rms", "layer"] = "rms"
     norm_eps: float = 1e-5
     positions: Literal["rope", "learned"] = "rope"
@@ -60,6 +62,8 @@ class DecoderConfig:
     """Per rotary frequency [head_dim / 2]: its divisor (Llama 3's `llama3` scaling, llama.cpp's
     `rope_freqs`); None: unscaled."""
     qkv_bias: bool = False
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before RoPE, weights [head_dim] (Qwen3)."""
     out_bias: bool = False
     """Biases on the attention output and the MLP's linears (GPT-2)."""
     mlp: Literal["gated", "plain"] = "gated"
@@ -197,6 +201,8 @@ class Block(nnx.Module):
         self.bq = _zeros((h * k,), dtype) if qb else None
         self.bk = _zeros((g * k,), dtype) if qb else None
         self.bv = _zeros((g * k,), dtype) if qb else None
+        self.q_norm = _ones((k,), dtype) if cfg.qk_norm else None
+        self.k_norm = _ones((k,), dtype) if cfg.qk_norm else None
         self.wo = _zeros((h * k, d), dtype)
         self.bo = _zeros((d,), dtype) if cfg.out_bias else None
         self.post_attn_norm = Norm(cfg, dtype) if cfg.post_norms else None
@@ -214,6 +220,9 @@ class Block(nnx.Module):
         q = _linear(x_btd, self.wq, self.bq).reshape(b, t, h, k)
         kk = _linear(x_btd, self.wk, self.bk).reshape(b, t, g, k)
         v = _linear(x_btd, self.wv, self.bv).reshape(b, t, g, k)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm[...], cfg.norm_eps)
+            kk = rms_norm(kk, self.k_norm[...], cfg.norm_eps)
         if cfg.positions == "rope":
             q = rope(q, positions_bt, cfg.rope_theta, cfg.rope_layout, cfg.rope_freq_factors)
             kk = rope(kk, positions_bt, cfg.rope_theta, cfg.rope_layout, cfg.rope_freq_factors)
@@ -377,7 +386,8 @@ def param_names(model: Decoder) -> list[tuple[str, nnx.Param]]:
     out = [("embed", model.embed), ("pos_embed", model.pos_embed), ("lm_head", model.lm_head),
            ("final_norm.weight", model.final_norm.weight), ("final_norm.bias", model.final_norm.bias)]
     for i, blk in enumerate(model.blocks):
-        for n in ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "w_gate", "w_up", "b_up", "w_down", "b_down"):
+        for n in ("wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo", "bo", "w_gate", "w_up", "b_up", "w_down",
+                  "b_down"):
             out.append((f"layers.{i}.{n}", getattr(blk, n)))
         for n in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm"):
             norm = getattr(blk, n)

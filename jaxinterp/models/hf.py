@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directories: config.json + *.safetensors (with or without an index).
 
-Architectures: Llama (`LlamaForCausalLM`, `MistralForCausalLM`), Qwen2 (`Qwen2ForCausalLM`),
-Gemma 2 (`Gemma2ForCausalLM`) and GPT-2 (`GPT2LMHeadModel`), all loaded into
+Architectures: Llama (`LlamaForCausalLM`, `MistralForCausalLM`; Llama 3's `llama3` RoPE scaling),
+Qwen2 (`Qwen2ForCausalLM`), Qwen3 (`Qwen3ForCausalLM`), Gemma 2 (`Gemma2ForCausalLM`) and GPT-2
+(`GPT2LMHeadModel`), all loaded into
 `jaxinterp.models.decoder.Decoder` with the HF rotary layout (`half`). Linear weights are transposed
 to [in, out]; GPT-2's Conv1D weights already are; its fused c_attn is split into q, k, v; Gemma's
 RMSNorm weights w are stored as 1 + w (Gemma normalises by (1 + w)).
@@ -117,6 +118,11 @@ def _qwen2(hf: dict) -> DecoderConfig:
                          tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
+def _qwen3(hf: dict) -> DecoderConfig:
+    return DecoderConfig(**_common(hf), family="qwen3", qk_norm=True, qkv_bias=bool(hf.get("attention_bias", False)),
+                         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
 def _gemma2(hf: dict) -> DecoderConfig:
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu"):
@@ -146,7 +152,7 @@ def _gpt2(hf: dict) -> DecoderConfig:
 
 
 def _rope_family_weights(t: dict[str, np.ndarray], cfg: DecoderConfig) -> dict[str, np.ndarray]:
-    """Llama / Qwen2 / Gemma 2 tensor names ([out, in] linears) -> ours ([in, out])."""
+    """Llama / Qwen2 / Qwen3 / Gemma 2 tensor names ([out, in] linears) -> ours ([in, out])."""
     norm = (lambda w: w.astype(np.float32) + 1.0) if cfg.family == "gemma2" else (lambda w: w)
     w = {"embed": t["model.embed_tokens.weight"], "final_norm.weight": norm(t["model.norm.weight"])}
     if not cfg.tie_embeddings:
@@ -166,6 +172,8 @@ def _rope_family_weights(t: dict[str, np.ndarray], cfg: DecoderConfig) -> dict[s
         if cfg.qkv_bias:
             w |= {o + "bq": t[p + "self_attn.q_proj.bias"], o + "bk": t[p + "self_attn.k_proj.bias"],
                   o + "bv": t[p + "self_attn.v_proj.bias"]}
+        if cfg.qk_norm:
+            w |= {o + "q_norm": norm(t[p + "self_attn.q_norm.weight"]), o + "k_norm": norm(t[p + "self_attn.k_norm.weight"])}
         if cfg.post_norms:
             w |= {o + "post_attn_norm.weight": norm(t[p + "post_attention_layernorm.weight"]),
                   o + "mlp_norm.weight": norm(t[p + "pre_feedforward_layernorm.weight"]),
@@ -202,6 +210,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": (_llama, _rope_family_weights),
     "MistralForCausalLM": (_llama, _rope_family_weights),
     "Qwen2ForCausalLM": (_qwen2, _rope_family_weights),
+    "Qwen3ForCausalLM": (_qwen3, _rope_family_weights),
     "Gemma2ForCausalLM": (_gemma2, _rope_family_weights),
     "GPT2LMHeadModel": (_gpt2, _gpt2_weights),
 }

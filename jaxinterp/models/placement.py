@@ -24,6 +24,7 @@ AXES: dict[str, tuple[str | None, ...]] = {
     "w_gate": ("d_model", "d_ff"), "w_up": ("d_model", "d_ff"), "b_up": ("d_ff",),
     "w_down": ("d_ff", "d_model"), "b_down": ("d_model",),
     "weight": ("d_model",), "bias": ("d_model",),
+    "q_norm": (None,), "k_norm": (None,),
 }
 
 
