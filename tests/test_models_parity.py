@@ -63,6 +63,18 @@ def _gemma2():
         attn_implementation="eager"))
 
 
+def _gemma3():
+    # Gemma 3 4B's layout in small: sliding layers around a full one (window 4), local RoPE base
+    # 10,000, global 1,000,000 with linear scaling 8, q/k norms, no soft-capping.
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        attn_implementation="eager"))
+
+
 def _gpt2():
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64, attn_implementation="eager"))
@@ -70,7 +82,7 @@ def _gpt2():
 
 FAMILIES = {"llama-tied": lambda: _llama(True), "llama-untied": lambda: _llama(False), "llama-3": _llama3,
             "qwen2": _qwen2, "qwen3": _qwen3,
-            "gemma2": _gemma2, "gpt2": _gpt2}
+            "gemma2": _gemma2, "gemma3": _gemma3, "gpt2": _gpt2}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -130,7 +142,7 @@ def test_attention_and_mlp_sites_match_transformers_modules(tiny):
 
     hooks = []
     for i, layer in enumerate(_layers(hf_model)):
-        if family == "gemma2":
+        if family in ("gemma2", "gemma3"):
             attn, mlp = layer.post_attention_layernorm, layer.post_feedforward_layernorm
         else:
             attn, mlp = (layer.attn, layer.mlp) if family == "gpt2" else (layer.self_attn, layer.mlp)
@@ -157,13 +169,27 @@ def test_left_padding_matches_unpadded_rows(tiny):
     np.testing.assert_allclose(np.asarray(b)[:, 2:], np.asarray(a), atol=TOL)
 
 
-def test_gemma2_sliding_window_is_on_alternate_layers(tiny):
+def test_gemma_sliding_windows_follow_the_layer_types(tiny):
     family, hf_model, path = tiny
-    if family != "gemma2":
-        pytest.skip("Gemma 2 only")
+    if family not in ("gemma2", "gemma3"):
+        pytest.skip("Gemma 2 and 3 only")
     model = load_hf(path)
     assert model.cfg.windows == tuple(4 if t == "sliding_attention" else None for t in hf_model.config.layer_types)
     assert 4 in model.cfg.windows and None in model.cfg.windows
+    if family == "gemma3":  # local layers: their own base, unscaled; the global one scaled 8x
+        assert model.cfg.rope_of(0) == (10000.0, None) and model.cfg.rope_of(1) == (1000000.0, (8.0,) * 8)
+
+
+def test_gemma3_configs_written_before_layer_types_read_the_same():
+    from jaxinterp.models.hf import _rope, _windows
+
+    old = {"num_hidden_layers": 12, "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1000000.0,
+           "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    new = {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
+    assert _windows(old) == (512,) * 5 + (None,) + (512,) * 5 + (None,)
+    assert _rope(old, 16) == _rope(new, 16) == {"rope_theta": 1000000.0, "rope_freq_factors": (8.0,) * 8,
+                                                 "rope_local_theta": 10000.0}
 
 
 def test_stop_early_returns_same_site_and_no_logits(tiny):
@@ -364,8 +390,9 @@ def test_a_llama3_gguf_with_rope_freqs_matches_transformers(tmp_path):
         hf_p, p = f"model.layers.{i}.", f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", sd[hf_p + "input_layernorm.weight"])
         w.add_tensor(p + "ffn_norm.weight", sd[hf_p + "post_attention_layernorm.weight"])
-        w.add_tensor(p + "attn_q.weight", _interleave_rows(sd[hf_p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-        w.add_tensor(p + "attn_k.weight", _interleave_rows(sd[hf_p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        q, k = sd[hf_p + "self_attn.q_proj.weight"], sd[hf_p + "self_attn.k_proj.weight"]
+        w.add_tensor(p + "attn_q.weight", _interleave_rows(q, cfg.num_attention_heads))
+        w.add_tensor(p + "attn_k.weight", _interleave_rows(k, cfg.num_key_value_heads))
         w.add_tensor(p + "attn_v.weight", sd[hf_p + "self_attn.v_proj.weight"])
         w.add_tensor(p + "attn_output.weight", sd[hf_p + "self_attn.o_proj.weight"])
         w.add_tensor(p + "ffn_gate.weight", sd[hf_p + "mlp.gate_proj.weight"])
@@ -391,7 +418,7 @@ def test_rope_settings_from_either_config_layout_and_unknown_types_refused():
     old = _rope({"rope_theta": 500000.0, "rope_scaling": llama3}, 8)  # the hub's Llama 3.x configs
     assert new == old and new["rope_theta"] == 500000.0 and new["rope_freq_factors"][1] == pytest.approx(7.3263383)
     assert _rope({"rope_theta": 1e6}, 8) == {"rope_theta": 1e6}
-    with pytest.raises(CheckpointError, match="RoPE type 'yarn' is not supported .supported: default, llama3."):
+    with pytest.raises(CheckpointError, match="RoPE type 'yarn' is not supported .supported: default, linear, llama3."):
         _rope({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 8)
     with pytest.raises(CheckpointError, match="without 'low_freq_factor'"):
         _rope({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 8)

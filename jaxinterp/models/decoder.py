@@ -1,5 +1,5 @@
 """Decoder-only transformers in Flax NNX with named intercept sites: the Llama family (Llama,
-Llama 3.x, Mistral, SmolLM2), Qwen2, Qwen3, Gemma 2 and GPT-2, one module with flags.
+Llama 3.x, Mistral, SmolLM2), Qwen2, Qwen3, Gemma 2, Gemma 3 and GPT-2, one module with flags.
 
 Axes: `B` batch, `T` query positions, `S` key positions, `D` d_model, `H` query heads, `G` key/value
 heads, `R` query heads per key/value head, `K` head_dim, `F` d_ff, `V` vocab.
@@ -12,6 +12,8 @@ Family differences, all as config flags:
 - Llama 3.x: each rotary frequency divided by its factor (`rope_freq_factors`, `llama3_freq_factors`).
 - Qwen2: biases on q/k/v (`qkv_bias`).
 - Qwen3: RMSNorm over each head's queries and keys before RoPE (`qk_norm`).
+- Gemma 3: Gemma 2's layout without soft-capping, with `qk_norm` and a RoPE base of its own on the
+  sliding-window layers (`rope_local_theta`; the global layers may be `linear`-scaled).
 - Gemma 2: embeddings scaled by sqrt(d_model) (`embed_scale`), RMSNorm weights stored as 1 + w
   (folded in by the loader), GeGLU (`activation="gelu_tanh"`), norms after attention and MLP
   (`post_norms`: the sites `attn_out` / `mlp_out` are the normalised values added to the residual),
@@ -49,7 +51,7 @@ class DecoderConfig:
     head_dim: int
     d_ff: int
     family: str = "llama"
-    """Informational: llama, qwen2, qwen3, gemma2, gpt2."""
+    """Informational: llama, qwen2, qwen3, gemma2, gemma3, gpt2."""
     norm: Literal["rms", "layer"] = "rms"
     norm_eps: float = 1e-5
     positions: Literal["rope", "learned"] = "rope"
@@ -60,10 +62,14 @@ class DecoderConfig:
     """`half` (HF) or `interleaved` (GGUF)."""
     rope_freq_factors: tuple[float, ...] | None = None
     """Per rotary frequency [head_dim / 2]: its divisor (Llama 3's `llama3` scaling, llama.cpp's
-    `rope_freqs`); None: unscaled."""
+    `rope_freqs`, a `linear` factor); None: unscaled."""
+    rope_local_theta: float | None = None
+    """The RoPE base of the sliding-window layers where it differs from `rope_theta` (Gemma 3: local
+    layers 10,000, global 1,000,000); their frequencies are unscaled unless `rope_local_freq_factors`."""
+    rope_local_freq_factors: tuple[float, ...] | None = None
     qkv_bias: bool = False
     qk_norm: bool = False
-    """RMSNorm over each head's queries and keys before RoPE, weights [head_dim] (Qwen3)."""
+    """RMSNorm over each head's queries and keys before RoPE, weights [head_dim] (Qwen3, Gemma 3)."""
     out_bias: bool = False
     """Biases on the attention output and the MLP's linears (GPT-2)."""
     mlp: Literal["gated", "plain"] = "gated"
@@ -85,6 +91,12 @@ class DecoderConfig:
 
     def window(self, layer: int) -> int | None:
         return None if self.windows is None else self.windows[layer]
+
+    def rope_of(self, layer: int) -> tuple[float, tuple[float, ...] | None]:
+        """(base, frequency factors) of `layer`'s RoPE: a sliding-window layer's own where set."""
+        if self.rope_local_theta is not None and self.window(layer) is not None:
+            return self.rope_local_theta, self.rope_local_freq_factors
+        return self.rope_theta, self.rope_freq_factors
 
 
 class ForwardResult(NamedTuple):
@@ -224,8 +236,9 @@ class Block(nnx.Module):
             q = rms_norm(q, self.q_norm[...], cfg.norm_eps)
             kk = rms_norm(kk, self.k_norm[...], cfg.norm_eps)
         if cfg.positions == "rope":
-            q = rope(q, positions_bt, cfg.rope_theta, cfg.rope_layout, cfg.rope_freq_factors)
-            kk = rope(kk, positions_bt, cfg.rope_theta, cfg.rope_layout, cfg.rope_freq_factors)
+            theta, factors = cfg.rope_of(self.layer)
+            q = rope(q, positions_bt, theta, cfg.rope_layout, factors)
+            kk = rope(kk, positions_bt, theta, cfg.rope_layout, factors)
         return q, kk, v
 
     def attend(self, cfg: DecoderConfig, q_bthk, k_bsgk, v_bsgk, mask_bts, hold: Hold = None, hold_norm: Hold = None):
@@ -386,8 +399,8 @@ def param_names(model: Decoder) -> list[tuple[str, nnx.Param]]:
     out = [("embed", model.embed), ("pos_embed", model.pos_embed), ("lm_head", model.lm_head),
            ("final_norm.weight", model.final_norm.weight), ("final_norm.bias", model.final_norm.bias)]
     for i, blk in enumerate(model.blocks):
-        for n in ("wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo", "bo", "w_gate", "w_up", "b_up", "w_down",
-                  "b_down"):
+        for n in ("wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo", "bo", "w_gate", "w_up", "b_up",
+                  "w_down", "b_down"):
             out.append((f"layers.{i}.{n}", getattr(blk, n)))
         for n in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm"):
             norm = getattr(blk, n)

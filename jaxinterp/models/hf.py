@@ -1,8 +1,8 @@
 """Hugging Face checkpoint directories: config.json + *.safetensors (with or without an index).
 
 Architectures: Llama (`LlamaForCausalLM`, `MistralForCausalLM`; Llama 3's `llama3` RoPE scaling),
-Qwen2 (`Qwen2ForCausalLM`), Qwen3 (`Qwen3ForCausalLM`), Gemma 2 (`Gemma2ForCausalLM`) and GPT-2
-(`GPT2LMHeadModel`), all loaded into
+Qwen2 (`Qwen2ForCausalLM`), Qwen3 (`Qwen3ForCausalLM`), Gemma 2 (`Gemma2ForCausalLM`), Gemma 3
+(`Gemma3ForCausalLM`) and GPT-2 (`GPT2LMHeadModel`), all loaded into
 `jaxinterp.models.decoder.Decoder` with the HF rotary layout (`half`). Linear weights are transposed
 to [in, out]; GPT-2's Conv1D weights already are; its fused c_attn is split into q, k, v; Gemma's
 RMSNorm weights w are stored as 1 + w (Gemma normalises by (1 + w)).
@@ -64,23 +64,44 @@ def _first(x):
 
 def _windows(hf: dict) -> tuple[int | None, ...] | None:
     types, window = hf.get("layer_types"), hf.get("sliding_window")
+    pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern")
+    if not types and pattern and window is not None:  # Gemma 3 configs before layer_types: every pattern-th is full
+        types = ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention"
+                 for i in range(hf["num_hidden_layers"])]
     if not types or window is None or "sliding_attention" not in types:
         return None
     return tuple(int(window) if t == "sliding_attention" else None for t in types)
 
 
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3")
 """The RoPE variants read from a config's `rope_parameters` (transformers 5) or `rope_scaling`."""
 
 
 def _rope(hf: dict, head_dim: int) -> dict:
-    """rope_theta and rope_freq_factors of a config: `rope_parameters` (transformers 5) or the older
-    `rope_theta` + `rope_scaling`."""
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    """rope_theta and rope_freq_factors of a config: `rope_parameters` (transformers 5; per layer
+    type for Gemma 3) or the older `rope_theta` + `rope_scaling` (+ `rope_local_base_freq`)."""
+    nested = hf.get("rope_parameters") or {}
+    if "full_attention" in nested or "sliding_attention" in nested:  # per layer type
+        full = _rope_one(nested.get("full_attention") or {}, None, head_dim)
+        local = _rope_one(nested.get("sliding_attention") or {}, None, head_dim)
+        out = dict(rope_theta=full[0], rope_freq_factors=full[1])
+        if local != full:
+            out |= dict(rope_local_theta=local[0], rope_local_freq_factors=local[1])
+        return {k: v for k, v in out.items() if v is not None}
+    theta, factors = _rope_one({**(hf.get("rope_scaling") or {}), **nested}, hf.get("rope_theta"), head_dim)
+    out = dict(rope_theta=theta, rope_freq_factors=factors)
+    if hf.get("rope_local_base_freq") is not None:  # Gemma 3 before transformers 5: local layers unscaled
+        out |= dict(rope_local_theta=float(hf["rope_local_base_freq"]))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _rope_one(params: dict, theta: float | None, head_dim: int) -> tuple[float, tuple[float, ...] | None]:
+    theta = float(params.get("rope_theta") or theta or 10000.0)
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "default":
-        return dict(rope_theta=theta)
+        return theta, None
+    if kind == "linear":
+        return theta, (float(params["factor"]),) * (head_dim // 2)
     if kind == "llama3":
         try:
             factors = decoder.llama3_freq_factors(
@@ -90,7 +111,7 @@ def _rope(hf: dict, head_dim: int) -> dict:
         except KeyError as e:
             raise CheckpointError(f"llama3 RoPE scaling without {e.args[0]!r} in {params}; the config is incomplete; "
                                   "re-save it with transformers") from None
-        return dict(rope_theta=theta, rope_freq_factors=factors)
+        return theta, factors
     raise CheckpointError(f"RoPE type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); use a "
                           "checkpoint with one of those")
 
@@ -135,6 +156,18 @@ def _gemma2(hf: dict) -> DecoderConfig:
     )
 
 
+def _gemma3(hf: dict) -> DecoderConfig:
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise CheckpointError(f"Gemma 3 activation {act!r} is not supported; expected gelu_pytorch_tanh")
+    return DecoderConfig(
+        **_common(hf), family="gemma3", activation="gelu_tanh", post_norms=True, qk_norm=True,
+        embed_scale=float(hf["hidden_size"]) ** 0.5, attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+        attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
 def _gpt2(hf: dict) -> DecoderConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
@@ -152,8 +185,8 @@ def _gpt2(hf: dict) -> DecoderConfig:
 
 
 def _rope_family_weights(t: dict[str, np.ndarray], cfg: DecoderConfig) -> dict[str, np.ndarray]:
-    """Llama / Qwen2 / Qwen3 / Gemma 2 tensor names ([out, in] linears) -> ours ([in, out])."""
-    norm = (lambda w: w.astype(np.float32) + 1.0) if cfg.family == "gemma2" else (lambda w: w)
+    """Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 tensor names ([out, in] linears) -> ours ([in, out])."""
+    norm = (lambda w: w.astype(np.float32) + 1.0) if cfg.family in ("gemma2", "gemma3") else (lambda w: w)
     w = {"embed": t["model.embed_tokens.weight"], "final_norm.weight": norm(t["model.norm.weight"])}
     if not cfg.tie_embeddings:
         w["lm_head"] = t["lm_head.weight"].T
@@ -173,7 +206,8 @@ def _rope_family_weights(t: dict[str, np.ndarray], cfg: DecoderConfig) -> dict[s
             w |= {o + "bq": t[p + "self_attn.q_proj.bias"], o + "bk": t[p + "self_attn.k_proj.bias"],
                   o + "bv": t[p + "self_attn.v_proj.bias"]}
         if cfg.qk_norm:
-            w |= {o + "q_norm": norm(t[p + "self_attn.q_norm.weight"]), o + "k_norm": norm(t[p + "self_attn.k_norm.weight"])}
+            w |= {o + "q_norm": norm(t[p + "self_attn.q_norm.weight"]),
+                  o + "k_norm": norm(t[p + "self_attn.k_norm.weight"])}
         if cfg.post_norms:
             w |= {o + "post_attn_norm.weight": norm(t[p + "post_attention_layernorm.weight"]),
                   o + "mlp_norm.weight": norm(t[p + "pre_feedforward_layernorm.weight"]),
@@ -212,6 +246,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": (_qwen2, _rope_family_weights),
     "Qwen3ForCausalLM": (_qwen3, _rope_family_weights),
     "Gemma2ForCausalLM": (_gemma2, _rope_family_weights),
+    "Gemma3ForCausalLM": (_gemma3, _rope_family_weights),
     "GPT2LMHeadModel": (_gpt2, _gpt2_weights),
 }
 
