@@ -182,3 +182,33 @@ def test_sigkill_then_resume_matches_uninterrupted_clt(tmp_path, repo_root):
     proc = _run(repo_root, configs[1], "--resume")
     assert "resumed from step" in proc.stdout
     _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_checkpoint_from_a_4x2_mesh_resumes_on_one_device_and_on_2x4(tmp_path):
+    """The checkpoint holds the arrays, not the mesh: restored onto another mesh's shardings (an
+    explicit sharded target), the run ends with the weights the (4, 2) run ends with."""
+    import shutil
+
+    from jaxinterp.config import config_from_dict
+    from jaxinterp.train import train
+
+    def raw(name: str, data: int, model: int) -> dict:
+        return {"data": {"source": "synthetic", "synthetic": {"n_features": 128, "d_in": 16}},
+                "dictionary": {"activation": "topk", "d_sae": 64, "k": 4, "dead_tokens": 4096},
+                "train": {"tokens": 64 * 20, "batch_size": 64, "lr": 1e-3, "lr_warmup_steps": 2},
+                "mesh": {"data": data, "model": model},
+                "output": {"dir": str(tmp_path / name), "log_every": 5, "checkpoint_every": 10, "eval_tokens": 256,
+                           "progress": False}}
+
+    train(config_from_dict(raw("whole", 4, 2)), log=lambda s: None)
+    want = load_dictionary(tmp_path / "whole").params
+    for name, (data, model) in {"one": (1, 1), "other": (2, 4)}.items():
+        shutil.copytree(tmp_path / "whole", tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "20")
+        shutil.rmtree(tmp_path / name / "dictionary")
+        final = train(config_from_dict(raw(name, data, model)), resume=True, log=lambda s: None)
+        assert final["step"] == 20
+        got = load_dictionary(tmp_path / name).params
+        for k in want:
+            np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5,
+                                       atol=1e-6 * float(np.abs(np.asarray(want[k])).max()), err_msg=f"{name} {k}")
