@@ -1,4 +1,4 @@
-"""`launch/inspect.py`: what a run, a checkpoint and an artifact hold, read from metadata alone."""
+"""`launch/inspect_checkpoint.py`: what a run, a checkpoint and an artifact hold, read from metadata alone."""
 
 from __future__ import annotations
 
@@ -46,17 +46,27 @@ def test_a_run_its_checkpoints_and_its_artifact_described(run):
 
 
 def test_the_cli_prints_it_and_refuses_other_folders_in_one_line(run, tmp_path):
-    out = subprocess.run([sys.executable, "launch/inspect.py", str(run), "--json"], cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=120)
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "launch/inspect_checkpoint.py", *args], cwd=REPO, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    out = cli(str(run), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["arrays"]["params.W_enc"]["sharding"]["spec"] == [None, "model"]
-    human = subprocess.run([sys.executable, "launch/inspect.py", str(run)], cwd=REPO, env=subprocess_env(),
-                           capture_output=True, text=True, timeout=120)
+    human = cli(str(run))
     assert "params.W_enc" in human.stdout and "P(None, model) on data=4xmodel=2" in human.stdout
     (tmp_path / "notes.txt").write_text("x")
-    bad = subprocess.run([sys.executable, "launch/inspect.py", str(tmp_path)], cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=120)
+    bad = cli(str(tmp_path))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "expected a run directory" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     with pytest.raises(InspectError, match="not found"):
         describe(tmp_path / "missing")
+
+
+def test_no_launch_script_stands_in_for_a_standard_library_module():
+    """A script's folder comes first on its import path: launch/inspect.py would replace `inspect`
+    for every entry point beside it (numpy and jax fail to import)."""
+    from pathlib import Path
+
+    clashes = [p.name for p in (Path(REPO) / "launch").rglob("*.py") if p.stem in sys.stdlib_module_names]
+    assert clashes == []

@@ -1,19 +1,17 @@
 """Print what a run directory, a checkpoint or a dictionary artifact holds, without loading arrays or
-the training code: `python launch/inspect.py PATH [--json]` (array names, shapes, dtypes and saved
-shardings, the step, each process's data position, the config and the dictionary's description)."""
+the training code: `python launch/inspect_checkpoint.py PATH [--json]` (array names, shapes, dtypes
+and saved shardings, the step, each process's data position, the config and the dictionary's
+description). Not `inspect.py`: a file of that name in launch/ would stand in for the standard
+library's `inspect` in every script of the folder."""
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
 import sys
+from pathlib import Path
 
-# This file's name is the standard library's `inspect`: its folder must leave the import path
-# before anything imports that module.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxinterp.cli import run_main  # noqa: E402
 
