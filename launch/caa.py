@@ -5,7 +5,9 @@
     python launch/caa.py --dictionary runs/default --feature ID|auto [--scales 0,2,4] [--json]
 
 Extracts the mean-difference vector from all but the last `--held-out` pairs, saves it (`--out`, for
-`launch/generate.py --steer SITE:vector=caa.npy:scale=S`), and prints what steering with it does to
+`launch/generate.py --steer SITE:vector=caa.npy:scale=S`; `--out caa.gguf` writes llama.cpp's
+control-vector layout for a `blocks.K.resid_post` site, K >= 1, which `llama-cli --control-vector`
+and `launch/generate.py --control-vector` read; `.safetensors` / `.npz`: `{site: vector}`), and prints what steering with it does to
 the held-out pairs: the mean log-probability per token of positive and negative texts at several
 scales, and a steered vs unsteered continuation.
 
@@ -92,7 +94,12 @@ def _vector_run(args, model, tok, train, held, scales):
 
     site = args.site or "blocks.10.resid_post"
     cv = contrastive_vector(model, tok, site, train, positions=args.positions, pca=args.pca)
-    np.save(args.out, cv.vector)
+    if args.out.endswith((".gguf", ".safetensors", ".npz")):  # llama.cpp's control vector, or {site: vector}
+        from jaxinterp.steering.control_vectors import write_vectors
+
+        write_vectors(args.out, {site: cv.vector})
+    else:
+        np.save(args.out, cv.vector)
     scales = scales or [0.0, 1.0, 2.0, 4.0]
     norm = float(np.linalg.norm(cv.vector))
     result = {"site": site, "vector_norm": norm, "pc1_explained": cv.explained, "vector": args.out,

@@ -5,6 +5,7 @@ from the same seed):
     python launch/generate.py --model smollm2-135m --prompt "..." \
         --dictionary runs/default --steer blocks.15.resid_post:feature=123:add=4 \
         --steer blocks.15.resid_post:vector=v.npy:scale=8 [--spec steer.json] [--json]
+        --control-vector caa.gguf:2       (llama.cpp / repeng control vectors, or {site: vector} files)
     python launch/generate.py --prompt "The capital of France is" --dictionary runs/clt \
         --steer 12_345_5:ablate --steer 14_7_5:ablate        (attribution graph node ids)
 
@@ -38,6 +39,9 @@ def main() -> int:
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one batch)")
     ap.add_argument("--steer", action="append", default=[], help="SITE:feature=ID:add=V | SITE:vector=FILE.npy:scale=V ...")
     ap.add_argument("--spec", help="a JSON file: a list of SteeringVector fields")
+    ap.add_argument("--control-vector", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="add vectors by site: llama.cpp's control-vector .gguf (repeng's), or .safetensors/.npz "
+                         "of {site: vector}; SCALE multiplies them (default 1)")
     ap.add_argument("--dictionary", action="append", default=[], help="[SITE=]PATH: a run or dictionary directory")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -58,6 +62,16 @@ def main() -> int:
 
     nodes = [n for n in (parse_node_steer(s) for s in args.steer) if n is not None]
     specs = [parse_steer(s) for s in args.steer if parse_node_steer(s) is None]
+    for item in args.control_vector:
+        from jaxinterp.steering.control_vectors import read_vectors, steering
+
+        path, scale = item, ""
+        if not item.endswith((".gguf", ".safetensors", ".npz")) and ":" in item:
+            path, _, scale = item.rpartition(":")
+        try:
+            specs += steering(read_vectors(path), scale=float(scale) if scale else 1.0)
+        except ValueError:
+            raise UsageError(f"--control-vector {item!r}: give FILE or FILE:SCALE with a number") from None
     specs += load_spec_file(args.spec) if args.spec else []
     registry, clts = DictionaryRegistry(), []
     for d in args.dictionary:
