@@ -77,6 +77,7 @@ def test_convergence_bench_row_trains_before_and_after_on_one_file(tmp_path):
         convergence.run(tasks=["nope"])
 
 
+@pytest.mark.slow  # slow: a whole benchmark round on SmolLM2
 def test_features_bench_prints_its_keys(tmp_path):
     from helpers import write_tiny_gguf
 

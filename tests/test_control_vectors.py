@@ -75,6 +75,7 @@ def test_a_control_vector_steers_here_as_llama_cpp_applies_it(tmp_path):
     np.testing.assert_allclose(out.logits[0], np.asarray(ref)[0, len(prompt) - 1:], atol=1e-4)
 
 
+@pytest.mark.slow  # slow: two generation processes; the steering itself is tested above
 def test_the_cli_steers_with_a_control_vector_file_as_with_the_npy_vector(tmp_path):
     import json
     import subprocess

@@ -314,6 +314,8 @@ def test_generate_cli_reproduces_transformers_greedy_continuations(tmp_path, tin
     from helpers import subprocess_env
 
     name, hf_model, path = tiny
+    if name in ("llama-3", "qwen3", "gemma3"):
+        pytest.skip("the CLI and tokenizer path of its older family (llama, qwen2, gemma2); its forward is tested above")
     d = tmp_path / "ckpt"
     d.mkdir()
     for f in path.iterdir():

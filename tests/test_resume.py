@@ -133,6 +133,7 @@ def test_sigkill_then_resume_matches_uninterrupted_npy(tmp_path, repo_root):
     assert "mmcs" in _metric_lines(tmp_path / "b")[-1]
 
 
+@pytest.mark.slow  # slow: the npy and CLT cases run in the default suite
 def test_sigkill_then_resume_matches_uninterrupted_skip_transcoder(tmp_path, repo_root):
     # input and target rows from two files; the resumed run's skip transcoder equals the other's
     x, _ = write_npy(str(tmp_path / "x.npy"), SyntheticConfig(n_features=64, d_in=16, p_active=0.05, seed=3), 8000,
