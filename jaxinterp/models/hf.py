@@ -97,12 +97,12 @@ def _rope(hf: dict, head_dim: int) -> dict:
 
 def _rope_one(params: dict, theta: float | None, head_dim: int) -> tuple[float, tuple[float, ...] | None]:
     theta = float(params.get("rope_theta") or theta or 10000.0)
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind == "default":
+    scaling = params.get("rope_type") or params.get("type") or "default"
+    if scaling == "default":
         return theta, None
-    if kind == "linear":
+    if scaling == "linear":
         return theta, (float(params["factor"]),) * (head_dim // 2)
-    if kind == "llama3":
+    if scaling == "llama3":
         try:
             factors = decoder.llama3_freq_factors(
                 head_dim, theta, factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
@@ -112,7 +112,7 @@ def _rope_one(params: dict, theta: float | None, head_dim: int) -> tuple[float, 
             raise CheckpointError(f"llama3 RoPE scaling without {e.args[0]!r} in {params}; the config is incomplete; "
                                   "re-save it with transformers") from None
         return theta, factors
-    raise CheckpointError(f"RoPE type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); use a "
+    raise CheckpointError(f"RoPE type {scaling!r} is not supported (supported: {', '.join(ROPE_TYPES)}); use a "
                           "checkpoint with one of those")
 
 
