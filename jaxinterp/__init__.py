@@ -9,8 +9,12 @@ def __getattr__(name: str):
         from jaxinterp import generation
 
         return getattr(generation, name)
-    if name in ("load_dictionary", "Dictionary"):
+    if name in ("load_dictionary", "Dictionary", "CLTDictionary", "DictionaryError"):
         from jaxinterp.dictionaries import artifact
 
         return getattr(artifact, name)
+    if name == "DictionaryRegistry":
+        from jaxinterp.interop.registry import DictionaryRegistry
+
+        return DictionaryRegistry
     raise AttributeError(f"module 'jaxinterp' has no attribute {name!r}")

@@ -43,7 +43,7 @@ def test_artifact_errors_name_the_problem(tmp_path):
     with pytest.raises(DictionaryError, match="not found"):
         dl.load_dictionary(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DictionaryError, match="holds no jaxinterp_dictionary.json; pass a dictionary directory"):
+    with pytest.raises(DictionaryError, match="matches no dictionary format .* jaxinterp: jaxinterp_dictionary.json"):
         dl.load_dictionary(tmp_path / "empty")
     spec = dl.DictionarySpec("topk", 8, 32, k=4)
     d = dl.Dictionary(spec, dl.init(jax.random.key(0), spec), site="blocks.1.resid_post")

@@ -27,11 +27,11 @@ def saelens_reconstruct(directory, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     sae_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
     arch = cfg["architecture"]
-    if arch in ("transcoder", "skip_transcoder", "jumprelu_transcoder"):  # SAELens 6.18 saes/transcoder.py
+    if arch in ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
         assert cfg["apply_b_dec_to_input"] is False
         pre = x @ w["W_enc"] + w["b_enc"]
-        f = np.maximum(pre, 0.0) * (pre > w["threshold"] if arch == "jumprelu_transcoder" else 1.0)
-        return f @ w["W_dec"] + w["b_dec"] + (x @ w["W_skip"].T if arch == "skip_transcoder" else 0.0)
+        f = np.maximum(pre, 0.0) * (pre > w["threshold"] if arch.startswith("jumprelu") else 1.0)
+        return f @ w["W_dec"] + w["b_dec"] + (x @ w["W_skip"].T if arch.endswith("skip_transcoder") else 0.0)
     if arch == "gated":
         gate = (sae_in @ w["W_enc"] + w["b_gate"]) > 0
         mag = np.maximum(sae_in @ (w["W_enc"] * np.exp(w["r_mag"])) + w["b_mag"], 0.0)
@@ -182,7 +182,8 @@ def test_trained_run_export_reconstructs_like_checkpoint(tmp_path, activation):
 
 
 TRANSCODERS = [("relu", "transcoder", "transcoder"), ("jumprelu", "transcoder", "jumprelu_transcoder"),
-               ("batchtopk", "transcoder", "jumprelu_transcoder"), ("relu", "skip_transcoder", "skip_transcoder")]
+               ("batchtopk", "transcoder", "jumprelu_transcoder"), ("relu", "skip_transcoder", "skip_transcoder"),
+               ("jumprelu", "skip_transcoder", "jumprelu_skip_transcoder")]
 
 
 def random_transcoder(activation: str, arch: str, seed: int = 0) -> tuple[dl.DictionarySpec, dl.Params]:
@@ -220,7 +221,7 @@ def test_transcoders_export_as_saelens_runs_them_and_load_back(tmp_path, activat
                                atol=1e-4 * np.abs(ours).max())
 
 
-@pytest.mark.parametrize("activation,arch", [("topk", "transcoder"), ("jumprelu", "skip_transcoder")])
+@pytest.mark.parametrize("activation,arch", [("topk", "transcoder"), ("gated", "skip_transcoder")])
 def test_transcoders_saelens_cannot_hold_are_refused_by_name(tmp_path, activation, arch):
     from jaxinterp.interop.saelens import ExportError
 

@@ -85,6 +85,9 @@ class Dictionary:
     def decode(self, f, *, width: int | None = None) -> jax.Array:
         """Raw output [..., d_out] of feature activations [..., d_sae] (without a skip path's share,
         which needs the input: see `reconstruct`); `width`: a Matryoshka prefix's features only."""
+        if self.spec.row_norm != "none":
+            raise DictionaryError(f"this dictionary normalises each input row ({self.spec.row_norm}); its output "
+                                  "depends on the row's statistics: use reconstruct(x)")
         return _rowwise(_decode, self, f, self.d_sae, self._width(width))
 
     def reconstruct(self, x, *, width: int | None = None) -> jax.Array:
@@ -106,6 +109,10 @@ class Dictionary:
         from jaxinterp.models.intercept import SiteError, parse_site
 
         site = site or self.site
+        if self.spec.row_norm != "none":
+            raise DictionaryError(f"the dictionary normalises each input row ({self.spec.row_norm}, from its SAELens "
+                                  "config): it encodes and reconstructs (Dictionary.encode / reconstruct) but cannot "
+                                  "be attached to a model's sites; use one trained without run-time normalisation")
         if site is None:
             raise DictionaryError("the dictionary names no site; attach it at an explicit site")
         for s in (site, self.target_site):
@@ -257,17 +264,20 @@ def _directory(path: Path) -> Path:
 
 
 def load_dictionary(path: str | Path) -> Dictionary | CLTDictionary:
-    """The dictionary saved at `path`, on the default device: a dictionary directory, a run
-    directory holding one, or a circuit-tracer directory (`config.yaml` naming `model_kind`: a
-    cross-layer transcoder reads as a `CLTDictionary`, a per-layer transcoder set as one of span 1
-    with skips where the set has them)."""
+    """The dictionary saved at `path`, on the default device, in any format it detects
+    (`jaxinterp.interop.formats.FORMATS`): a jaxinterp dictionary directory or run directory; a
+    SAELens folder (any SAELens version; every architecture that is one of our kinds); a sparsify
+    hookpoint folder (SAE, transcoder, skip transcoder); Gemma Scope 1 / 2 and Llama Scope folders;
+    a circuit-tracer directory (`config.yaml` naming `model_kind`: a cross-layer transcoder reads as
+    a `CLTDictionary`, a per-layer transcoder set as one of span 1 with skips where the set has
+    them). Foreign formats encode and reconstruct with their own library's numerics."""
+    from jaxinterp.interop import formats
 
-    p = Path(path).absolute()
-    if not p.exists():
-        raise DictionaryError(f"{p} not found; pass a dictionary directory or a run directory")
-    if (p / "config.yaml").is_file() and not (p / META).is_file() and not (p / "dictionary" / META).is_file() \
-            and not (p / "checkpoints").is_dir():
-        return _load_circuit_tracer(p)
+    return formats.load(path)
+
+
+def load_jaxinterp(p: Path) -> Dictionary | CLTDictionary:
+    """A jaxinterp dictionary directory, or the run directory holding one."""
     d = _directory(p)
     try:
         meta = json.loads((d / META).read_text())

@@ -112,8 +112,9 @@ def _relu(raw, feat):
 
 
 def _thresholded(raw, feat):
+    """relu(pre) where pre > threshold (a negative threshold passes no negative value: SAELens' rule)."""
     pre = raw + feat["b_enc"]
-    return jnp.where(pre > feat["threshold"], pre, 0.0)
+    return jnp.where(pre > feat["threshold"], jax.nn.relu(pre), 0.0)
 
 
 def _gated(raw, feat):
@@ -328,7 +329,7 @@ TRANSCODER = Architecture(
     saelens_names={"standard": "transcoder", "jumprelu": "jumprelu_transcoder"})
 SKIP_TRANSCODER = TRANSCODER._replace(
     name="skip_transcoder", params=TRANSCODER.params | {"W_skip": (("d_model", "d_model"), "d_out d_in")}, skip=True,
-    saelens_names={"standard": "skip_transcoder"})  # SAELens 6.18 has no JumpReLU skip transcoder
+    saelens_names={"standard": "skip_transcoder", "jumprelu": "jumprelu_skip_transcoder"})
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SAE, TRANSCODER, SKIP_TRANSCODER)}
 """Every architecture by name (the config's `dictionary.architecture` choices)."""

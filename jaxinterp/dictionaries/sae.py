@@ -32,6 +32,8 @@ from jaxinterp.dictionaries.sparse import scatter_dense, topk_decode
 
 Params = dict[str, jax.Array]
 
+ROW_NORMS = ("none", "layer_norm", "constant_norm_rescale")
+
 def selects_k(activation: str) -> bool:
     """Whether the activation keeps `k` features per row (or per batch average): topk, batchtopk."""
     return kinds.activation(activation).selects_k
@@ -68,8 +70,16 @@ class DictionarySpec:
     matryoshka_widths: tuple[int, ...] = ()
     """Nested prefixes (Matryoshka): strictly increasing widths, the last = d_sae; the loss averages
     the reconstruction error of every prefix. Empty: one width."""
+    row_norm: str = "none"
+    """A per-row input normalisation before the (scalar) `norm_scale` (dictionaries read from SAELens
+    configs): "none"; "layer_norm" (x -> (x - mean) / (std + 1e-5), undone on an SAE's output);
+    "constant_norm_rescale" (x -> x sqrt(d_in) / ||x||, undone likewise). A transcoder's output is
+    not renormalised (SAELens' rule). Such a dictionary encodes and reconstructs; its decoder alone
+    (`decode`, steering) needs the row's statistics and is refused."""
 
     def __post_init__(self) -> None:
+        if self.row_norm not in ROW_NORMS:
+            raise UsageError(f"row_norm={self.row_norm!r}; choose one of {list(ROW_NORMS)}")
         if self.kind.selects_k and not 0 < self.k <= self.d_sae:
             raise UsageError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
         widths = tuple(int(w) for w in self.matryoshka_widths)
@@ -200,6 +210,23 @@ def _normalise(params: Params, x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32) * params["norm_scale"]
 
 
+def _row_stats(spec: DictionarySpec, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(shift [B, 1], scale [B, 1]) of each row under `spec.row_norm`: x -> (x - shift) / scale."""
+    x = x.astype(jnp.float32)
+    if spec.row_norm == "layer_norm":  # torch's std: the unbiased estimate
+        mu = jnp.mean(x, axis=-1, keepdims=True)
+        return mu, jnp.std(x - mu, axis=-1, keepdims=True, ddof=1) + 1e-5
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True) / spec.d_in**0.5
+    return jnp.zeros_like(norm), norm
+
+
+def _row_normalise(spec: DictionarySpec, x: jax.Array) -> jax.Array:
+    if spec.row_norm == "none":
+        return x
+    shift, scale = _row_stats(spec, x)
+    return (x.astype(jnp.float32) - shift) / scale
+
+
 def target_scale(spec: DictionarySpec, params: Params) -> jax.Array:
     """The factor that normalises targets (the input's `norm_scale` for an SAE)."""
     return params[spec.arch.target_scale]
@@ -231,7 +258,7 @@ def encode_sparse(spec: DictionarySpec, params: Params, x: jax.Array) -> tuple[j
     0 where fewer fire), for kinds that select k features per row; None for the others (use `encode`)."""
     if not spec.kind.row_topk:
         return None
-    vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, x)), spec.k)
+    vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, _row_normalise(spec, x))), spec.k)
     return jax.nn.relu(vals), idx
 
 
@@ -248,7 +275,7 @@ def encode_selected(spec: DictionarySpec, params: Params, x_btd: jax.Array, ids_
 
 def encode(spec: DictionarySpec, params: Params, x: jax.Array) -> jax.Array:
     """Feature activations [B, F] of raw inputs [B, D] (batchtopk uses its inference threshold)."""
-    return _encode_normalised(spec, params, _normalise(params, x))
+    return _encode_normalised(spec, params, _normalise(params, _row_normalise(spec, x)))
 
 
 def _prefix_mask(spec: DictionarySpec, width) -> jax.Array | float:
@@ -305,6 +332,14 @@ def reconstruct(spec: DictionarySpec, params: Params, x: jax.Array, *, width=Non
     skip path; topk decodes its K selected rows only (the Pallas kernel on GPU/TPU, per
     `spec.topk_path`), never a dense [B, F] product. `width`: a Matryoshka prefix (the full code's
     features below `width`; data, as in `decode`)."""
+    if spec.row_norm != "none":  # normalise each row, and undo it on an SAE's output
+        shift, scale = _row_stats(spec, x)
+        plain = dataclasses.replace(spec, row_norm="none")
+        xr = (x.astype(jnp.float32) - shift) / scale
+        out = reconstruct(plain, params, xr, width=width)
+        if spec.arch.reads_target:  # SAELens' skip path reads the raw input
+            return out if not spec.arch.skip else out - skip_out(plain, params, xr) + skip_out(plain, params, x)
+        return out * scale + shift
     if spec.kind.row_topk and spec.topk_path != "dense":
         vals, idx = ops.topk(_pre_acts(spec, params, _normalise(params, x)), spec.k)
         vals = jax.nn.relu(vals) if width is None else jnp.where(idx < width, jax.nn.relu(vals), 0.0)
