@@ -362,3 +362,126 @@ def test_folders_that_are_not_dictionaries_fail_in_one_line(tmp_path):
         with pytest.raises(jaxinterp.DictionaryError, match=match) as e:
             jaxinterp.load_dictionary(tmp_path / name)
         assert "\n" not in str(e.value), name
+
+
+def _ours(activation, architecture="sae", seed=0, **extra):
+    """One of our dictionaries with every parameter random and scales far from 1."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinterp import dictionaries as dl
+
+    d_out = D_IN if architecture != "transcoder" else D_IN - 4
+    spec = dl.DictionarySpec(activation=activation, d_in=D_IN, d_sae=D_SAE, k=K, architecture=architecture,
+                             d_out=None if architecture == "sae" else d_out, **extra)
+    p = dl.init(jax.random.key(seed), spec)
+    rng = np.random.default_rng(seed)
+    for name, v in p.items():
+        if name in ("norm_scale", "norm_scale_out"):
+            p[name] = jnp.float32(0.37 if name == "norm_scale" else 2.3)
+        elif name == "threshold":
+            p[name] = jnp.asarray(rng.uniform(0.05, 0.6, v.shape), jnp.float32)
+        else:
+            p[name] = v + jnp.asarray(rng.normal(size=v.shape) * 0.3, jnp.float32)
+    site, target = ("blocks.2.mlp_in", "blocks.2.mlp_out") if architecture != "sae" else ("blocks.2.resid_post", None)
+    return jaxinterp.Dictionary(spec, p, site=site, target_site=target, model="tiny")
+
+
+OUR_KINDS = [("relu", "sae"), ("topk", "sae"), ("batchtopk", "sae"), ("jumprelu", "sae"), ("gated", "sae"),
+             ("relu", "transcoder"), ("jumprelu", "transcoder"), ("batchtopk", "transcoder"),
+             ("relu", "skip_transcoder"), ("jumprelu", "skip_transcoder")]
+
+
+@pytest.mark.parametrize("activation,architecture", OUR_KINDS + [("topk", "matryoshka")])
+def test_our_exports_load_in_saelens_with_our_outputs(tmp_path, activation, architecture):
+    from sae_lens import SAE
+
+    from jaxinterp.interop.convert import write
+
+    extra = {"matryoshka_widths": (12, 30, D_SAE)} if architecture == "matryoshka" else {}
+    d = _ours(activation, "sae" if architecture == "matryoshka" else architecture, **extra)
+    folder = write(d, tmp_path / "saelens", "saelens")
+    sae = SAE.load_from_disk(folder)
+    x = _x(seed=11) * 8
+    f_ref, y_ref = _saelens_outputs(sae, x)
+    assert 0 < (f_ref > 0).mean() < 0.9
+    _close(d.encode(x), f_ref, "feature activations")
+    _close(d.reconstruct(x), y_ref, "reconstruction")
+    back = jaxinterp.load_dictionary(folder)
+    assert (back.site, back.target_site) == (d.site, d.target_site)
+    _close(back.reconstruct(x), np.asarray(d.reconstruct(x)), "read back")
+
+
+@pytest.mark.parametrize("architecture", ["sae", "transcoder", "skip_transcoder"])
+def test_our_topk_exports_load_in_sparsify_with_our_outputs(tmp_path, architecture):
+    from sparsify import SparseCoder
+
+    from jaxinterp.interop.convert import write
+
+    d = _ours("topk", architecture)
+    if architecture == "transcoder":  # sparsify's coders predict an output as wide as their input
+        d = _ours("topk", "skip_transcoder")
+        d = jaxinterp.Dictionary(d.spec.__class__(**{**d.spec.__dict__, "architecture": "transcoder"}),
+                                 {k: v for k, v in d.params.items() if k != "W_skip"}, site=d.site,
+                                 target_site=d.target_site)
+    folder = write(d, tmp_path / "sparsify", "sparsify")
+    assert folder.name == ("layers.2" if architecture == "sae" else "layers.2.mlp")
+    coder = SparseCoder.load_from_disk(folder)
+    x = _x(seed=12) * 8
+    with torch.no_grad():
+        out = coder(torch.from_numpy(x))
+        dense = torch.zeros(x.shape[0], D_SAE).scatter_(1, out.latent_indices, out.latent_acts)
+    _close(d.encode(x), dense.numpy(), "feature activations")
+    _close(d.reconstruct(x), out.sae_out.numpy(), "reconstruction")
+
+
+def test_kinds_a_format_cannot_hold_are_refused_by_name(tmp_path):
+    from jaxinterp.interop.convert import write
+    from jaxinterp.interop.saelens import ExportError
+
+    with pytest.raises(ExportError, match="sparsify runs top-k coders only; this dictionary is jumprelu"):
+        write(_ours("jumprelu"), tmp_path / "a", "sparsify")
+    with pytest.raises(ExportError, match="SAELens has no topk transcoder"):
+        write(_ours("topk", "transcoder"), tmp_path / "b", "saelens")
+    with pytest.raises(jaxinterp.DictionaryError, match="choose one of"):
+        write(_ours("relu", "sae"), tmp_path / "c", "onnx")
+
+
+def test_convert_cli(tmp_path):
+    """launch/convert.py: a SAELens folder to sparsify and back to ours; a trained run's checkpoint to
+    a SAELens folder; a refusal is one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import tiny_config
+
+    from jaxinterp.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run([sys.executable, str(root / "launch" / "convert.py"), *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    sae = _saelens_sae("topk", {"k": K})
+    sae.save_model(tmp_path / "sl")
+    r = run(tmp_path / "sl", tmp_path / "sp", "--to", "sparsify", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["format"] == "sparsify" and res["written"].endswith("layers.3") and res["max_relative_difference"] < 1e-5
+    r = run(res["written"], tmp_path / "ours", "--to", "jaxinterp")
+    assert r.returncode == 0 and "jaxinterp" in r.stdout, r.stderr
+    x = _x(seed=13)
+    _close(jaxinterp.load_dictionary(tmp_path / "ours").encode(x), _saelens_outputs(sae, x)[0], "after two hops")
+
+    cfg = tiny_config(tmp_path, dictionary={"activation": "jumprelu"}, train={"tokens": 256 * 6},
+                      output={"checkpoint_every": 3})
+    train(cfg)
+    r = run(tmp_path / "run", tmp_path / "step3", "--to", "saelens", "--step", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["max_relative_difference"] < 1e-5
+    from jaxinterp.train import checkpoint_dictionary
+
+    _, params3 = checkpoint_dictionary(tmp_path / "run", 3)
+    back = jaxinterp.load_dictionary(tmp_path / "step3")
+    assert back.spec.activation == "jumprelu" and back.d_sae == params3["W_enc"].shape[1]
+    r = run(tmp_path / "run", tmp_path / "bad", "--to", "sparsify")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "top-k coders only" in r.stderr

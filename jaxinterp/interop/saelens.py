@@ -92,7 +92,7 @@ def export_saelens(
         "dtype": dtype,
         "device": "cpu",
         "apply_b_dec_to_input": not spec.arch.reads_target,
-        "normalize_activations": "none",
+        "normalize_activations": spec.row_norm,  # "none" unless read from a row-normalising SAELens folder
         "reshape_activations": "none",
         "metadata": {
             "model_name": model_name,
@@ -102,6 +102,8 @@ def export_saelens(
             "sae_lens_training_version": None,
             "trained_with": "jaxinterp",
             "original_activation": spec.activation,
+            # the SAELens 6 config layout (an older or missing version makes SAELens convert it)
+            "sae_lens_version": "6.54.0",
             **(extra_metadata or {}),
         },
     }
@@ -112,8 +114,6 @@ def export_saelens(
     if spec.arch.reads_target:
         cfg["d_out"] = spec.d_out
         cfg["metadata"]["hook_name_out"] = hook_name_out or "unknown"
-        # the SAELens 6 config layout (an older or missing version makes SAELens convert it)
-        cfg["metadata"]["sae_lens_version"] = "6.18.0"
     (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 

@@ -54,6 +54,29 @@ def checkpoint_dictionary(run_dir: str | Path, step: int | None = None) -> tuple
     return spec, state.dictionary
 
 
+def checkpoint_artifact(run_dir: str | Path, step: int | None = None):
+    """The dictionary of a run's latest (or given) training checkpoint, as `load_dictionary` returns a
+    finished run's: sites and model from the run's config (a run stopped before its end, or an
+    earlier step of a finished one)."""
+    from jaxinterp.dictionaries.artifact import CLTDictionary
+    from jaxinterp.dictionaries.clt import CLTSpec
+
+    spec, params = checkpoint_dictionary(run_dir, step)
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
+    taken = int(step) if step is not None else _latest_step(Path(run_dir) / "checkpoints")
+    meta = {"data_source": cfg.data.source, "step": taken, "trained_with": "jaxinterp", "from_checkpoint": True}
+    model = cfg.data.model if cfg.data.source == "model" else None
+    if isinstance(spec, CLTSpec):
+        return CLTDictionary(spec=spec, params=params, model=model, metadata=meta)
+    return dl.Dictionary(spec, params, site=cfg.data.site, target_site=cfg.data.target_site, model=model, metadata=meta)
+
+
+def _latest_step(ckpt_dir: Path) -> int | None:
+    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
+    return max(steps) if steps else None
+
+
 def _check_batch(cfg: Config, mesh) -> None:
     n_data = mesh.shape["data"]
     if cfg.train.batch_size % n_data:
