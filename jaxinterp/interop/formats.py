@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxinterp.dictionaries.artifact import META, CLTDictionary, Dictionary, DictionaryError
+from jaxinterp.errors import JaxinterpError
 from jaxinterp.interop import scopes
 
 FORMATS: dict[str, str] = {
@@ -42,7 +43,15 @@ def detect(path: str | Path) -> str:
     """The format name (a key of `FORMATS`) of the folder at `path`; raises `DictionaryError`."""
     p = Path(path)
     if not p.exists():
-        raise DictionaryError(f"{p} not found; pass a dictionary folder ({_expected()})")
+        from jaxinterp.interop.index import DictionaryIndex
+
+        index = DictionaryIndex()
+        try:
+            names = ", ".join(index.names()[:8]) or "none yet"
+        except JaxinterpError:
+            names = "unreadable"
+        raise DictionaryError(f"{p} not found; pass a dictionary folder ({_expected()}) or a name of the dictionary "
+                              f"index {index.path} (names: {names})")
     if p.is_file():
         raise DictionaryError(f"{p} is a file; pass the folder that holds it ({_expected()})")
     has = lambda *names: all((p / n).exists() for n in names)  # noqa: E731
@@ -78,16 +87,25 @@ def detect(path: str | Path) -> str:
 
 def load(path: str | Path) -> Dictionary | CLTDictionary:
     """The dictionary at `path` in any format of `FORMATS` (see `jaxinterp.load_dictionary`)."""
-    from jaxinterp.errors import JaxinterpError
+    import dataclasses
 
-    p = Path(path).absolute()
+    from jaxinterp.interop.index import resolve
+
+    try:
+        folder, entry = resolve(path)
+    except JaxinterpError as e:
+        raise DictionaryError(str(e)) from None
+    p = folder.absolute()
     fmt = detect(p)
     try:
-        return _READERS[fmt](p)
+        d = _READERS[fmt](p)
     except DictionaryError:
         raise
     except JaxinterpError as e:  # the readers' one-line errors, as the dictionary error callers catch
         raise DictionaryError(str(e)) from None
+    if entry is not None and isinstance(d, Dictionary):  # the index fills in what the folder does not say
+        d = dataclasses.replace(d, site=entry.get("site") or d.site, model=entry.get("model") or d.model)
+    return d
 
 
 def _saelens(p: Path) -> Dictionary:

@@ -76,9 +76,15 @@ class DictionaryRegistry:
     def __init__(self):
         self.entries: dict[str, Entry] = {}
 
-    def add(self, site: str, spec: dl.DictionarySpec, params: dl.Params, *, max_acts=None,
+    def add(self, site: str, spec: dl.DictionarySpec | None = None, params: dl.Params | None = None, *, max_acts=None,
             target_site: str | None = None) -> DictionaryRegistry:
-        """Attach a dictionary that reads `site` (a transcoder: and writes `target_site`)."""
+        """Attach a dictionary that reads `site` (a transcoder: and writes `target_site`). With one
+        argument, a dictionary folder or a name of the local dictionary index
+        (`jaxinterp.interop.index`), attached at its own site: `add("gemma-scope-2b-res-20-16k")`."""
+        if spec is None or params is None:
+            if spec is not None or params is not None:
+                raise SteeringError("pass site, spec and params, or one dictionary path or index name")
+            return self.add_run(site)
         if spec.arch.reads_target and target_site is None:
             raise SteeringError(f"the {spec.architecture} at {site!r} needs the site it writes: pass target_site")
         self.entries[site] = Entry(spec, dict(params), None if max_acts is None else np.asarray(max_acts, np.float32),
@@ -94,8 +100,8 @@ class DictionaryRegistry:
         return self.add(site, dictionary.spec, dictionary.params, max_acts=max_acts, target_site=dictionary.target_site)
 
     def add_run(self, path: str | Path, site: str | None = None) -> DictionaryRegistry:
-        """Attach the dictionary saved at `path` (a dictionary directory or a run directory) at its
-        own site or at `site`."""
+        """Attach the dictionary at `path` (any folder `load_dictionary` reads, or a name of the
+        dictionary index) at its own site or at `site`."""
         return self.add_dictionary(dl.load_site_dictionary(path, use="steering specs"), site)
 
     def get(self, site: str) -> Entry:
