@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 from helpers import subprocess_env, write_tiny_gguf
 
