@@ -94,6 +94,7 @@ def test_features_bench_prints_its_keys(tmp_path):
         assert c["stats_cost_vs_forward"] == pytest.approx(c["forward_tokens_per_s"] / c["stats_tokens_per_s"] - 1)
 
 
+@pytest.mark.slow  # attribution's CLI test runs the same graphs by default; this times several lengths
 def test_attribute_bench_runs_each_length_in_its_own_process_and_fits_exponents():
     from jaxinterp.benchmarks import attribute
 

@@ -128,6 +128,7 @@ def _chunk_count(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # test_pod's harvest resumes from a manifest by default; this kills one mid-write
 def test_killed_harvest_resumes_without_losing_or_repeating_a_context(assets, tmp_path, repo_root):
     config = tmp_path / "h.yaml"
     config.write_text(yaml.safe_dump(_raw(assets, tmp_path, chunk_contexts=2)))

@@ -98,7 +98,7 @@ def test_saelens_folders_load_with_saelens_numerics(tmp_path, architecture, extr
 
 
 @pytest.mark.parametrize("architecture,extra", [("batchtopk", {"k": K}), ("topk", {"k": K}), ("jumprelu", {}),
-                                                ("matryoshka_batchtopk", {"k": K, "matryoshka_widths": [12, 30]})])
+                                                ("matryoshka_batchtopk", {"k": K, "matryoshka_widths": [12, 30, D_SAE]})])
 def test_saelens_training_checkpoints_load_as_their_inference_form(tmp_path, architecture, extra):
     """A training checkpoint (`save_model` of a TrainingSAE) reads as what `save_inference_model`
     writes, and both equal SAELens' inference SAE loaded from the latter."""

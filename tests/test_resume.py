@@ -161,6 +161,7 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path, repo_root):
     assert len([l for l in _metric_lines(tmp_path / "c") if l.get("final")]) == 1
 
 
+@pytest.mark.slow  # the npy SIGKILL resume runs by default; this repeats it for a CLT
 def test_sigkill_then_resume_matches_uninterrupted_clt(tmp_path, repo_root):
     """A cross-layer transcoder on live activations of a tiny 3-layer model: the killed and resumed
     run ends with the uninterrupted run's CLT, metrics and final evaluation."""

@@ -167,6 +167,10 @@ class CLTDictionary:
 
     def check_model(self, d_model: int, n_layers: int, *, model: str = "the model") -> None:
         """Raise a one-line `DictionaryError` when the CLT does not fit a model of that shape."""
+        if self.spec.post_encoder:
+            raise DictionaryError("this CLT adds per-target offsets to its active features (clt-training's post-"
+                                  "encoder): it encodes and reconstructs (CLTDictionary.encode / reconstruct); the "
+                                  "replacement model, attribution and steering take CLTs without them")
         last = self.spec.first_layer + self.spec.n_layers - 1
         if self.spec.d_model != d_model or last >= n_layers:
             raise DictionaryError(f"the CLT covers layers {self.spec.first_layer}..{last} of width {self.spec.d_model}; "
@@ -270,7 +274,8 @@ def load_dictionary(path: str | Path) -> Dictionary | CLTDictionary:
     hookpoint folder (SAE, transcoder, skip transcoder); Gemma Scope 1 / 2 and Llama Scope folders;
     a circuit-tracer directory (`config.yaml` naming `model_kind`: a cross-layer transcoder reads as
     a `CLTDictionary`, a per-layer transcoder set as one of span 1 with skips where the set has
-    them). Foreign formats encode and reconstruct with their own library's numerics."""
+    them); an EleutherAI clt-training run folder as a `CLTDictionary`. Foreign formats encode and
+    reconstruct with their own library's numerics."""
     from jaxinterp.interop import formats
 
     return formats.load(path)

@@ -82,6 +82,10 @@ class CLTSpec:
     """c in the tanh sparsity penalty."""
     compute_dtype: str = "float32"
     """Dtype of the encoder and decoder matmuls in training (parameters stay float32)."""
+    post_encoder: bool = False
+    """Per (source, target offset) offsets `post_enc_{l}` [F, T_l], added to each active feature's
+    activation before that target's decoder: `(a + post_enc_l[:, o] [a > 0]) @ W_dec_l[:, o]`
+    (EleutherAI clt-training's post-encoder, read from its runs; encode and reconstruct only)."""
     topk_path: str = "sparse"
     """topk training: `sparse` (each source layer's decoder [F, T D] read through `sparse.topk_decode`,
     whose backward touches only the selected rows; `auto`/`pallas` pick its kernels) or `dense` (a
@@ -125,7 +129,7 @@ class CLTSpec:
         f, d, n = self.d_sae, self.d_model, self.n_layers
         dec = sum(self.targets(l) for l in range(n))
         return (f * d * (n + dec) + n * f * (2 if self.activation == "jumprelu" else 1) + n * d
-                + (n * d * d if self.skip else 0))
+                + (n * d * d if self.skip else 0) + (f * dec if self.post_encoder else 0))
 
 
 def sites(spec: CLTSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -153,6 +157,8 @@ def param_axes(spec: CLTSpec) -> dict[str, tuple[str | None, ...]]:
         axes["threshold"] = ("layer", "d_sae")
     if spec.skip:
         axes["W_skip"] = ("layer", "d_model", None)
+    if spec.post_encoder:
+        axes |= {f"post_enc_{l}": ("d_sae", None) for l in range(spec.n_layers)}
     return axes
 
 
@@ -172,6 +178,8 @@ def init(key: jax.Array, spec: CLTSpec, *, threshold: float = 0.03) -> Params:
         p["threshold"] = jnp.full((n, f), threshold, jnp.float32)
     if spec.skip:
         p["W_skip"] = jnp.zeros((n, d, d), jnp.float32)
+    if spec.post_encoder:
+        p |= {f"post_enc_{l}": jnp.zeros((f, spec.targets(l)), jnp.float32) for l in range(n)}
     return p
 
 
@@ -199,7 +207,11 @@ def decode(spec: CLTSpec, params: Params, a_blf: jax.Array, xn_bld: jax.Array | 
     out = jnp.broadcast_to(params["b_dec"], (b, spec.n_layers, spec.d_model))
     for l in range(spec.n_layers):
         t = spec.targets(l)
-        out = out.at[:, l : l + t].add(jnp.einsum("bf,ftd->btd", a_blf[:, l], params[f"W_dec_{l}"]))
+        if spec.post_encoder:  # each target reads the active features shifted by its own offsets
+            a = a_blf[:, l, :, None] + (a_blf[:, l, :, None] > 0) * params[f"post_enc_{l}"]
+            out = out.at[:, l : l + t].add(jnp.einsum("bft,ftd->btd", a, params[f"W_dec_{l}"]))
+        else:
+            out = out.at[:, l : l + t].add(jnp.einsum("bf,ftd->btd", a_blf[:, l], params[f"W_dec_{l}"]))
     if spec.skip:
         if xn_bld is None:
             raise UsageError("a CLT with skips decodes from its inputs too: pass xn_bld")
@@ -270,6 +282,9 @@ def decode_sparse(spec: CLTSpec, params: Params, vals_blk: jax.Array, idx_blk: j
                   xn_bld: jax.Array | None = None) -> jax.Array:
     """`decode` of top-k codes: source layer l's decoder, viewed as [F, T_l D], is read at the k
     selected rows only, forward and backward (`sparse.topk_decode`: only those rows get gradient)."""
+    if spec.post_encoder:
+        raise UsageError("a CLT with post-encoder offsets (read from clt-training) decodes densely only: "
+                         "use clt.decode / reconstruct")
     b, dt = vals_blk.shape[0], jnp.dtype(spec.compute_dtype)
     out = jnp.broadcast_to(params["b_dec"], (b, spec.n_layers, spec.d_model))
     for l in range(spec.n_layers):

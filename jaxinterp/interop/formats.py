@@ -18,6 +18,7 @@ FORMATS: dict[str, str] = {
     "circuit-tracer": "config.yaml (model_kind) + W_enc_*.safetensors / layer_*.safetensors",
     "saelens": "cfg.json + sae_weights.safetensors",
     "sparsify": "cfg.json + sae.safetensors (a folder per hookpoint)",
+    "clt-training": "config.json + layers.N.mlp/ folders (cfg.json naming n_targets, sae.safetensors)",
     "gemma-scope": "params.npz",
     "gemma-scope-2": "params.safetensors (+ config.json)",
     "llama-scope": "hyperparams.json + checkpoints/final.safetensors",
@@ -37,6 +38,15 @@ def _found(p: Path) -> str:
 def _hookpoint_folders(p: Path) -> list[str]:
     return sorted(c.name for c in p.iterdir() if c.is_dir() and (c / "cfg.json").is_file()
                   and ((c / "sae.safetensors").is_file() or (c / "sae_weights.safetensors").is_file()))
+
+
+def _n_targets(cfg_path: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads(cfg_path.read_text()).get("n_targets") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0
 
 
 def detect(path: str | Path) -> str:
@@ -63,6 +73,9 @@ def detect(path: str | Path) -> str:
         if has("sae_weights.safetensors"):
             return "saelens"
         if has("sae.safetensors"):
+            if _n_targets(p / "cfg.json"):
+                raise DictionaryError(f"{p} is one source layer of a clt-training cross-layer transcoder (cfg.json "
+                                      f"names n_targets); pass the run folder that holds every layer ({p.parent})")
             return "sparsify"
         raise DictionaryError(f"{p} has cfg.json but neither sae_weights.safetensors (SAELens) nor sae.safetensors "
                               f"(sparsify); found {_found(p)}")
@@ -78,6 +91,10 @@ def detect(path: str | Path) -> str:
         return "gemma-scope-2"
     if has("params.npz"):
         return "gemma-scope"
+    from jaxinterp.interop.clt_training import layer_folders
+
+    if layer_folders(p):
+        return "clt-training"
     folders = _hookpoint_folders(p)
     if folders:
         raise DictionaryError(f"{p} holds one dictionary per hookpoint ({', '.join(folders[:8])}"
@@ -145,6 +162,14 @@ def _scope(reader):
     return read
 
 
+def _clt_training(p: Path) -> CLTDictionary:
+    from jaxinterp.interop import clt_training
+
+    spec, params, run = clt_training.load(p)
+    return CLTDictionary(spec=spec, params=params, model=run.get("model"),
+                         metadata={"format": "clt-training", "source": str(p)})
+
+
 def _jaxinterp(p: Path):
     from jaxinterp.dictionaries.artifact import load_jaxinterp
 
@@ -158,5 +183,5 @@ def _circuit_tracer(p: Path) -> CLTDictionary:
 
 
 _READERS = {"jaxinterp": _jaxinterp, "circuit-tracer": _circuit_tracer, "saelens": _saelens, "sparsify": _sparsify,
-            "gemma-scope": _scope(scopes.load_gemma_scope_1), "gemma-scope-2": _scope(scopes.load_gemma_scope_2),
-            "llama-scope": _scope(scopes.load_llama_scope)}
+            "clt-training": _clt_training, "gemma-scope": _scope(scopes.load_gemma_scope_1),
+            "gemma-scope-2": _scope(scopes.load_gemma_scope_2), "llama-scope": _scope(scopes.load_llama_scope)}
