@@ -192,6 +192,50 @@ def test_gemma3_configs_written_before_layer_types_read_the_same():
                                                  "rope_local_theta": 10000.0}
 
 
+def test_gemma3_multimodal_checkpoints_load_their_language_model(tmp_path):
+    """Gemma3ForConditionalGeneration (Gemma 3 4B and up, what Gemma Scope 2 reads): the language
+    model under `language_model.`, its settings in `text_config`; logits and residual sites equal
+    transformers' text-only forward. A hub-style config listing only non-default text settings
+    reads the same."""
+    import json
+
+    torch.manual_seed(0)
+    tc = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
+              sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              pad_token_id=0, attn_implementation="eager",
+              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+    hf_model = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    hf_model.save_pretrained(tmp_path / "mm", safe_serialization=True)
+    tokens = np.random.default_rng(3).integers(1, VOCAB, size=(2, 9))
+    logits, hidden = _hf_run(hf_model, tokens)
+    model = load_hf(tmp_path / "mm")
+    assert model.cfg.family == "gemma3" and model.cfg.n_layers == 3
+    res = forward(model, jnp.asarray(tokens), plan=Plan(capture=("blocks.0.resid_post", "blocks.1.resid_post")))
+    np.testing.assert_allclose(np.asarray(res.logits), logits, atol=TOL, rtol=0)
+    for i in range(2):
+        np.testing.assert_allclose(np.asarray(res.captured[f"blocks.{i}.resid_post"]), hidden[i + 1], atol=TOL, rtol=0)
+    # the hub's older layout: a partial text_config (defaults left out), RoPE as rope_theta + rope_scaling
+    cfg = json.loads((tmp_path / "mm" / "config.json").read_text())
+    text = cfg["text_config"]
+    for key in ("rope_parameters", "layer_types", "rms_norm_eps", "hidden_activation", "tie_word_embeddings"):
+        text.pop(key, None)
+    text |= {"rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window_pattern": 2}
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(cfg))
+    old = load_hf(tmp_path / "mm")
+    assert old.cfg.windows == model.cfg.windows and old.cfg.rope_of(0) == model.cfg.rope_of(0) \
+        and old.cfg.rope_of(1) == model.cfg.rope_of(1)
+    np.testing.assert_allclose(np.asarray(forward(old, jnp.asarray(tokens)).logits), logits, atol=TOL, rtol=0)
+
+
 def test_stop_early_returns_same_site_and_no_logits(tiny):
     _, _, path = tiny
     model = load_hf(path)

@@ -35,6 +35,52 @@ def _read_config(directory: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the checkpoint") from None
 
 
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    "tie_word_embeddings": True, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+}
+"""Gemma 3's text settings where a multimodal checkpoint's `text_config` leaves them out (the hub's
+configs hold only what differs from these, transformers' Gemma3TextConfig defaults)."""
+
+CONDITIONAL = {"Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", GEMMA3_TEXT_DEFAULTS)}
+"""Multimodal checkpoints whose language model loads alone: architecture -> (the text model's
+architecture, defaults of its text_config)."""
+
+
+def text_config(hf: dict) -> dict:
+    """The language model's config of a checkpoint: itself, or a multimodal one's `text_config`
+    completed with its defaults (the vision tower is not loaded)."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in CONDITIONAL:
+        return hf
+    text_arch, defaults = CONDITIONAL[arch]
+    given = hf.get("text_config") or {}
+    out = defaults | {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+                      if k in hf} | given
+    if "rope_parameters" in given:  # transformers 5 names each layer type's RoPE itself
+        out.pop("rope_local_base_freq", None)
+    return out | {"architectures": [text_arch]}
+
+
+def text_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A multimodal checkpoint's language-model tensors under a text model's names
+    (`language_model.model.*` and `model.language_model.*` -> `model.*`, `language_model.lm_head`
+    -> `lm_head`); other checkpoints' as they are."""
+    prefixes = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                ("language_model.lm_head.", "lm_head."))
+    if not any(k.startswith(p) for k in tensors for p, _ in prefixes):
+        return tensors
+    out = {}
+    for k, v in tensors.items():
+        for old, new in prefixes:
+            if k.startswith(old):
+                out[new + k[len(old):]] = v
+    return out
+
+
 def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -303,9 +349,9 @@ def load_hf(directory: str | Path, *, dtype=jnp.float32) -> Decoder:
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{d} is not a directory; pass an HF checkpoint directory (config.json + *.safetensors)")
-    hf = _read_config(d)
+    hf = text_config(_read_config(d))
     cfg = hf_config(hf)
-    tensors = _read_tensors(d)
+    tensors = text_tensors(_read_tensors(d))
     try:
         weights = ARCHITECTURES[hf["architectures"][0]][1](tensors, cfg)
     except KeyError as e:
