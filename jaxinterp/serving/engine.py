@@ -75,6 +75,9 @@ class EngineConfig:
     shift_threshold: float = 3.0
     max_stop: int = 4
     """Stop ids per request."""
+    top_logprobs: int = 5
+    """Alternatives returned with each token's log-probability (the model's distribution, before
+    temperature and truncation)."""
 
     def __post_init__(self):
         if self.slots < 1 or self.max_len < self.min_bucket + 1 or self.min_bucket < 1:
@@ -144,6 +147,8 @@ class Prefilled(NamedTuple):
     valid: jax.Array
     first: jax.Array
     key: jax.Array
+    logprobs: tuple
+    """(log-probability of the first token [1], top alternatives (values [1, T], ids [1, T]))."""
     reads: dict
     steer: dict
     prompt_len: int
@@ -159,6 +164,10 @@ class StepOutput(NamedTuple):
     """[N] bool: the slot's request ended with this token (stop id, budget or cache full)."""
     reads: dict
     """site -> (ids [N, R], values [N, R]) at the position each token was sampled from."""
+    logprob: np.ndarray
+    """[N] log-probability of each token under the model."""
+    top_logprobs: tuple
+    """(ids [N, T], log-probabilities [N, T]) of the most likely tokens."""
 
 
 def _sample_rows(logits_nv, keys_n, temperature, top_k, top_p):
@@ -168,6 +177,12 @@ def _sample_rows(logits_nv, keys_n, temperature, top_k, top_p):
         return jnp.where(t == 0, jnp.argmax(logits_v).astype(jnp.int32), drawn)
 
     return jax.vmap(one)(logits_nv, keys_n, temperature, top_k, top_p)
+
+
+def _logprobs(logits_nv, tok_n, t: int):
+    lp = jax.nn.log_softmax(logits_nv.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tok_n[:, None], axis=-1)[:, 0]
+    return chosen, jax.lax.top_k(lp, t)
 
 
 def _features(enc, dict_params, captured):
@@ -206,12 +221,12 @@ class SlotWriter:
         return SlotCache(tuple(self.k), tuple(self.v), self.pos, self.valid)
 
 
-STATIC = ("graphdef", "plan", "enc", "reads", "monitors", "layout")
+STATIC = ("graphdef", "plan", "enc", "reads", "monitors", "layout", "n_top")
 
 
 @partial(jax.jit, static_argnames=STATIC)
 def _prefill(graphdef, weights, dict_params, tokens_1p, mask_1p, steer_1, mon, samp, key, *, plan, enc, reads,
-             monitors, layout):
+             monitors, layout, n_top):
     model = nnx.merge(graphdef, weights)
     p = tokens_1p.shape[1]
     pos = positions_of(mask_1p)
@@ -227,7 +242,7 @@ def _prefill(graphdef, weights, dict_params, tokens_1p, mask_1p, steer_1, mon, s
     key, sub = jax.random.split(key)
     first = _sample_rows(logits, sub[None], *(x[None] for x in samp))
     cache = writer.result()
-    return cache.k, cache.v, cache.pos, cache.valid, first, key, read, mon
+    return cache.k, cache.v, cache.pos, cache.valid, first, key, _logprobs(logits, first, n_top), read, mon
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -252,7 +267,7 @@ def _insert(state: DecodeState, slot, k, v, pos, valid, first, key, steer_1, pro
 
 
 @partial(jax.jit, static_argnames=STATIC, donate_argnums=(2,))
-def _step(graphdef, weights, state: DecodeState, dict_params, *, plan, enc, reads, monitors, layout):
+def _step(graphdef, weights, state: DecodeState, dict_params, *, plan, enc, reads, monitors, layout, n_top):
     model = nnx.merge(graphdef, weights)
     s = state.cache.pos.shape[1]
     pos = state.next_pos[:, None]
@@ -277,7 +292,7 @@ def _step(graphdef, weights, state: DecodeState, dict_params, *, plan, enc, read
     new = state._replace(cache=writer.result(), length=length, next_pos=jnp.where(emitted, state.next_pos + 1, state.next_pos),
                          last=jnp.where(emitted, tok, state.last), active=state.active & ~finished, generated=generated,
                          keys=keys, monitor=mon)  # every row's key splits once a step, as generate's does
-    return new, tok, emitted, finished, read
+    return new, tok, emitted, finished, read, _logprobs(logits, tok, n_top)
 
 
 class Engine:
@@ -305,6 +320,7 @@ class Engine:
         self.reads = tuple((site, min(config.read_k, self.registry.get(site).spec.d_sae)) for site in config.read_sites)
         self.monitors = tuple((site, int(config.monitor_window), float(config.shift_threshold))
                               for site in config.monitor_sites)
+        self.n_top = max(1, min(config.top_logprobs, cfg.vocab_size))
         used = {d for _, d, _ in self.layout if d is not None} | set(need)
         self.dict_params = {site: self.registry.get(site).params for site in used}
         baselines = baselines or {}
@@ -392,6 +408,11 @@ class Engine:
             raise EngineError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
         return n, p
 
+    def validate(self, request: Request) -> None:
+        """Raise the `EngineError` (or `SteeringError`) a request would meet, without running it."""
+        n, _ = self.check(request)
+        self._steer_row(request, n)
+
     def _default_stop(self) -> tuple[int, ...]:
         eos = self.model.cfg.eos_id
         return (eos,) if eos is not None else ()
@@ -438,12 +459,12 @@ class Engine:
         steer = self._steer_row(request, n)
         samp = (np.float32(request.sampling.temperature), np.int32(request.sampling.top_k),
                 np.float32(request.sampling.top_p))
-        k, v, pos, valid, first, key, read, mon = _prefill(
+        k, v, pos, valid, first, key, lps, read, mon = _prefill(
             self.graphdef, self.weights, self.dict_params, jnp.asarray(tokens), jnp.asarray(mask), steer,
             self.state.monitor, samp, jax.random.key(request.sampling.seed), plan=self.plan, enc=self.enc,
-            reads=self.reads, monitors=self.monitors, layout=self.layout)
+            reads=self.reads, monitors=self.monitors, layout=self.layout, n_top=self.n_top)
         self.state = self.state._replace(monitor=mon)
-        return Prefilled(request, k, v, pos, valid, first, key, read, steer, n, p)
+        return Prefilled(request, k, v, pos, valid, first, key, lps, read, steer, n, p)
 
     def insert(self, pre: Prefilled, slot: int | None = None) -> int:
         """Put a prefilled request into a free slot (the first free one by default); returns it."""
@@ -464,11 +485,12 @@ class Engine:
         return slot
 
     def step(self) -> StepOutput:
-        self.state, tok, emitted, finished, read = _step(
+        self.state, tok, emitted, finished, read, (lp, (top_v, top_i)) = _step(
             self.graphdef, self.weights, self.state, self.dict_params, plan=self.plan, enc=self.enc, reads=self.reads,
-            monitors=self.monitors, layout=self.layout)
+            monitors=self.monitors, layout=self.layout, n_top=self.n_top)
         return StepOutput(np.asarray(tok), np.asarray(emitted), np.asarray(finished),
-                          {s: (np.asarray(i), np.asarray(v)) for s, (v, i) in read.items()})
+                          {s: (np.asarray(i), np.asarray(v)) for s, (v, i) in read.items()},
+                          np.asarray(lp), (np.asarray(top_i), np.asarray(top_v)))
 
     def release(self, slot: int) -> None:
         """Free a slot (its request finished or was cancelled; a cancelled row is deactivated)."""

@@ -1,0 +1,189 @@
+"""The HTTP server on loopback: the OpenAI client unchanged (steering through extra_body), streaming,
+side-by-side steering, dictionaries, metrics; hostile requests answered 4xx while others complete."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import free_port, write_tiny_gguf
+
+from jaxinterp.dictionaries import sae as dl
+from jaxinterp.dictionaries.artifact import Dictionary
+from jaxinterp.generation import Sampling, generate
+from jaxinterp.models import load_model
+from jaxinterp.serving.engine import EngineConfig
+from jaxinterp.serving.server import Service, make_app
+from jaxinterp.steering import DictionaryRegistry, SteeringVector
+
+SITE = "blocks.1.resid_post"
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _dictionary(d_in=32, d_sae=64, seed=0):
+    spec = dl.DictionarySpec(activation="relu", d_in=d_in, d_sae=d_sae, k=4)
+    params = dict(dl.init(jax.random.key(seed), spec))
+    w = np.random.default_rng(seed).normal(size=(d_sae, d_in)).astype(np.float32)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    params |= {"W_dec": jnp.asarray(w), "W_enc": jnp.asarray(w.T), "b_dec": jnp.zeros(d_in), "b_enc": jnp.full((d_sae,), -0.1)}
+    return Dictionary(spec, params, site=SITE, model="tiny")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
+    model, tok = load_model(path)
+    tok.chat_template = TEMPLATE
+    d = _dictionary()
+    service = Service(model, tok, model_name="tiny", config=EngineConfig(slots=4, max_len=96, monitor_sites=(SITE,),
+                                                                         monitor_window=16),
+                      dictionaries={"tiny-sae": ("mem", d)}, max_queue=8)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(make_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", service, model, tok, d
+    srv.should_exit = True
+    thread.join(30)
+
+
+def _alone(model, tok, d, prompt, n, steering=None, sampling=Sampling()):
+    reg = DictionaryRegistry().add_dictionary(d)
+    res = generate(model, [tok.encode_prompt(prompt)], max_new_tokens=n, sampling=sampling, steering=steering,
+                   dictionaries=reg, tokenizer=tok)
+    return res.text[0]
+
+
+def test_the_openai_client_talks_to_the_server_unchanged(server):
+    import openai
+
+    url, service, model, tok, d = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    r = client.completions.create(model="tiny", prompt="hello world", max_tokens=8, temperature=0)
+    assert r.choices[0].text == _alone(model, tok, d, "hello world", 8)
+    assert r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop"
+    steer = [{"dictionary": "tiny-sae", "feature": 3, "strength": 40.0, "mode": "add"}]
+    s = client.completions.create(model="tiny", prompt="hello world", max_tokens=8, temperature=0,
+                                  extra_body={"steering": steer, "return_features": [SITE]})
+    want = _alone(model, tok, d, "hello world", 8, SteeringVector(SITE, features={3: 40.0}))
+    assert s.choices[0].text == want != r.choices[0].text
+    feats = s.choices[0].model_extra["features"]  # a field the client does not know, kept as it came
+    assert len(feats) == s.usage.completion_tokens and all(SITE in f for f in feats)
+    sampled = client.completions.create(model="tiny", prompt="a b c", max_tokens=6, temperature=0.8, top_p=0.9, seed=7,
+                                        extra_body={"top_k": 20})
+    assert sampled.choices[0].text == _alone(model, tok, d, "a b c", 6,
+                                             sampling=Sampling(temperature=0.8, top_p=0.9, top_k=20, seed=7))
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].logprobs.content[0].top_logprobs
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
+    lp = client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0, logprobs=2)
+    assert len(lp.choices[0].logprobs.token_logprobs) >= 1 and all(v <= 0 for v in lp.choices[0].logprobs.token_logprobs)
+
+
+def test_steer_endpoint_and_dictionaries(server):
+    url, service, model, tok, d = server
+    body = {"prompt": "hello world", "max_tokens": 6, "temperature": 0,
+            "steering": [{"site": SITE, "feature": 5, "strength": 60.0}]}
+    r = httpx.post(url + "/v1/steer", json=body, timeout=60).json()
+    assert r["default"]["text"] == _alone(model, tok, d, "hello world", 6)
+    assert r["steered"]["text"] == _alone(model, tok, d, "hello world", 6, SteeringVector(SITE, features={5: 60.0}))
+    listed = httpx.get(url + "/v1/dictionaries").json()["data"]
+    assert [x["name"] for x in listed] == ["tiny-sae"] and listed[0]["site"] == SITE and listed[0]["d_sae"] == 64
+
+
+def test_hostile_requests_get_4xx_naming_the_field_while_others_complete(server):
+    url, service, *_ = server
+    good = []
+
+    def run_good(i):
+        r = httpx.post(url + "/v1/completions", json={"prompt": f"text {i}", "max_tokens": 12, "temperature": 0.5,
+                                                       "seed": i}, timeout=120)
+        good.append(r.status_code)
+
+    threads = [threading.Thread(target=run_good, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    bad = [
+        (b"{not json", "not valid JSON", None),
+        ({"prompt": "x", "bogus": 1}, "unknown field 'bogus'", "bogus"),
+        ({"prompt": "x", "max_tokens": "many"}, "max_tokens", "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, "temperature", "temperature"),
+        ({}, "field 'prompt' is required", "prompt"),
+        ({"prompt": "x", "steering": [{"dictionary": "nope", "feature": 1}]}, "not loaded; loaded: ['tiny-sae']",
+         "steering[0].dictionary"),
+        ({"prompt": "x", "steering": [{"site": "blocks.0.resid_post", "feature": 1}]}, "not steerable",
+         "steering[0].site"),
+        ({"prompt": "x", "steering": [{"dictionary": "tiny-sae", "feature": 64}]}, "features 0 to 63",
+         "steering[0].feature"),
+        ({"prompt": "x", "steering": [{"dictionary": "tiny-sae", "feature": 1, "mode": "boost"}]}, "choose one of",
+         "steering[0].mode"),
+        ({"prompt": "x", "steering": [{"site": SITE, "vector": [1.0, 2.0]}]}, "width is 32", "steering[0].vector"),
+        ({"prompt": "x", "steering": [{"dictionary": "tiny-sae", "feature": i} for i in range(5)]}, "at most 4",
+         "steering"),
+        ({"prompt": "x", "steering": [{"dictionary": "tiny-sae", "feature": 1}] * 17}, "steering", "steering"),
+        ({"prompt": "word " * 200, "max_tokens": 8}, "exceeds", "max_tokens"),
+        ({"prompt": [1, 2, 10**6]}, "token ids must be in", "prompt"),
+        ({"prompt": "x", "return_features": ["blocks.0.mlp_out"]}, "no features are read", "return_features[0]"),
+        ({"prompt": "x", "n": 3}, "n", "n"),
+    ]
+    for payload, match, param in bad:
+        kw = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, bytes) \
+            else {"json": payload}
+        r = httpx.post(url + "/v1/completions", timeout=30, **kw)
+        assert 400 <= r.status_code < 500, (payload, r.status_code, r.text)
+        err = r.json()["error"]
+        assert match in err["message"] and err["param"] == param, (payload, err)
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+    for t in threads:
+        t.join(120)
+    assert good == [200, 200, 200]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=60).text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"jaxinterp_serve_time_to_first_token_seconds", "jaxinterp_serve_slots_in_use", "jaxinterp_drift_kl",
+            "jaxinterp_serve_requests", "jaxinterp_serve_step_seconds"} <= names
+    assert 'jaxinterp_drift_kl{site="blocks.1.resid_post"}' in text
+
+
+def test_a_full_queue_answers_429_and_a_gone_client_frees_its_slot(server):
+    url, service, *_ = server
+    codes = []
+
+    def fire():
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x y", "max_tokens": 60, "temperature": 0}, timeout=300)
+        codes.append(r.status_code)
+
+    threads = [threading.Thread(target=fire) for _ in range(16)]  # 4 slots + 8 waiting: some must be refused
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert 429 in codes and codes.count(200) >= 12
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "x", "max_tokens": 80, "temperature": 0,
+                                                             "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk read, then the client goes away
+    deadline = time.time() + 30
+    while httpx.get(url + "/health").json()["slots_in_use"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(url + "/health").json()["slots_in_use"] == 0
