@@ -3,7 +3,6 @@ side-by-side steering, dictionaries, metrics; hostile requests answered 4xx whil
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
