@@ -1,5 +1,5 @@
 """Benchmarks, one subcommand per area: `python launch/bench.py train [--json] [--compare sparsify]`
-(areas: train, convergence, harvest, generate, drift, kernels, features, clt, attribute, scaling).
+(areas: train, convergence, harvest, generate, drift, kernels, features, clt, attribute, scaling, serve).
 
 Each prints human-readable lines by default and one JSON object with `--json`; ratios are measured
 in the same run, absolute figures come with the machine they ran on.
@@ -50,6 +50,15 @@ def _convergence(args):
     res = convergence.run(tasks=args.tasks, sparsify_python=args.sparsify_python, work_dir=args.work_dir, log=log,
                           after=after)
     return res, convergence.format_human
+
+
+def _serve(args):
+    from jaxinterp.benchmarks import serve
+
+    clients = tuple(int(c) for c in args.clients.split(","))
+    return serve.run(model=args.model, site=args.site, d_sae=args.d_sae, clients=clients,
+                     requests_per_client=args.requests_per_client, max_tokens=args.max_tokens,
+                     overhead_clients=args.overhead_clients), serve.format_human
 
 
 def _harvest(args):
@@ -180,15 +189,24 @@ def main() -> int:
     at.add_argument("--reference-nodes", type=int, default=2048, help="feature rows of the reference case (0: skip)")
     at.add_argument("--random-tokens", action="store_true", help="random token ids instead of the corpus")
     at.add_argument("--memory-gib", type=float, default=1.0)
+    sv = sub.add_parser("serve", help="the HTTP server under 1, 8, 32 clients: tokens/s, TTFT and per-token p50/p99, "
+                                      "steering overhead under load, served / static batch, memory overhead")
+    sv.add_argument("--model", default="smollm2-135m")
+    sv.add_argument("--site", default="blocks.15.resid_post")
+    sv.add_argument("--d-sae", type=int, default=4608)
+    sv.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
+    sv.add_argument("--requests-per-client", type=int, default=2)
+    sv.add_argument("--max-tokens", type=int, default=32)
+    sv.add_argument("--overhead-clients", type=int, default=8)
     sc = sub.add_parser("scaling", help="per-step collective bytes and predicted step time / tokens/s on TPU v5e "
                                         "slices and 8 x H100 (a model), with this machine's measured step and forward")
     sc.add_argument("--tokens-per-device", type=int, default=4096, help="tokens each device handles per step")
     sc.add_argument("--no-measure", action="store_true", help="skip this machine's measurements (the model only)")
-    for p in (t, c, h, g, d, kn, fe, cl, at, sc):
+    for p in (t, c, h, g, d, kn, fe, cl, at, sc, sv):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     res, fmt = {"train": _train, "convergence": _convergence, "harvest": _harvest, "generate": _generate, "drift": _drift, "kernels": _kernels,
-           "features": _features, "clt": _clt, "attribute": _attribute, "scaling": _scaling}[args.area](args)
+           "features": _features, "clt": _clt, "attribute": _attribute, "scaling": _scaling, "serve": _serve}[args.area](args)
     print(json.dumps(res) if args.json else fmt(res))
     return 0
 

@@ -170,3 +170,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_GLOO = __import__("re").compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of connected "
+                                 r"peer ranks is : \d+")
+
+
+def drop_gloo(text: str) -> str:
+    """A multi-process CPU run's stdout without gloo's connection lines, which its C++ side writes to
+    the same stream at any moment (mid-line when the processes are slow)."""
+    text = _GLOO.sub("\n", text)
+    return "\n".join(ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[Gloo]")
+                     and "peer ranks" not in ln)

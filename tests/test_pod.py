@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import free_port, subprocess_env, write_corpus, write_tiny_gguf
+from helpers import drop_gloo, free_port, subprocess_env, write_corpus, write_tiny_gguf
 
 from conftest import REPO
 from jaxinterp import dictionaries as dl
@@ -46,7 +46,7 @@ def _run_pod(children: list, script: str, args: list[str], n: int = 2, timeout: 
     for p in procs:
         out, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err[-3000:]
-        outs.append("\n".join(ln for ln in out.splitlines() if not ln.startswith("[Gloo]")))
+        outs.append(drop_gloo(out))
     return outs
 
 

@@ -70,6 +70,8 @@ class _Common(_Strict):
     user: str | None = None
     steering: list[SteeringEntry] | None = Field(default=None, max_length=MAX_STEERING_ENTRIES)
     return_features: list[str] | None = None
+    ignore_eos: bool = False
+    """Generate max_tokens whatever the model says (load tests; vLLM's field)."""
 
 
 class CompletionBody(_Common):
@@ -251,7 +253,8 @@ class Service:
         seed = body.seed if body.seed is not None else random.randrange(2**31)
         req = Request(tuple(tokens), max_new_tokens=max_tokens or self.default_max_tokens,
                       sampling=Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed),
-                      steering=self.steering_of(body.steering), read=bool(reads))
+                      steering=self.steering_of(body.steering), read=bool(reads),
+                      stop=() if body.ignore_eos else None)
         try:
             self.engine.validate(req)
         except EngineError as e:
