@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--vector-slots", type=int, default=2, help="vector edits per request and site")
     ap.add_argument("--monitor", action="store_true", help="drift statistics at every dictionary's site")
     ap.add_argument("--max-tokens", type=int, default=16, help="max_tokens when a request gives none")
+    ap.add_argument("--no-warm-up", action="store_true", help="compile on first use instead of at start")
     args = ap.parse_args()
 
     import uvicorn
@@ -56,7 +57,7 @@ def main() -> int:
     config = EngineConfig(slots=args.slots, max_len=args.max_len, feature_slots=args.feature_slots,
                           vector_slots=args.vector_slots, monitor_sites=sites if args.monitor else ())
     service = Service(model, tokenizer, model_name=args.model, config=config, dictionaries=attached,
-                      max_queue=args.max_queue, default_max_tokens=args.max_tokens)
+                      max_queue=args.max_queue, default_max_tokens=args.max_tokens, warm_up=not args.no_warm_up)
     print(f"serving {args.model} with {len(attached)} dictionaries ({', '.join(sites) or 'none'}) on "
           f"http://{args.host}:{args.port}", flush=True)
     uvicorn.run(make_app(service), host=args.host, port=args.port, log_level="warning")

@@ -138,3 +138,19 @@ def test_scaling_model_counts_what_the_library_counts_and_adds_up():
     assert not scaling.predict(smol, v5e64, model=1, tokens_per_device=4096, live=False)["fits"]  # 21 GB on 16 GB
     res = scaling.run(measured=False)
     assert "communication outweighs compute" in scaling.format_human(res) and len(res["best"]) == 24
+
+
+@pytest.mark.slow  # slow: a load test through the HTTP server (the server's own tests run by default)
+def test_serve_bench_reports_every_level_and_the_ratios(tmp_path):
+    from helpers import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cmd = [sys.executable, "launch/bench.py", "serve", "--model", gguf, "--site", "blocks.1.resid_post", "--d-sae", "64",
+           "--clients", "1,2", "--requests-per-client", "1", "--max-tokens", "4", "--overhead-clients", "2", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert set(res["levels"]) == {"1", "2"} and all(lv["tokens"] == lv["requests"] * 4 for lv in res["levels"].values())
+    assert res["steering_overhead"]["unsteered_tokens_per_s"] > 0 and res["static_batch"]["served_over_static"] > 0
+    m = res["memory_bytes"]
+    assert m["dictionaries"] > 0 and m["steering_slots"] > 0 and 0 < m["overhead_ratio"] < 10

@@ -80,8 +80,7 @@ def test_no_recompiles_after_warm_up_across_100_requests():
     eng = Engine(model, EngineConfig(slots=4, max_len=64, steer_sites=(SITE,), read_sites=(SITE,), read_k=4),
                  dictionaries=reg)
     rng = np.random.default_rng(5)
-    warm = [Request(tuple(range(2, 2 + n)), max_new_tokens=2) for n in (3, 20)]  # both prompt buckets
-    eng.run(warm)
+    eng.warm_up()  # every prompt bucket, every step size
     sizes = (engine_mod._prefill._cache_size(), engine_mod._insert._cache_size(), engine_mod._step._cache_size())
     eng.run(_requests(rng, 100, vec))
     assert (engine_mod._prefill._cache_size(), engine_mod._insert._cache_size(),

@@ -106,7 +106,7 @@ def run(*, model: str = "smollm2-135m", site: str = "blocks.15.resid_post", d_sa
     d = Dictionary(spec, dict(dl.init(jax.random.key(0), spec)), site=site, model=model)
     slots = max(clients)
     service = Service(lm, tok, model_name=model, dictionaries={"bench": ("random", d)}, max_queue=4 * slots,
-                      config=EngineConfig(slots=slots, max_len=max_len, monitor_sites=(site,)))
+                      config=EngineConfig(slots=slots, max_len=max_len, monitor_sites=(site,)), warm_up=True)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(make_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

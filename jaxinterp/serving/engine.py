@@ -171,12 +171,18 @@ class StepOutput(NamedTuple):
 
 
 def _sample_rows(logits_nv, keys_n, temperature, top_k, top_p):
-    """Per-row sampling with per-row keys and settings, each row as `generate` draws a batch of one."""
-    def one(logits_v, key, t, k, p):
-        drawn = _sample(logits_v[None], key, (t, k, p), False)[0]
-        return jnp.where(t == 0, jnp.argmax(logits_v).astype(jnp.int32), drawn)
+    """Per-row sampling with per-row keys and settings, each row as `generate` draws a batch of one;
+    when every row is greedy the sampling path (a sort of the vocabulary per row) is skipped."""
+    greedy = jnp.argmax(logits_nv, axis=-1).astype(jnp.int32)
 
-    return jax.vmap(one)(logits_nv, keys_n, temperature, top_k, top_p)
+    def sampled(_):
+        def one(logits_v, key, t, k, p):
+            return _sample(logits_v[None], key, (t, k, p), False)[0]
+
+        drawn = jax.vmap(one)(logits_nv, keys_n, temperature, top_k, top_p)
+        return jnp.where(temperature == 0, greedy, drawn)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
 
 
 def _logprobs(logits_nv, tok_n, t: int):
@@ -199,26 +205,29 @@ def _edit_params(steer: dict, dict_params: dict, layout: tuple) -> dict:
 
 
 class SlotWriter:
-    """Writes one decode step's keys/values at each row's own cache slot (`length[n]`)."""
+    """Writes one decode step's keys/values at each row's own cache slot (`length[n]`) of the first
+    `rows` rows of the whole cache (in place: the cache is donated), and gives the attention those
+    rows."""
 
     def __init__(self, cache: SlotCache, pos_n1, valid_n1, length_n):
-        rows = jnp.arange(length_n.shape[0])
+        rows = length_n.shape[0]
         s = cache.pos.shape[1]
         at = jnp.minimum(length_n, s - 1)
-        self.rows, self.at = rows, at
-        self.pos = cache.pos.at[rows, at].set(pos_n1[:, 0])
-        self.valid = cache.valid.at[rows, at].set(valid_n1[:, 0])
+        self.rows, self.idx, self.at = rows, jnp.arange(rows), at
+        self._pos = cache.pos.at[self.idx, at].set(pos_n1[:, 0])
+        self._valid = cache.valid.at[self.idx, at].set(valid_n1[:, 0])
+        self.pos = self._pos[:rows]
         causal = jnp.arange(s)[None, :] <= at[:, None]
-        self.mask_bts = (self.valid & causal)[:, None, :]
+        self.mask_bts = (self._valid[:rows] & causal)[:, None, :]
         self.k, self.v = list(cache.k), list(cache.v)
 
     def write(self, layer, k_btgk, v_btgk):
-        self.k[layer] = self.k[layer].at[self.rows, self.at].set(k_btgk[:, 0].astype(self.k[layer].dtype))
-        self.v[layer] = self.v[layer].at[self.rows, self.at].set(v_btgk[:, 0].astype(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
+        self.k[layer] = self.k[layer].at[self.idx, self.at].set(k_btgk[:, 0].astype(self.k[layer].dtype))
+        self.v[layer] = self.v[layer].at[self.idx, self.at].set(v_btgk[:, 0].astype(self.v[layer].dtype))
+        return self.k[layer][: self.rows], self.v[layer][: self.rows]
 
     def result(self) -> SlotCache:
-        return SlotCache(tuple(self.k), tuple(self.v), self.pos, self.valid)
+        return SlotCache(tuple(self.k), tuple(self.v), self._pos, self._valid)
 
 
 STATIC = ("graphdef", "plan", "enc", "reads", "monitors", "layout", "n_top")
@@ -266,8 +275,28 @@ def _insert(state: DecodeState, slot, k, v, pos, valid, first, key, steer_1, pro
         keys=state.keys.at[slot].set(key), stop=at(state.stop, stop), steer=steer)
 
 
-@partial(jax.jit, static_argnames=STATIC, donate_argnums=(2,))
-def _step(graphdef, weights, state: DecodeState, dict_params, *, plan, enc, reads, monitors, layout, n_top):
+def _rows(state: DecodeState, rows: int) -> DecodeState:
+    """The first `rows` slots of the per-slot fields (the cache and the shared monitors stay whole:
+    the step writes the cache in place and reads its first rows)."""
+    return jax.tree.map(lambda a: a[:rows], state._replace(cache=(), monitor={}))._replace(
+        cache=state.cache, monitor=state.monitor)
+
+
+def _put_rows(state: DecodeState, sub: DecodeState, rows: int) -> DecodeState:
+    def put(a, b):
+        return jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim) if a.shape != b.shape else b
+
+    merged = jax.tree.map(lambda a, b: a.at[:rows].set(b) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                          else put(a, b), state._replace(cache=(), monitor={}), sub._replace(cache=(), monitor={}))
+    return merged._replace(cache=sub.cache, monitor=sub.monitor)
+
+
+@partial(jax.jit, static_argnames=(*STATIC, "rows"), donate_argnums=(2,))
+def _step(graphdef, weights, state: DecodeState, dict_params, *, plan, enc, reads, monitors, layout, n_top, rows):
+    """One decode step of the first `rows` slots (the others hold no request): compiled once per
+    power-of-two `rows`, so a lightly loaded engine computes only the slots it uses."""
+    full = state
+    state = _rows(full, rows)
     model = nnx.merge(graphdef, weights)
     s = state.cache.pos.shape[1]
     pos = state.next_pos[:, None]
@@ -292,7 +321,7 @@ def _step(graphdef, weights, state: DecodeState, dict_params, *, plan, enc, read
     new = state._replace(cache=writer.result(), length=length, next_pos=jnp.where(emitted, state.next_pos + 1, state.next_pos),
                          last=jnp.where(emitted, tok, state.last), active=state.active & ~finished, generated=generated,
                          keys=keys, monitor=mon)  # every row's key splits once a step, as generate's does
-    return new, tok, emitted, finished, read, _logprobs(logits, tok, n_top)
+    return _put_rows(full, new, rows), tok, emitted, finished, read, _logprobs(logits, tok, n_top)
 
 
 class Engine:
@@ -484,13 +513,42 @@ class Engine:
         self.requests[slot] = r
         return slot
 
+    def step_rows(self) -> int:
+        """Slots the next step computes: the power of two covering the highest slot in use
+        (requests take the lowest free slot, so a light load stays in a short prefix)."""
+        used = max(self.requests, default=0) + 1
+        return min(self.config.slots, 1 << (used - 1).bit_length())
+
     def step(self) -> StepOutput:
+        rows = self.step_rows()
         self.state, tok, emitted, finished, read, (lp, (top_v, top_i)) = _step(
             self.graphdef, self.weights, self.state, self.dict_params, plan=self.plan, enc=self.enc, reads=self.reads,
-            monitors=self.monitors, layout=self.layout, n_top=self.n_top)
-        return StepOutput(np.asarray(tok), np.asarray(emitted), np.asarray(finished),
-                          {s: (np.asarray(i), np.asarray(v)) for s, (v, i) in read.items()},
-                          np.asarray(lp), (np.asarray(top_i), np.asarray(top_v)))
+            monitors=self.monitors, layout=self.layout, n_top=self.n_top, rows=rows)
+        pad = lambda a, fill=0: np.concatenate([np.asarray(a), np.full((self.config.slots - rows, *np.shape(a)[1:]), fill,  # noqa: E731
+                                                                        np.asarray(a).dtype)]) if rows < self.config.slots else np.asarray(a)
+        return StepOutput(pad(tok), pad(emitted, False), pad(finished, False),
+                          {s: (pad(i), pad(v)) for s, (v, i) in read.items()}, pad(lp),
+                          (pad(top_i), pad(top_v)))
+
+    def warm_up(self) -> None:
+        """Compile every program the engine can run (each prompt bucket's prefill and insert, each
+        step size), so that no request waits on a compile. The monitors are left as they were."""
+        monitor = jax.tree.map(lambda a: jnp.array(a, copy=True), self.state.monitor)
+        p = self.config.min_bucket
+        while p < self.config.max_len:
+            n = min(p, self.config.max_len - 1)
+            pre = self.prefill(Request(tuple([1] * n), max_new_tokens=1, stop=()))
+            self.release(self.insert(pre))
+            p *= 2
+        rows = 1
+        while True:
+            r = min(rows, self.config.slots)
+            self.state, *_ = _step(self.graphdef, self.weights, self.state, self.dict_params, plan=self.plan, enc=self.enc,
+                                   reads=self.reads, monitors=self.monitors, layout=self.layout, n_top=self.n_top, rows=r)
+            if r == self.config.slots:
+                break
+            rows *= 2
+        self.state = self.state._replace(monitor=monitor)
 
     def release(self, slot: int) -> None:
         """Free a slot (its request finished or was cancelled; a cancelled row is deactivated)."""

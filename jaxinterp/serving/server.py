@@ -127,11 +127,12 @@ class Service:
     """The model, its tokenizer, the attached dictionaries, the engine and its scheduler."""
 
     def __init__(self, model, tokenizer, *, model_name: str, config: EngineConfig = EngineConfig(),
-                 dictionaries: dict[str, Any] | None = None, max_queue: int = 64, default_max_tokens: int = 16):
+                 dictionaries: dict[str, Any] | None = None, max_queue: int = 64, default_max_tokens: int = 16,
+                 warm_up: bool = False):
         from jaxinterp.serving.metrics import ServingMetrics
 
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.base_config, self.default_max_tokens = config, default_max_tokens
+        self.base_config, self.default_max_tokens, self.warm = config, default_max_tokens, warm_up
         self.attached: dict[str, Attached] = {}
         for name, (path, d) in (dictionaries or {}).items():
             self.attached[name] = Attached(name, path, d)
@@ -150,7 +151,10 @@ class Service:
         c = dataclasses.replace(self.base_config, steer_sites=tuple(dict.fromkeys((*self.base_config.steer_sites, *sites))),
                                 read_sites=tuple(dict.fromkeys((*self.base_config.read_sites, *sites))),
                                 monitor_sites=tuple(s for s in self.base_config.monitor_sites if s in sites))
-        return Engine(self.model, c, dictionaries=self._registry())
+        engine = Engine(self.model, c, dictionaries=self._registry())
+        if self.warm:  # compile every prompt bucket and step size before the first request
+            engine.warm_up()
+        return engine
 
     # ------------------------------------------------------------------ requests
 
