@@ -186,3 +186,55 @@ def test_a_full_queue_answers_429_and_a_gone_client_frees_its_slot(server):
     while httpx.get(url + "/health").json()["slots_in_use"] and time.time() < deadline:
         time.sleep(0.1)
     assert httpx.get(url + "/health").json()["slots_in_use"] == 0
+
+
+def test_dictionaries_load_and_unload_by_path(server, tmp_path):
+    from jaxinterp.dictionaries import save
+
+    url, service, model, tok, d = server
+    other = Dictionary(d.spec, d.params, site="blocks.0.resid_post", model="tiny")
+    save(tmp_path / "d0", other)
+    r = httpx.post(url + "/v1/dictionaries/load", json={"path": str(tmp_path / "d0"), "name": "layer0"}, timeout=120)
+    assert r.status_code == 200 and r.json()["site"] == "blocks.0.resid_post", r.text
+    body = {"prompt": "hello", "max_tokens": 4, "temperature": 0,
+            "steering": [{"dictionary": "layer0", "feature": 2, "strength": 30.0}], "return_features": ["blocks.0.resid_post"]}
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+    bad = httpx.post(url + "/v1/dictionaries/load", json={"path": str(tmp_path / "missing")}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "path" and "not found" in bad.json()["error"]["message"]
+    assert httpx.post(url + "/v1/dictionaries/unload", json={"name": "layer0"}, timeout=120).status_code == 200
+    gone = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert gone.status_code == 400 and gone.json()["error"]["param"] == "steering[0].dictionary"
+    assert httpx.post(url + "/v1/dictionaries/unload", json={"name": "layer0"}, timeout=60).status_code == 404
+
+
+def test_launch_serve_answers_on_loopback(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    from jaxinterp.dictionaries import save
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    save(tmp_path / "sae", _dictionary())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "launch/serve.py", "--model", gguf, "--dictionary", f"tiny={tmp_path / 'sae'}",
+                             "--port", str(port), "--slots", "2", "--max-len", "64", "--no-warm-up"],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 3, "temperature": 0,
+                                                       "steering": [{"dictionary": "tiny", "feature": 1, "strength": 5}]},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    assert "serving" in out and proc.returncode in (0, -15), err[-2000:]

@@ -54,8 +54,8 @@ class Job:
     on_event: Callable | None = None
     """Called (from the scheduler's thread) after each event is queued: wakes an asyncio consumer."""
 
-    def put(self, kind: str, value) -> None:
-        self.events.put((kind, value))
+    def put(self, event: str, value) -> None:
+        self.events.put((event, value))
         if self.on_event is not None:
             self.on_event()
 

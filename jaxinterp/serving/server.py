@@ -107,13 +107,13 @@ class UnloadBody(_Strict):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, error_type: str = "invalid_request_error"):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.error_type = status, message, param, error_type
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def _error(status: int, message: str, param: str | None = None, error_type: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": error_type, "param": param, "code": None}}, status_code=status)
 
 
 @dataclasses.dataclass
@@ -289,7 +289,7 @@ async def _events(job: Job, wake: asyncio.Event, http: HTTPRequest | None, servi
     try:
         while not done:
             try:
-                kind, value = job.events.get_nowait()
+                event, value = job.events.get_nowait()
             except queue.Empty:
                 try:
                     await asyncio.wait_for(wake.wait(), timeout=0.5)
@@ -298,8 +298,8 @@ async def _events(job: Job, wake: asyncio.Event, http: HTTPRequest | None, servi
                         return
                 wake.clear()
                 continue
-            done = kind in ("done", "error")
-            yield kind, value
+            done = event in ("done", "error")
+            yield event, value
     finally:
         if not done:
             service.scheduler.cancel(job)
@@ -324,19 +324,19 @@ def make_app(service: Service) -> FastAPI:
         err = exc.errors()[0] if exc.errors() else {}
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        kind = err.get("type", "")
-        if kind == "json_invalid":
+        problem = err.get("type", "")
+        if problem == "json_invalid":
             return _error(400, "the body is not valid JSON", None)
-        if kind == "extra_forbidden":
+        if problem == "extra_forbidden":
             return _error(400, f"unknown field {param!r}; see the API's fields (OpenAI's plus steering, "
                                "return_features)", param)
-        if kind == "missing":
+        if problem == "missing":
             return _error(400, f"field {param!r} is required", param)
         return _error(400, f"field {param!r}: {err.get('msg', 'invalid')}", param)
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
-        return _error(exc.status, exc.message, exc.param, exc.kind)
+        return _error(exc.status, exc.message, exc.param, exc.error_type)
 
     @app.exception_handler(JaxinterpError)
     async def jaxinterp_error(_, exc: JaxinterpError):
@@ -349,10 +349,10 @@ def make_app(service: Service) -> FastAPI:
 
     async def collect(job, wake, http):
         tokens, reason = [], None
-        async for kind, value in _events(job, wake, http, service):
-            if kind == "token":
+        async for event, value in _events(job, wake, http, service):
+            if event == "token":
                 tokens.append(value)
-            elif kind == "error":
+            elif event == "error":
                 raise APIError(400, value, None)
             else:
                 reason = value
@@ -395,11 +395,11 @@ def make_app(service: Service) -> FastAPI:
                              "model": service.model_name,
                              "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
                     yield f"data: {json.dumps(first)}\n\n"
-                async for kind, value in _events(job, wake, http, service):
-                    if kind == "error":
+                async for event, value in _events(job, wake, http, service):
+                    if event == "error":
                         yield f"data: {json.dumps({'error': {'message': value, 'type': 'invalid_request_error'}})}\n\n"
                         break
-                    if kind == "token":
+                    if event == "token":
                         if value["stop"] and not value["text"]:
                             continue
                         choice = {"index": 0, "finish_reason": None}
