@@ -11,7 +11,7 @@ import pytest
 from helpers import TINY_DECODERS, tiny_model
 
 from jaxinterp.dictionaries import sae as dl
-from jaxinterp.generation import Sampling, generate
+from jaxinterp.generation import AbortRule, Monitor, Sampling, generate
 from jaxinterp.serving import Engine, EngineConfig, EngineError, Request
 from jaxinterp.serving import engine as engine_mod
 from jaxinterp.steering import DictionaryRegistry, SteeringVector
@@ -45,8 +45,11 @@ def _requests(rng, n, vec):
         sampling = Sampling() if i % 3 == 0 else Sampling(temperature=float(rng.uniform(0.5, 1.5)),
                                                           top_k=int(rng.integers(0, 20)), top_p=float(rng.uniform(0.5, 1)),
                                                           seed=int(rng.integers(1000)))
+        abort = ()
+        if i % 5 == 4:  # fires at once (threshold below any activation), or somewhere or never
+            abort = (AbortRule(SITE, int(rng.integers(64)), -1.0 if i % 10 == 4 else float(rng.uniform(0.0, 0.3))),)
         out.append(Request(prompt, max_new_tokens=int(rng.choice([4, 9]) if i % 7 else 1), sampling=sampling, steering=steering,
-                           read=i % 2 == 0))
+                           read=i % 2 == 0, abort=abort))
     return out
 
 
@@ -62,10 +65,14 @@ def test_concurrent_requests_equal_each_generated_alone(family):
     served = eng.run(reqs)
     for r, got in zip(reqs, served):
         alone = generate(model, [list(r.prompt)], max_new_tokens=r.max_new_tokens, sampling=r.sampling,
-                         steering=list(r.steering) or None, dictionaries=reg, read=(SITE,), read_k=4)
+                         steering=list(r.steering) or None, dictionaries=reg, read=(SITE,), read_k=4,
+                         monitor=Monitor(abort_when=r.abort))
         n = int(alone.lengths[0])
+        if alone.aborted[0]:  # generate's row ends at its pad token; the engine's with it
+            n = int(np.argmax(alone.tokens[0] == 0)) + 1
         assert got["tokens"] == alone.tokens[0, :n].tolist(), r
-        assert got["finish_reason"] == ("stop" if alone.tokens[0, n - 1] == 1 else "length")
+        assert got["finish_reason"] == ("abort" if alone.aborted[0] else "stop" if alone.tokens[0, n - 1] == 1
+                                        else "length")
         if r.read:
             ids, vals = alone.features[SITE]
             assert [f[0] for f in got["features"][SITE]] == ids[0, :n].tolist()

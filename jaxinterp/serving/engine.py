@@ -75,6 +75,8 @@ class EngineConfig:
     shift_threshold: float = 3.0
     max_stop: int = 4
     """Stop ids per request."""
+    abort_rules: int = 2
+    """Abort rules per request (`Request.abort`), each on a read or monitored site."""
     top_logprobs: int = 5
     """Alternatives returned with each token's log-probability (the model's distribution, before
     temperature and truncation)."""
@@ -98,6 +100,9 @@ class Request:
     steering: tuple[SteeringVector, ...] = ()
     stop: tuple[int, ...] | None = None
     read: bool = False
+    abort: tuple = ()
+    """`generation.AbortRule`s: the request ends (finish reason "abort", its last token the pad id)
+    once a feature exceeds its threshold where a token is drawn, as `generate`'s `Monitor.abort_when`."""
 
 
 class SlotCache(NamedTuple):
@@ -135,6 +140,8 @@ class DecodeState(NamedTuple):
     """site -> SiteSteering of [N, ...] slots (dictionary None: the weights are passed apart)."""
     monitor: dict
     """site -> DriftState, folded over every request."""
+    abort: dict
+    """site -> (feature ids [N, A] int32, thresholds [N, A] float32, on [N, A] bool)."""
 
 
 class Prefilled(NamedTuple):
@@ -151,6 +158,8 @@ class Prefilled(NamedTuple):
     """(log-probability of the first token [1], top alternatives (values [1, T], ids [1, T]))."""
     reads: dict
     steer: dict
+    abort: dict
+    aborted: jax.Array
     prompt_len: int
     bucket: int
 
@@ -161,7 +170,9 @@ class StepOutput(NamedTuple):
     emitted: np.ndarray
     """[N] bool: the slot was active and produced a token this step."""
     finished: np.ndarray
-    """[N] bool: the slot's request ended with this token (stop id, budget or cache full)."""
+    """[N] bool: the slot's request ended with this token (stop id, budget, abort rule or cache full)."""
+    aborted: np.ndarray
+    """[N] bool: an abort rule ended it (its token is the pad id)."""
     reads: dict
     """site -> (ids [N, R], values [N, R]) at the position each token was sampled from."""
     logprob: np.ndarray
@@ -189,6 +200,16 @@ def _logprobs(logits_nv, tok_n, t: int):
     lp = jax.nn.log_softmax(logits_nv.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(lp, tok_n[:, None], axis=-1)[:, 0]
     return chosen, jax.lax.top_k(lp, t)
+
+
+def _abort_hits(abort: dict, feats: dict) -> jax.Array:
+    """[N] bool: a rule of the row fires at the last position."""
+    hit = None
+    for site, (ids, thr, on) in abort.items():
+        f = jnp.take_along_axis(feats[site][:, -1], ids, axis=-1)
+        h = jnp.any(on & (f > thr), axis=-1)
+        hit = h if hit is None else hit | h
+    return hit
 
 
 def _features(enc, dict_params, captured):
@@ -234,8 +255,8 @@ STATIC = ("graphdef", "plan", "enc", "reads", "monitors", "layout", "n_top")
 
 
 @partial(jax.jit, static_argnames=STATIC)
-def _prefill(graphdef, weights, dict_params, tokens_1p, mask_1p, steer_1, mon, samp, key, *, plan, enc, reads,
-             monitors, layout, n_top):
+def _prefill(graphdef, weights, dict_params, tokens_1p, mask_1p, steer_1, abort_1, mon, samp, key, pad_id, *, plan, enc,
+             reads, monitors, layout, n_top):
     model = nnx.merge(graphdef, weights)
     p = tokens_1p.shape[1]
     pos = positions_of(mask_1p)
@@ -250,12 +271,15 @@ def _prefill(graphdef, weights, dict_params, tokens_1p, mask_1p, steer_1, mon, s
     read = {s: jax.lax.top_k(feats[s][:, -1], r) for s, r in reads}
     key, sub = jax.random.split(key)
     first = _sample_rows(logits, sub[None], *(x[None] for x in samp))
+    hit = _abort_hits(abort_1, feats) if abort_1 else jnp.zeros((1,), jnp.bool_)
+    first = jnp.where(hit, pad_id, first)
     cache = writer.result()
-    return cache.k, cache.v, cache.pos, cache.valid, first, key, _logprobs(logits, first, n_top), read, mon
+    return cache.k, cache.v, cache.pos, cache.valid, first, key, _logprobs(logits, first, n_top), read, mon, hit
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _insert(state: DecodeState, slot, k, v, pos, valid, first, key, steer_1, prompt_len, budget, samp, stop):
+def _insert(state: DecodeState, slot, k, v, pos, valid, first, key, steer_1, abort_1, hit, prompt_len, budget, samp,
+            stop):
     s = state.cache.pos.shape[1]
     p = pos.shape[1]
     put = lambda a, row: jax.lax.dynamic_update_slice(a, row.astype(a.dtype), (slot,) + (0,) * (a.ndim - 1))  # noqa: E731
@@ -267,12 +291,13 @@ def _insert(state: DecodeState, slot, k, v, pos, valid, first, key, steer_1, pro
     )
     at = lambda a, x: a.at[slot].set(jnp.asarray(x).astype(a.dtype))  # noqa: E731
     steer = jax.tree.map(lambda a, row: put(a, row), state.steer, steer_1)
-    done_now = jnp.isin(first[0], stop) | (budget <= 1) | (p >= s)
+    abort = jax.tree.map(lambda a, row: put(a, row), state.abort, abort_1)
+    done_now = jnp.isin(first[0], stop) | (budget <= 1) | (p >= s) | hit[0]
     return state._replace(
         cache=cache, length=at(state.length, p), next_pos=at(state.next_pos, prompt_len), last=at(state.last, first[0]),
         active=at(state.active, ~done_now), generated=at(state.generated, 1), budget=at(state.budget, budget),
         temperature=at(state.temperature, samp[0]), top_k=at(state.top_k, samp[1]), top_p=at(state.top_p, samp[2]),
-        keys=state.keys.at[slot].set(key), stop=at(state.stop, stop), steer=steer)
+        keys=state.keys.at[slot].set(key), stop=at(state.stop, stop), steer=steer, abort=abort)
 
 
 def _rows(state: DecodeState, rows: int) -> DecodeState:
@@ -292,7 +317,8 @@ def _put_rows(state: DecodeState, sub: DecodeState, rows: int) -> DecodeState:
 
 
 @partial(jax.jit, static_argnames=(*STATIC, "rows"), donate_argnums=(2,))
-def _step(graphdef, weights, state: DecodeState, dict_params, *, plan, enc, reads, monitors, layout, n_top, rows):
+def _step(graphdef, weights, state: DecodeState, dict_params, pad_id, *, plan, enc, reads, monitors, layout, n_top,
+          rows):
     """One decode step of the first `rows` slots (the others hold no request): compiled once per
     power-of-two `rows`, so a lightly loaded engine computes only the slots it uses."""
     full = state
@@ -314,14 +340,16 @@ def _step(graphdef, weights, state: DecodeState, dict_params, *, plan, enc, read
     keys, sub = split[:, 0], split[:, 1]
     tok = _sample_rows(logits, sub, state.temperature, state.top_k, state.top_p)
     emitted = state.active
+    hit = emitted & _abort_hits(state.abort, feats) if state.abort else jnp.zeros_like(emitted)
+    tok = jnp.where(hit, pad_id, tok)
     length = jnp.where(emitted, state.length + 1, state.length)
     generated = jnp.where(emitted, state.generated + 1, state.generated)
     stopped = jnp.any(tok[:, None] == state.stop, axis=1)
-    finished = emitted & (stopped | (generated >= state.budget) | (length >= s))
+    finished = emitted & (stopped | hit | (generated >= state.budget) | (length >= s))
     new = state._replace(cache=writer.result(), length=length, next_pos=jnp.where(emitted, state.next_pos + 1, state.next_pos),
                          last=jnp.where(emitted, tok, state.last), active=state.active & ~finished, generated=generated,
                          keys=keys, monitor=mon)  # every row's key splits once a step, as generate's does
-    return _put_rows(full, new, rows), tok, emitted, finished, read, _logprobs(logits, tok, n_top)
+    return _put_rows(full, new, rows), tok, emitted, finished, hit, read, _logprobs(logits, tok, n_top)
 
 
 class Engine:
@@ -344,6 +372,7 @@ class Engine:
         self.graphdef, self.weights = nnx.split(model)
         self.layout, edits = self._layout()
         need = tuple(dict.fromkeys([*config.read_sites, *config.monitor_sites]))
+        self.abort_sites = need if config.abort_rules else ()
         self.plan = Plan(capture=need, edits=tuple(edits))
         self.enc = tuple((site, self.registry.get(site).spec) for site in need)
         self.reads = tuple((site, min(config.read_k, self.registry.get(site).spec.d_sae)) for site in config.read_sites)
@@ -390,6 +419,30 @@ class Engine:
             out[key] = SiteSteering(feats, vecs, None)
         return out
 
+    def _empty_abort(self, n: int) -> dict:
+        a = self.config.abort_rules
+        return {site: (np.zeros((n, a), np.int32), np.zeros((n, a), np.float32), np.zeros((n, a), np.bool_))
+                for site in self.abort_sites}
+
+    def _abort_row(self, request: Request) -> dict:
+        row = self._empty_abort(1)
+        used = {site: 0 for site in row}
+        for rule in request.abort:
+            if rule.site not in row:
+                raise EngineError(f"abort rule at {rule.site!r}: features are computed at {sorted(row) or 'no site'} "
+                                  "(EngineConfig read_sites / monitor_sites)")
+            d_sae = self.registry.get(rule.site).spec.d_sae
+            if not 0 <= int(rule.feature) < d_sae:
+                raise EngineError(f"abort rule feature {rule.feature} at {rule.site!r} is out of range; the dictionary "
+                                  f"has d_sae={d_sae}")
+            j = used[rule.site]
+            if j >= self.config.abort_rules:
+                raise EngineError(f"more than {self.config.abort_rules} abort rules at {rule.site!r}")
+            ids, thr, on = row[rule.site]
+            ids[0, j], thr[0, j], on[0, j] = int(rule.feature), float(rule.threshold), True
+            used[rule.site] = j + 1
+        return row
+
     def _empty_state(self) -> DecodeState:
         c, cfg = self.config, self.model.cfg
         n, s = c.slots, c.max_len
@@ -402,7 +455,7 @@ class Engine:
         state = DecodeState(cache=cache, length=zi, next_pos=zi, last=zi, active=jnp.zeros((n,), jnp.bool_),
                             generated=zi, budget=zi, temperature=jnp.zeros((n,), jnp.float32), top_k=zi,
                             top_p=jnp.ones((n,), jnp.float32), keys=jax.random.split(jax.random.key(0), n),
-                            stop=jnp.full((n, c.max_stop), -1, jnp.int32),
+                            stop=jnp.full((n, c.max_stop), -1, jnp.int32), abort=self._empty_abort(n),
                             steer=jax.tree.map(jnp.asarray, self._empty_steer(n)), monitor=dict(self._mon0))
         # one buffer per leaf: the state is donated to every step, and a buffer donated twice is an error
         return jax.tree.map(lambda a: a if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else jnp.array(a, copy=True),
@@ -441,6 +494,7 @@ class Engine:
         """Raise the `EngineError` (or `SteeringError`) a request would meet, without running it."""
         n, _ = self.check(request)
         self._steer_row(request, n)
+        self._abort_row(request)
 
     def _default_stop(self) -> tuple[int, ...]:
         eos = self.model.cfg.eos_id
@@ -486,14 +540,15 @@ class Engine:
         mask = np.zeros((1, p), np.int32)
         tokens[0, p - n:], mask[0, p - n:] = request.prompt, 1
         steer = self._steer_row(request, n)
+        abort = self._abort_row(request)
         samp = (np.float32(request.sampling.temperature), np.int32(request.sampling.top_k),
                 np.float32(request.sampling.top_p))
-        k, v, pos, valid, first, key, lps, read, mon = _prefill(
-            self.graphdef, self.weights, self.dict_params, jnp.asarray(tokens), jnp.asarray(mask), steer,
-            self.state.monitor, samp, jax.random.key(request.sampling.seed), plan=self.plan, enc=self.enc,
-            reads=self.reads, monitors=self.monitors, layout=self.layout, n_top=self.n_top)
+        k, v, pos, valid, first, key, lps, read, mon, hit = _prefill(
+            self.graphdef, self.weights, self.dict_params, jnp.asarray(tokens), jnp.asarray(mask), steer, abort,
+            self.state.monitor, samp, jax.random.key(request.sampling.seed), jnp.int32(self.pad_id), plan=self.plan,
+            enc=self.enc, reads=self.reads, monitors=self.monitors, layout=self.layout, n_top=self.n_top)
         self.state = self.state._replace(monitor=mon)
-        return Prefilled(request, k, v, pos, valid, first, key, lps, read, steer, n, p)
+        return Prefilled(request, k, v, pos, valid, first, key, lps, read, steer, abort, hit, n, p)
 
     def insert(self, pre: Prefilled, slot: int | None = None) -> int:
         """Put a prefilled request into a free slot (the first free one by default); returns it."""
@@ -509,7 +564,7 @@ class Engine:
         stop = np.asarray(stop + [-1] * (self.config.max_stop - len(stop)), np.int32)
         samp = (np.float32(r.sampling.temperature), np.int32(r.sampling.top_k), np.float32(r.sampling.top_p))
         self.state = _insert(self.state, jnp.int32(slot), pre.k, pre.v, pre.pos, pre.valid, pre.first, pre.key,
-                             pre.steer, jnp.int32(pre.prompt_len), jnp.int32(r.max_new_tokens), samp, jnp.asarray(stop))
+                             pre.steer, pre.abort, pre.aborted, jnp.int32(pre.prompt_len), jnp.int32(r.max_new_tokens), samp, jnp.asarray(stop))
         self.requests[slot] = r
         return slot
 
@@ -521,12 +576,12 @@ class Engine:
 
     def step(self) -> StepOutput:
         rows = self.step_rows()
-        self.state, tok, emitted, finished, read, (lp, (top_v, top_i)) = _step(
-            self.graphdef, self.weights, self.state, self.dict_params, plan=self.plan, enc=self.enc, reads=self.reads,
+        self.state, tok, emitted, finished, aborted, read, (lp, (top_v, top_i)) = _step(
+            self.graphdef, self.weights, self.state, self.dict_params, jnp.int32(self.pad_id), plan=self.plan, enc=self.enc, reads=self.reads,
             monitors=self.monitors, layout=self.layout, n_top=self.n_top, rows=rows)
         pad = lambda a, fill=0: np.concatenate([np.asarray(a), np.full((self.config.slots - rows, *np.shape(a)[1:]), fill,  # noqa: E731
                                                                         np.asarray(a).dtype)]) if rows < self.config.slots else np.asarray(a)
-        return StepOutput(pad(tok), pad(emitted, False), pad(finished, False),
+        return StepOutput(pad(tok), pad(emitted, False), pad(finished, False), pad(aborted, False),
                           {s: (pad(i), pad(v)) for s, (v, i) in read.items()}, pad(lp),
                           (pad(top_i), pad(top_v)))
 
@@ -543,7 +598,8 @@ class Engine:
         rows = 1
         while True:
             r = min(rows, self.config.slots)
-            self.state, *_ = _step(self.graphdef, self.weights, self.state, self.dict_params, plan=self.plan, enc=self.enc,
+            self.state, *_ = _step(self.graphdef, self.weights, self.state, self.dict_params, jnp.int32(self.pad_id),
+                                   plan=self.plan, enc=self.enc,
                                    reads=self.reads, monitors=self.monitors, layout=self.layout, n_top=self.n_top, rows=r)
             if r == self.config.slots:
                 break
@@ -574,8 +630,9 @@ class Engine:
                                     for s, (v, ids) in pre.reads.items()} if r.read else {}}
                 slot = self.insert(pre)
                 stop = r.stop if r.stop is not None else self._default_stop()
-                if first in stop or r.max_new_tokens <= 1:
-                    rec["finish_reason"] = "stop" if first in stop else "length"
+                hit = bool(np.asarray(pre.aborted)[0])
+                if first in stop or r.max_new_tokens <= 1 or hit:
+                    rec["finish_reason"] = "abort" if hit else "stop" if first in stop else "length"
                     out[i] = rec
                     self.release(slot)
                 else:
@@ -596,7 +653,7 @@ class Engine:
                 if res.finished[slot]:
                     r = self.requests[slot]
                     stop = r.stop if r.stop is not None else self._default_stop()
-                    rec["finish_reason"] = "stop" if t in stop else "length"
+                    rec["finish_reason"] = ("abort" if res.aborted[slot] else "stop" if t in stop else "length")
                     out[i] = rec
                     del by_slot[slot]
                     self.release(slot)

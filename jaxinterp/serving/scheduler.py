@@ -171,7 +171,8 @@ class Scheduler:
         top_i, top_v = np.asarray(pre.logprobs[1][1])[0], np.asarray(pre.logprobs[1][0])[0]
         reads = {s: (np.asarray(ids)[0].tolist(), np.asarray(v)[0].tolist()) for s, (v, ids) in pre.reads.items()}
         self._emit(slot, job, int(np.asarray(pre.first)[0]), float(np.asarray(pre.logprobs[0])[0]),
-                   (top_i.tolist(), top_v.tolist()), reads, engine_finished=None)
+                   (top_i.tolist(), top_v.tolist()), reads, engine_finished=None,
+                   aborted=bool(np.asarray(pre.aborted)[0]))
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -187,16 +188,17 @@ class Scheduler:
             reads = {s: (ids[slot].tolist(), vals[slot].tolist()) for s, (ids, vals) in out.reads.items()}
             self._emit(slot, job, int(out.tokens[slot]), float(out.logprob[slot]),
                        (out.top_logprobs[0][slot].tolist(), out.top_logprobs[1][slot].tolist()), reads,
-                       engine_finished=bool(out.finished[slot]))
+                       engine_finished=bool(out.finished[slot]), aborted=bool(out.aborted[slot]))
 
-    def _emit(self, slot: int, job: Job, token: int, logprob: float, top, reads, *, engine_finished) -> None:
+    def _emit(self, slot: int, job: Job, token: int, logprob: float, top, reads, *, engine_finished,
+              aborted: bool = False) -> None:
         """Hand one token to its job; end the job on a stop id, its budget, a stop string or a full cache."""
         now = time.perf_counter()
         if job.first_token is None:
             job.first_token = now
         r = job.request
         stop_ids = r.stop if r.stop is not None else self.engine._default_stop()
-        is_stop = token in stop_ids
+        is_stop = token in stop_ids or aborted  # an aborted row's token is the pad id, not text
         job.tokens.append(token)
         delta, hit = "", False
         if job.tokenizer is not None and not is_stop:
@@ -209,7 +211,9 @@ class Scheduler:
                 delta, job.text = text[len(job.text):], text
         job.put("token", {"id": token, "text": delta, "logprob": logprob, "top": top, "features": reads,
                           "stop": is_stop})
-        if is_stop or hit:
+        if aborted:
+            reason = "abort"
+        elif is_stop or hit:
             reason = "stop"
         elif engine_finished is None:  # the prefill's token
             reason = "length" if r.max_new_tokens <= 1 else None

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxinterp.errors import JaxinterpError
-from jaxinterp.generation import Sampling
+from jaxinterp.generation import AbortRule, Sampling
 from jaxinterp.serving.engine import Engine, EngineConfig, EngineError, Request
 from jaxinterp.serving.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from jaxinterp.steering.spec import DictionaryRegistry, SteeringError, SteeringVector
@@ -57,6 +57,13 @@ class SteeringEntry(_Strict):
     scale: float = 1.0
 
 
+class AbortEntry(_Strict):
+    dictionary: str | None = None
+    site: str | None = None
+    feature: int
+    threshold: float
+
+
 class _Common(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -72,6 +79,8 @@ class _Common(_Strict):
     return_features: list[str] | None = None
     ignore_eos: bool = False
     """Generate max_tokens whatever the model says (load tests; vLLM's field)."""
+    abort: list[AbortEntry] | None = Field(default=None, max_length=8)
+    """End the completion (finish_reason "content_filter") once a feature exceeds its threshold."""
 
 
 class CompletionBody(_Common):
@@ -255,15 +264,25 @@ class Service:
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
         seed = body.seed if body.seed is not None else random.randrange(2**31)
+        rules = []
+        by_name = {a.name: a.dictionary for a in self.attached.values()}
+        for i, a in enumerate(body.abort or ()):
+            if a.dictionary is not None and a.dictionary not in by_name:
+                raise APIError(400, f"dictionary {a.dictionary!r} is not loaded; loaded: {sorted(by_name) or 'none'}",
+                               f"abort[{i}].dictionary")
+            site = by_name[a.dictionary].site if a.dictionary is not None else a.site
+            if site is None:
+                raise APIError(400, "give dictionary (a loaded name) or site", f"abort[{i}]")
+            rules.append(AbortRule(site, a.feature, a.threshold))
         req = Request(tuple(tokens), max_new_tokens=max_tokens or self.default_max_tokens,
                       sampling=Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed),
                       steering=self.steering_of(body.steering), read=bool(reads),
-                      stop=() if body.ignore_eos else None)
+                      stop=() if body.ignore_eos else None, abort=tuple(rules))
         try:
             self.engine.validate(req)
         except EngineError as e:
             msg = str(e)
-            param = ("steering" if "edits" in msg or "steerable" in msg else
+            param = ("abort" if "abort rule" in msg else "steering" if "edits" in msg or "steerable" in msg else
                      "max_tokens" if "cache slots" in msg or "max_new_tokens" in msg else "prompt")
             raise APIError(400, msg, param) from None
         except SteeringError as e:
@@ -416,7 +435,7 @@ def make_app(service: Service) -> FastAPI:
                         chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                  "created": created, "model": service.model_name, "choices": [choice]}
                     else:
-                        choice = {"index": 0, "finish_reason": value}
+                        choice = {"index": 0, "finish_reason": "content_filter" if value == "abort" else value}
                         choice |= {"delta": {}} if chat else {"text": ""}
                         chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                  "created": created, "model": service.model_name, "choices": [choice]}
@@ -425,6 +444,7 @@ def make_app(service: Service) -> FastAPI:
 
             return StreamingResponse(sse(), media_type="text/event-stream")
         tokens_out, reason = await collect(job, wake, http)
+        reason = "content_filter" if reason == "abort" else reason
         if reason == "cancelled":
             return _error(499, "the request was cancelled", None)
         text = job.text
