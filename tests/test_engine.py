@@ -126,3 +126,24 @@ def test_state_is_allocated_once_and_reports_its_bytes():
     with pytest.raises(EngineError, match="no free decode slot"):
         for _ in range(5):
             eng.insert(eng.prefill(Request((3, 4), 8)))
+
+
+def test_a_requests_own_monitor_counts_what_generate_monitors_for_it_alone():
+    model = tiny_model(TINY_DECODERS["llama"])
+    spec, params = _dictionary()
+    reg = DictionaryRegistry().add(SITE, spec, params)
+    eng = Engine(model, EngineConfig(slots=2, max_len=48, monitor_sites=(SITE,)), dictionaries=reg)
+    other = eng.insert(eng.prefill(Request((7, 8, 9, 10), max_new_tokens=9, stop=())))  # a neighbour in the batch
+    req = Request((3, 4, 5, 6, 7), max_new_tokens=6, stop=(), monitor=True)
+    slot = eng.insert(eng.prefill(req))
+    for _ in range(5):
+        eng.step()
+    mine = eng.request_monitor(slot)[SITE]
+    eng.release(slot), eng.release(other)
+    alone = generate(model, [list(req.prompt)], max_new_tokens=6, stop=(), dictionaries=reg,
+                     monitor=Monitor(sites=(SITE,))).monitor[SITE].total
+    assert mine["tokens"] == int(alone.tokens) == 4 + 5  # prompt without its first position, 5 fed tokens
+    counts = np.asarray(alone.count, np.float64)
+    want = [(int(i), counts[i] / float(alone.tokens)) for i in np.argsort(-counts, kind="stable")[:10] if counts[i] > 0]
+    assert [i for i, _ in mine["top_features"]] == [i for i, _ in want]
+    np.testing.assert_allclose([r for _, r in mine["top_features"]], [r for _, r in want], rtol=1e-6)

@@ -102,6 +102,9 @@ def test_steer_endpoint_and_dictionaries(server):
     r = httpx.post(url + "/v1/steer", json=body, timeout=60).json()
     assert r["default"]["text"] == _alone(model, tok, d, "hello world", 6)
     assert r["steered"]["text"] == _alone(model, tok, d, "hello world", 6, SteeringVector(SITE, features={5: 60.0}))
+    own = httpx.post(url + "/v1/completions", json={"prompt": "hello world", "max_tokens": 4, "temperature": 0,
+                                                    "monitor": True}, timeout=60).json()["choices"][0]["monitor"][SITE]
+    assert own["tokens"] >= 4 and own["top_features"] and own["kl_divergence"] is None  # no baseline given
     listed = httpx.get(url + "/v1/dictionaries").json()["data"]
     assert [x["name"] for x in listed] == ["tiny-sae"] and listed[0]["site"] == SITE and listed[0]["d_sae"] == 64
 

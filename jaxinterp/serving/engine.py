@@ -100,6 +100,8 @@ class Request:
     steering: tuple[SteeringVector, ...] = ()
     stop: tuple[int, ...] | None = None
     read: bool = False
+    monitor: bool = False
+    """Keep this request's own firing counts at the monitored sites (`Engine.request_monitor`)."""
     abort: tuple = ()
     """`generation.AbortRule`s: the request ends (finish reason "abort", its last token the pad id)
     once a feature exceeds its threshold where a token is drawn, as `generate`'s `Monitor.abort_when`."""
@@ -142,6 +144,9 @@ class DecodeState(NamedTuple):
     """site -> DriftState, folded over every request."""
     abort: dict
     """site -> (feature ids [N, A] int32, thresholds [N, A] float32, on [N, A] bool)."""
+    own: dict
+    """site -> (firings [N, F] float32, tokens [N] float32): each request's own counts at the
+    monitored sites (prompt and generated tokens, BOS excluded)."""
 
 
 class Prefilled(NamedTuple):
@@ -160,6 +165,7 @@ class Prefilled(NamedTuple):
     steer: dict
     abort: dict
     aborted: jax.Array
+    own: dict
     prompt_len: int
     bucket: int
 
@@ -268,18 +274,20 @@ def _prefill(graphdef, weights, dict_params, tokens_1p, mask_1p, steer_1, abort_
     counted = (valid & (pos > 0)).reshape(-1)
     mon = {s: drift.observe(mon[s], feats[s].reshape(-1, feats[s].shape[-1]), counted, window=w, shift_threshold=t)
            for s, w, t in monitors}
+    own = {s: (jnp.sum((feats[s][0] > 0) & counted[:, None], axis=0, dtype=jnp.float32)[None],
+               jnp.sum(counted, dtype=jnp.float32)[None]) for s, _, _ in monitors}
     read = {s: jax.lax.top_k(feats[s][:, -1], r) for s, r in reads}
     key, sub = jax.random.split(key)
     first = _sample_rows(logits, sub[None], *(x[None] for x in samp))
     hit = _abort_hits(abort_1, feats) if abort_1 else jnp.zeros((1,), jnp.bool_)
     first = jnp.where(hit, pad_id, first)
     cache = writer.result()
-    return cache.k, cache.v, cache.pos, cache.valid, first, key, _logprobs(logits, first, n_top), read, mon, hit
+    return cache.k, cache.v, cache.pos, cache.valid, first, key, _logprobs(logits, first, n_top), read, mon, hit, own
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _insert(state: DecodeState, slot, k, v, pos, valid, first, key, steer_1, abort_1, hit, prompt_len, budget, samp,
-            stop):
+def _insert(state: DecodeState, slot, k, v, pos, valid, first, key, steer_1, abort_1, hit, own_1, prompt_len, budget,
+            samp, stop):
     s = state.cache.pos.shape[1]
     p = pos.shape[1]
     put = lambda a, row: jax.lax.dynamic_update_slice(a, row.astype(a.dtype), (slot,) + (0,) * (a.ndim - 1))  # noqa: E731
@@ -292,12 +300,13 @@ def _insert(state: DecodeState, slot, k, v, pos, valid, first, key, steer_1, abo
     at = lambda a, x: a.at[slot].set(jnp.asarray(x).astype(a.dtype))  # noqa: E731
     steer = jax.tree.map(lambda a, row: put(a, row), state.steer, steer_1)
     abort = jax.tree.map(lambda a, row: put(a, row), state.abort, abort_1)
+    own = jax.tree.map(lambda a, row: put(a, row), state.own, own_1)
     done_now = jnp.isin(first[0], stop) | (budget <= 1) | (p >= s) | hit[0]
     return state._replace(
         cache=cache, length=at(state.length, p), next_pos=at(state.next_pos, prompt_len), last=at(state.last, first[0]),
         active=at(state.active, ~done_now), generated=at(state.generated, 1), budget=at(state.budget, budget),
         temperature=at(state.temperature, samp[0]), top_k=at(state.top_k, samp[1]), top_p=at(state.top_p, samp[2]),
-        keys=state.keys.at[slot].set(key), stop=at(state.stop, stop), steer=steer, abort=abort)
+        keys=state.keys.at[slot].set(key), stop=at(state.stop, stop), steer=steer, abort=abort, own=own)
 
 
 def _rows(state: DecodeState, rows: int) -> DecodeState:
@@ -336,6 +345,8 @@ def _step(graphdef, weights, state: DecodeState, dict_params, pad_id, *, plan, e
                              shift_threshold=t)
            for st, w, t in monitors}
     read = {st: jax.lax.top_k(feats[st][:, -1], r) for st, r in reads}
+    own = {st: (c + ((feats[st][:, -1] > 0) & counted[:, None]).astype(jnp.float32), n + counted.astype(jnp.float32))
+           for st, (c, n) in state.own.items()}
     split = jax.vmap(jax.random.split)(state.keys)
     keys, sub = split[:, 0], split[:, 1]
     tok = _sample_rows(logits, sub, state.temperature, state.top_k, state.top_p)
@@ -348,7 +359,7 @@ def _step(graphdef, weights, state: DecodeState, dict_params, pad_id, *, plan, e
     finished = emitted & (stopped | hit | (generated >= state.budget) | (length >= s))
     new = state._replace(cache=writer.result(), length=length, next_pos=jnp.where(emitted, state.next_pos + 1, state.next_pos),
                          last=jnp.where(emitted, tok, state.last), active=state.active & ~finished, generated=generated,
-                         keys=keys, monitor=mon)  # every row's key splits once a step, as generate's does
+                         keys=keys, monitor=mon, own=own)  # every row's key splits once a step, as generate's does
     return _put_rows(full, new, rows), tok, emitted, finished, hit, read, _logprobs(logits, tok, n_top)
 
 
@@ -456,6 +467,8 @@ class Engine:
                             generated=zi, budget=zi, temperature=jnp.zeros((n,), jnp.float32), top_k=zi,
                             top_p=jnp.ones((n,), jnp.float32), keys=jax.random.split(jax.random.key(0), n),
                             stop=jnp.full((n, c.max_stop), -1, jnp.int32), abort=self._empty_abort(n),
+                            own={s: (jnp.zeros((n, self.registry.get(s).spec.d_sae), jnp.float32),
+                                     jnp.zeros((n,), jnp.float32)) for s in c.monitor_sites},
                             steer=jax.tree.map(jnp.asarray, self._empty_steer(n)), monitor=dict(self._mon0))
         # one buffer per leaf: the state is donated to every step, and a buffer donated twice is an error
         return jax.tree.map(lambda a: a if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else jnp.array(a, copy=True),
@@ -543,12 +556,12 @@ class Engine:
         abort = self._abort_row(request)
         samp = (np.float32(request.sampling.temperature), np.int32(request.sampling.top_k),
                 np.float32(request.sampling.top_p))
-        k, v, pos, valid, first, key, lps, read, mon, hit = _prefill(
+        k, v, pos, valid, first, key, lps, read, mon, hit, own = _prefill(
             self.graphdef, self.weights, self.dict_params, jnp.asarray(tokens), jnp.asarray(mask), steer, abort,
             self.state.monitor, samp, jax.random.key(request.sampling.seed), jnp.int32(self.pad_id), plan=self.plan,
             enc=self.enc, reads=self.reads, monitors=self.monitors, layout=self.layout, n_top=self.n_top)
         self.state = self.state._replace(monitor=mon)
-        return Prefilled(request, k, v, pos, valid, first, key, lps, read, steer, abort, hit, n, p)
+        return Prefilled(request, k, v, pos, valid, first, key, lps, read, steer, abort, hit, own, n, p)
 
     def insert(self, pre: Prefilled, slot: int | None = None) -> int:
         """Put a prefilled request into a free slot (the first free one by default); returns it."""
@@ -564,7 +577,7 @@ class Engine:
         stop = np.asarray(stop + [-1] * (self.config.max_stop - len(stop)), np.int32)
         samp = (np.float32(r.sampling.temperature), np.int32(r.sampling.top_k), np.float32(r.sampling.top_p))
         self.state = _insert(self.state, jnp.int32(slot), pre.k, pre.v, pre.pos, pre.valid, pre.first, pre.key,
-                             pre.steer, pre.abort, pre.aborted, jnp.int32(pre.prompt_len), jnp.int32(r.max_new_tokens), samp, jnp.asarray(stop))
+                             pre.steer, pre.abort, pre.aborted, pre.own, jnp.int32(pre.prompt_len), jnp.int32(r.max_new_tokens), samp, jnp.asarray(stop))
         self.requests[slot] = r
         return slot
 
@@ -605,6 +618,24 @@ class Engine:
                 break
             rows *= 2
         self.state = self.state._replace(monitor=monitor)
+
+    def request_monitor(self, slot: int, *, top: int = 10) -> dict:
+        """The request in `slot`'s own statistics at each monitored site: tokens counted, its most
+        frequent features (id, firing rate), and the frequency KL of its firings against the site's
+        baseline (None without one). Read before `release`."""
+        out = {}
+        for site, (counts, tokens) in self.state.own.items():
+            c, n = np.asarray(counts[slot], np.float64), float(tokens[slot])
+            order = np.argsort(-c, kind="stable")[:top]
+            base = np.asarray(self.state.monitor[site].baseline.count, np.float64)
+            kl = None
+            if base.sum() > 0 and n > 0:
+                p, q = c + 0.5, base + 0.5
+                p, q = p / p.sum(), q / q.sum()
+                kl = float(np.sum(p * (np.log(p) - np.log(q))))
+            out[site] = {"tokens": int(n), "kl_divergence": kl,
+                         "top_features": [[int(i), float(c[i] / max(n, 1.0))] for i in order if c[i] > 0]}
+        return out
 
     def release(self, slot: int) -> None:
         """Free a slot (its request finished or was cancelled; a cancelled row is deactivated)."""

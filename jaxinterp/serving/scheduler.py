@@ -51,6 +51,8 @@ class Job:
     cancelled: bool = False
     slot: int | None = None
     steered: bool = False
+    monitor: dict | None = None
+    """The request's own statistics at the monitored sites (`Request.monitor`), at its end."""
     on_event: Callable | None = None
     """Called (from the scheduler's thread) after each event is queued: wakes an asyncio consumer."""
 
@@ -225,6 +227,8 @@ class Scheduler:
             self._release(slot, job, reason)
 
     def _release(self, slot: int, job: Job, reason: str) -> None:
+        if job.request.monitor and self.engine.config.monitor_sites:
+            job.monitor = self.engine.request_monitor(slot)
         self.engine.release(slot)
         self._active.pop(slot, None)
         self._finish(job, reason)

@@ -79,6 +79,9 @@ class _Common(_Strict):
     return_features: list[str] | None = None
     ignore_eos: bool = False
     """Generate max_tokens whatever the model says (load tests; vLLM's field)."""
+    monitor: bool = False
+    """Return this request's own statistics at the monitored sites (tokens, top features, KL to the
+    baseline) with the completion."""
     abort: list[AbortEntry] | None = Field(default=None, max_length=8)
     """End the completion (finish_reason "content_filter") once a feature exceeds its threshold."""
 
@@ -277,7 +280,9 @@ class Service:
         req = Request(tuple(tokens), max_new_tokens=max_tokens or self.default_max_tokens,
                       sampling=Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed),
                       steering=self.steering_of(body.steering), read=bool(reads),
-                      stop=() if body.ignore_eos else None, abort=tuple(rules))
+                      stop=() if body.ignore_eos else None, abort=tuple(rules), monitor=body.monitor)
+        if body.monitor and not self.engine.config.monitor_sites:
+            raise APIError(400, "this server monitors no site (start it with --monitor)", "monitor")
         try:
             self.engine.validate(req)
         except EngineError as e:
@@ -437,6 +442,8 @@ def make_app(service: Service) -> FastAPI:
                     else:
                         choice = {"index": 0, "finish_reason": "content_filter" if value == "abort" else value}
                         choice |= {"delta": {}} if chat else {"text": ""}
+                        if body.monitor:
+                            choice["monitor"] = job.monitor
                         chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                  "created": created, "model": service.model_name, "choices": [choice]}
                     yield f"data: {json.dumps(chunk)}\n\n"
@@ -457,6 +464,8 @@ def make_app(service: Service) -> FastAPI:
                        if body.logprobs is not None else None}
         if reads:
             choice["features"] = [_features_out(t, reads) for t in tokens_out if not t["stop"]]
+        if body.monitor:
+            choice["monitor"] = job.monitor
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": service.model_name, "choices": [choice], "usage": _usage(req, tokens_out)}
 
