@@ -476,12 +476,12 @@ class Engine:
 
     def state_bytes(self) -> dict[str, int]:
         """Device bytes of the decode state: the KV cache, the steering slots, the monitoring state
-        and the rest; and of the dictionaries' weights."""
+        (shared and per request) and the rest; and of the dictionaries' weights."""
         size = lambda t: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(t)  # noqa: E731
                              if hasattr(a, "dtype") and not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key))
         st = self.state
-        return {"kv_cache": size(st.cache), "steering": size(st.steer), "monitor": size(st.monitor),
-                "other": size(st._replace(cache=(), steer={}, monitor={})), "dictionaries": size(self.dict_params)}
+        return {"kv_cache": size(st.cache), "steering": size(st.steer), "monitor": size(st.monitor) + size(st.own),
+                "other": size(st._replace(cache=(), steer={}, monitor={}, own={})), "dictionaries": size(self.dict_params)}
 
     # ------------------------------------------------------------------ requests
 
