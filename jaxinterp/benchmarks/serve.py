@@ -124,15 +124,15 @@ def run(*, model: str = "smollm2-135m", site: str = "blocks.15.resid_post", d_sa
             bodies = _requests(rng, n * requests_per_client, site, d_sae, cfg.d_model, cfg.vocab_size,
                                max_tokens=max_tokens)
             levels[str(n)] = _load(url, [bodies[i::n] for i in range(n)])
-        # steering overhead under load: the same requests, without their steering, then with it, twice
+        # steering overhead under load: the same requests without and with their steering, three rounds
         bodies = _requests(np.random.default_rng(1), overhead_clients * requests_per_client, site, d_sae, cfg.d_model,
                            cfg.vocab_size, max_tokens=max_tokens)
         plain = [{k2: v for k2, v in b.items() if k2 not in ("steering", "return_features")} for b in bodies]
         split = lambda bs: [bs[i::overhead_clients] for i in range(overhead_clients)]  # noqa: E731
         rounds = {"unsteered": [], "steered": []}
-        for _ in range(2):
-            rounds["unsteered"].append(_load(url, split(plain))["tokens_per_s"])
-            rounds["steered"].append(_load(url, split(bodies))["tokens_per_s"])
+        for order in (("unsteered", "steered"), ("steered", "unsteered"), ("unsteered", "steered")):  # order alternates
+            for name in order:
+                rounds[name].append(_load(url, split(plain if name == "unsteered" else bodies))["tokens_per_s"])
         served_plain = statistics.median(rounds["unsteered"])
         served_steered = statistics.median(rounds["steered"])
     finally:
