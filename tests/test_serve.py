@@ -238,6 +238,16 @@ def test_launch_serve_answers_on_loopback(tmp_path):
                                                        "steering": [{"dictionary": "tiny", "feature": 1, "strength": 5}]},
                        timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+        # shutdown drains: a stream in flight when the server is told to stop still ends with [DONE]
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json={"prompt": "x", "max_tokens": 40, "temperature": 0,
+                                                                 "ignore_eos": True, "stream": True}, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {") and not lines:
+                    proc.terminate()  # SIGTERM after the first token
+                if line:
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(lines)
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=60)
@@ -253,3 +263,16 @@ def test_an_abort_rule_ends_a_completion_as_content_filter(server):
     bad = httpx.post(url + "/v1/completions", json=body | {"abort": [{"site": SITE, "feature": 99, "threshold": 1}]},
                      timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "abort" and "out of range" in bad.text
+
+
+def test_hf_checkpoints_bring_their_chat_template(tmp_path):
+    import json as _json
+
+    from jaxinterp.models.hf import _chat_template
+
+    (tmp_path / "tokenizer_config.json").write_text(_json.dumps(
+        {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
+    assert _chat_template(tmp_path) == "D"
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert _chat_template(tmp_path) == "J"
+    assert _chat_template(tmp_path / "missing") is None

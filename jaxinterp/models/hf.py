@@ -322,9 +322,23 @@ def load_hf_tokenizer(directory: str | Path, cfg: DecoderConfig):
         raise CheckpointError(f"{path} is not a readable tokenizer.json ({e}); re-save the tokenizer") from None
     bos = cfg.bos_id if cfg.bos_id is not None else cfg.eos_id
     out = Tokenizer(tok, bos_id=bos, eos_id=cfg.eos_id, pad_id=cfg.pad_id, vocab_size=tok.get_vocab_size(),
-                    post_process=True)
+                    post_process=True, chat_template=_chat_template(Path(directory)))
     out.declared_special = _declared_special(Path(directory), tok)
     return out
+
+
+def _chat_template(directory: Path) -> str | None:
+    """The checkpoint's chat template: tokenizer_config.json's `chat_template` (a string, or a list of
+    named templates: the `default` one), or a chat_template.jinja file beside it."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    try:
+        t = json.loads((directory / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) else None
 
 
 def _declared_special(directory: Path, tok) -> dict[str, int | None]:

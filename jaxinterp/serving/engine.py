@@ -646,8 +646,9 @@ class Engine:
             self.free.sort()
 
     def run(self, requests) -> list[dict]:
-        """Serve `requests` to the end, filling free slots as they open (one prefill between decode
-        steps); returns per request {"tokens", "finish_reason", "features"} in request order."""
+        """Serve `requests` to the end: every free slot filled, then one decode step, until all are
+        done (the server's scheduler admits one prefill per step instead); returns per request
+        {"tokens", "finish_reason", "features"} in request order."""
         queue = list(enumerate(requests))
         out: list[dict | None] = [None] * len(queue)
         by_slot: dict[int, tuple[int, dict]] = {}
