@@ -16,6 +16,8 @@ from jaxinterp.serving import Engine, EngineConfig, EngineError, Request
 from jaxinterp.serving import engine as engine_mod
 from jaxinterp.steering import DictionaryRegistry, SteeringVector
 
+pytestmark = pytest.mark.isolated
+
 SITE = "blocks.1.resid_post"
 
 

@@ -21,6 +21,8 @@ from jaxinterp.serving.engine import EngineConfig
 from jaxinterp.serving.server import Service, make_app
 from jaxinterp.steering import DictionaryRegistry, SteeringVector
 
+pytestmark = pytest.mark.isolated
+
 SITE = "blocks.1.resid_post"
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
