@@ -182,3 +182,20 @@ def drop_gloo(text: str) -> str:
     text = _GLOO.sub("\n", text)
     return "\n".join(ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[Gloo]")
                      and "peer ranks" not in ln)
+
+
+def unit_row_dictionary(d_in: int = 32, d_sae: int = 64, seed: int = 0):
+    """(spec, params) of a ReLU SAE whose encoder is its decoder's transpose (unit rows) and whose
+    encoder bias is -0.1: steering a feature moves its pre-activation by the amount added."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxinterp.dictionaries import sae as dl
+
+    spec = dl.DictionarySpec(activation="relu", d_in=d_in, d_sae=d_sae, k=4)
+    params = dict(dl.init(jax.random.key(seed), spec))
+    w = np.random.default_rng(seed).normal(size=(d_sae, d_in)).astype(np.float32)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    params |= {"W_dec": jnp.asarray(w), "W_enc": jnp.asarray(w.T), "b_dec": jnp.zeros(d_in), "b_enc": jnp.full((d_sae,), -0.1)}
+    return spec, params

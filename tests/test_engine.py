@@ -4,13 +4,10 @@ nothing recompiles after warm-up."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TINY_DECODERS, tiny_model
+from helpers import TINY_DECODERS, tiny_model, unit_row_dictionary
 
-from jaxinterp.dictionaries import sae as dl
 from jaxinterp.generation import AbortRule, Monitor, Sampling, generate
 from jaxinterp.serving import Engine, EngineConfig, EngineError, Request
 from jaxinterp.serving import engine as engine_mod
@@ -22,12 +19,7 @@ SITE = "blocks.1.resid_post"
 
 
 def _dictionary(d_in=32, d_sae=64, seed=0):
-    spec = dl.DictionarySpec(activation="relu", d_in=d_in, d_sae=d_sae, k=4)
-    params = dict(dl.init(jax.random.key(seed), spec))
-    w = np.random.default_rng(seed).normal(size=(d_sae, d_in)).astype(np.float32)
-    w /= np.linalg.norm(w, axis=1, keepdims=True)
-    params |= {"W_dec": jnp.asarray(w), "W_enc": jnp.asarray(w.T), "b_dec": jnp.zeros(d_in), "b_enc": jnp.full((d_sae,), -0.1)}
-    return spec, params
+    return unit_row_dictionary(d_in, d_sae, seed)
 
 
 def _requests(rng, n, vec):

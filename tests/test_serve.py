@@ -7,13 +7,9 @@ import threading
 import time
 
 import httpx
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from helpers import free_port, write_tiny_gguf
+from helpers import free_port, unit_row_dictionary, write_tiny_gguf
 
-from jaxinterp.dictionaries import sae as dl
 from jaxinterp.dictionaries.artifact import Dictionary
 from jaxinterp.generation import Sampling, generate
 from jaxinterp.models import load_model
@@ -29,12 +25,7 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% en
 
 
 def _dictionary(d_in=32, d_sae=64, seed=0):
-    spec = dl.DictionarySpec(activation="relu", d_in=d_in, d_sae=d_sae, k=4)
-    params = dict(dl.init(jax.random.key(seed), spec))
-    w = np.random.default_rng(seed).normal(size=(d_sae, d_in)).astype(np.float32)
-    w /= np.linalg.norm(w, axis=1, keepdims=True)
-    params |= {"W_dec": jnp.asarray(w), "W_enc": jnp.asarray(w.T), "b_dec": jnp.zeros(d_in), "b_enc": jnp.full((d_sae,), -0.1)}
-    return Dictionary(spec, params, site=SITE, model="tiny")
+    return Dictionary(*unit_row_dictionary(d_in, d_sae, seed), site=SITE, model="tiny")
 
 
 @pytest.fixture(scope="module")

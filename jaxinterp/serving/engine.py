@@ -231,6 +231,19 @@ def _edit_params(steer: dict, dict_params: dict, layout: tuple) -> dict:
             for key, dsite, _ in layout}
 
 
+def _fill_row(given, empty, capacity: int, what: str):
+    """The used slots (mode not OFF) of a compiled one-row `FeatureSlots` / `VectorSlots`, packed into
+    the engine's `capacity` slots (`empty`, or None when the site has none)."""
+    on = np.flatnonzero(np.asarray(given.modes[0]) != 0)
+    if len(on) > capacity or empty is None:
+        raise EngineError(f"{len(on)} {what}; the engine takes at most {capacity if empty is not None else 0} per site")
+    out = type(empty)(*(np.asarray(a).copy() for a in empty))
+    for j, i in enumerate(on):
+        for dst, src in zip(out, given):
+            dst[0, j] = np.asarray(src)[0, i]
+    return out
+
+
 class SlotWriter:
     """Writes one decode step's keys/values at each row's own cache slot (`length[n]`) of the first
     `rows` rows of the whole cache (in place: the cache is donated), and gives the attention those
@@ -527,23 +540,9 @@ class Engine:
             fs, vs = known[key]
             new = row[key]
             if st.features is not None:
-                on = np.flatnonzero(np.asarray(st.features.modes[0]) != 0)
-                if len(on) > fs:
-                    raise EngineError(f"{len(on)} feature edits at {key!r}; the engine takes at most {fs} per site")
-                f = FeatureSlots(*(np.asarray(a).copy() for a in new.features))
-                for j, i in enumerate(on):
-                    for dst, src in zip(f, st.features):
-                        dst[0, j] = np.asarray(src)[0, i]
-                new = new._replace(features=f)
+                new = new._replace(features=_fill_row(st.features, new.features, fs, f"feature edits at {key!r}"))
             if st.vectors is not None:
-                on = np.flatnonzero(np.asarray(st.vectors.modes[0]) != 0)
-                if len(on) > vs:
-                    raise EngineError(f"{len(on)} vector edits at {key!r}; the engine takes at most {vs} per site")
-                v = VectorSlots(*(np.asarray(a).copy() for a in new.vectors))
-                for j, i in enumerate(on):
-                    for dst, src in zip(v, st.vectors):
-                        dst[0, j] = np.asarray(src)[0, i]
-                new = new._replace(vectors=v)
+                new = new._replace(vectors=_fill_row(st.vectors, new.vectors, vs, f"vector edits at {key!r}"))
             row[key] = new
         return row
 
